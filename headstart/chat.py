@@ -1,0 +1,58 @@
+"""``headstart chat``: a terminal conversation that shows the session state at work.
+
+After each answer it prints the time to first token, the path the request took and how
+many prompt tokens came from cache, so the effect of idle-time work is visible: type
+slowly and watch ``entry`` or ``gate`` replace ``session``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from headstart.engine import Engine, Request
+from headstart.handle import Completion, Delta
+from headstart.sampling import SamplingParams
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    from headstart.cli import engine_config
+    from headstart.model import load
+
+    print("loading the model...", file=sys.stderr)
+    backend = load(args.model, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir)
+    engine = Engine(backend, config=engine_config(args)).start()
+    messages: list[dict[str, str]] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
+    print(f"{backend.info.name} on {backend.info.device}. Empty line or Ctrl-D to quit.", file=sys.stderr)
+    try:
+        while True:
+            try:
+                text = input("you> ").strip()
+            except EOFError:
+                break
+            if not text:
+                break
+            messages.append({"role": "user", "content": text})
+            handle = engine.submit(Request(messages=list(messages), params=params, session_id="chat"))
+            print("bot> ", end="", flush=True)
+            completion: Completion | None = None
+            for item in handle:
+                if isinstance(item, Delta):
+                    print(item.text, end="", flush=True)
+                else:
+                    completion = item
+            assert completion is not None
+            print()
+            print(
+                f"     [{completion.path}  ttft {completion.ttft_ms:.1f} ms  "
+                f"cached {completion.cached_tokens}/{completion.prompt_tokens} tokens  "
+                f"{completion.completion_tokens} new tokens in {completion.e2e_ms:.0f} ms]",
+                file=sys.stderr,
+            )
+            messages.append({"role": "assistant", "content": completion.text})
+    finally:
+        engine.stop()
+    return 0

@@ -1,0 +1,105 @@
+"""The stream of one request's output, from the model thread to a door.
+
+The model thread puts text deltas and then a final completion (or an error); a door
+reads them with a plain iterator or, when it submitted from an event loop, with
+``async for``. Cancelling tells the model thread to stop at its next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Delta:
+    """Newly final text and the token ids it came from."""
+
+    text: str
+    token_ids: list[int]
+
+
+@dataclass
+class Completion:
+    """Everything a door reports about a finished request."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    path: str
+    session_id: str | None
+    prompt_tokens: int
+    cached_tokens: int
+    ttft_ms: float
+    decided_ms: float
+    e2e_ms: float
+    foreground_wait_ms: float
+    logit_gap: float | None = None
+    speculative: bool = False
+    verified: bool | None = None
+    candidate: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+_END = object()
+
+
+class Handle:
+    """One request's output queue, readable from a thread or an event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.arrival = time.perf_counter()
+        self.cancelled = False
+        self.completion: Completion | None = None
+        self._loop = loop
+        self._async: asyncio.Queue[Any] | None = asyncio.Queue() if loop is not None else None
+        self._sync: queue.Queue[Any] = queue.Queue()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def put(self, item: Delta | Completion | BaseException) -> None:
+        """Called from the model thread."""
+        if isinstance(item, Completion):
+            self.completion = item
+        if self._loop is None or self._async is None:
+            self._sync.put(item)
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._async.put_nowait, item)
+        except RuntimeError:  # the loop is gone: nobody is listening any more
+            self.cancelled = True
+
+    def __iter__(self) -> Iterator[Delta | Completion]:
+        while True:
+            item = self._sync.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if isinstance(item, Completion):
+                return
+
+    async def __aiter__(self) -> AsyncIterator[Delta | Completion]:
+        assert self._async is not None, "submit with a loop to read asynchronously"
+        while True:
+            item = await self._async.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if isinstance(item, Completion):
+                return
+
+    def result(self) -> Completion:
+        """Block until the completion (sync handles only)."""
+        for _ in self:
+            pass
+        assert self.completion is not None
+        return self.completion

@@ -1,0 +1,111 @@
+"""Bookkeeping for a session's KV: every change keeps ids, KV and accounting in step.
+
+All model calls of the engine go through here, so the session's ``kv_ids`` is always
+exactly what its KV holds, and background tokens are counted once as computed and then
+once as either reused by a request or wasted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+
+import torch
+
+from headstart.model.backend import Backend
+from headstart.session import ReadyPosition, Session
+from headstart.stats import EngineStats
+from headstart.template import common_prefix
+
+
+class KVBook:
+    """KV operations on sessions, with token accounting."""
+
+    def __init__(self, backend: Backend, stats: EngineStats) -> None:
+        self.backend = backend
+        self.stats = stats
+
+    def crop(self, s: Session, length: int, *, wasted: bool = True) -> None:
+        """Shorten ``s``'s KV; background rows dropped unused count as wasted."""
+        if length >= len(s.kv_ids):
+            return
+        if wasted:
+            dropped = sum(s.kv_background[length:])
+            with self.stats.lock:
+                self.stats.background.wasted += dropped
+        self.backend.crop(s.kv, length)
+        del s.kv_ids[length:]
+        del s.kv_background[length:]
+        if s.entry_len is not None and s.entry_len > length:
+            s.entry_len = None
+
+    def feed(self, s: Session, ids: list[int], *, background: bool, keep: int = 1) -> torch.Tensor:
+        """Run ``ids`` over ``s``'s KV; the logits of the last ``keep`` positions."""
+        logits = self.backend.forward(s.kv, ids, keep=keep)
+        s.kv_ids.extend(ids)
+        s.kv_background.extend([background] * len(ids))
+        with self.stats.lock:
+            self.stats.forward_calls += 1
+            if background:
+                self.stats.background.computed += len(ids)
+        return logits
+
+    def take(self, s: Session, upto: int) -> int:
+        """A request uses the first ``upto`` rows: background rows among them are reused."""
+        reused = sum(s.kv_background[:upto])
+        if reused:
+            s.kv_background[:upto] = [False] * upto
+            with self.stats.lock:
+                self.stats.background.reused += reused
+        return reused
+
+    def advance(
+        self, s: Session, ids: list[int], *, background: bool, chunk: int
+    ) -> Generator[None, None, torch.Tensor]:
+        """Bring ``s``'s KV to ``ids`` reusing the longest common prefix; return the last
+        position's logits. Background work yields every ``chunk`` tokens."""
+        lcp = common_prefix(ids, s.kv_ids)
+        if lcp == len(ids):
+            lcp -= 1  # the logits of the last position are not kept: recompute it
+        self.crop(s, lcp)
+        if not background:
+            self.take(s, lcp)
+        logits = None
+        pos = lcp
+        while pos < len(ids):
+            step = ids[pos : pos + chunk] if background else ids[pos:]
+            logits = self.feed(s, step, background=background)[-1]
+            pos += len(step)
+            if background and pos < len(ids):
+                yield
+        assert logits is not None
+        return logits
+
+    def park(self, s: Session, rp: ReadyPosition) -> None:
+        """Store a ready position apart and bring the KV back to its base."""
+        old = s.ready.pop(rp.key, None)
+        if old is not None:
+            self.discard(old)
+        s.ready[rp.key] = rp
+        del s.kv_ids[rp.base :]
+        del s.kv_background[rp.base :]
+        self.backend.crop(s.kv, rp.base)
+
+    def valid(self, s: Session, rp: ReadyPosition) -> bool:
+        """Whether ``rp``'s base is still what the session's KV holds."""
+        return len(s.kv_ids) >= rp.base and s.kv_ids[: rp.base] == rp.ids[: rp.base]
+
+    def restore(self, s: Session, rp: ReadyPosition) -> None:
+        """Put ``rp``'s rows back on top of the session's KV (a ready_exact hit); its forced
+        answer tokens count as reused only once a request emits them."""
+        self.crop(s, rp.base)
+        self.take(s, rp.base)
+        self.backend.extend(s.kv, rp.suffix)
+        s.kv_ids.extend((rp.ids + rp.forced)[rp.base :])
+        s.kv_background.extend([True] * rp.suffix.length)
+        self.take(s, len(rp.ids))
+
+    def discard(self, rp: ReadyPosition, used: int = 0) -> None:
+        """Forget a ready position; its rows beyond ``used`` were wasted work."""
+        with self.stats.lock:
+            self.stats.background.reused += used
+            self.stats.background.wasted += max(0, rp.suffix.length - used)

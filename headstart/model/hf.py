@@ -1,0 +1,144 @@
+"""The transformers backend: any causal LM transformers can load, on CPU or CUDA.
+
+KV lives in a ``DynamicCache``; we touch its per-layer ``keys``/``values`` directly to
+copy and re-attach suffixes, which is cheaper than cloning whole caches for every
+speculation.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerBase
+
+from headstart.model.backend import ModelInfo
+from headstart.model.loader import ModelSource, local_folder, pick_device, resolve
+
+log = logging.getLogger("headstart.model")
+
+
+class HFState:
+    """A ``DynamicCache`` and its length (the cache's own count is per layer)."""
+
+    def __init__(self, cache: DynamicCache) -> None:
+        self.cache = cache
+        self.length = 0
+
+    def __len__(self) -> int:
+        return self.length
+
+    def nbytes(self) -> int:
+        return sum(
+            layer.keys.numel() * layer.keys.element_size() * 2
+            for layer in self.cache.layers
+            if layer.is_initialized and layer.keys is not None
+        )
+
+
+@dataclass
+class HFSuffix:
+    """Detached rows ``start..start+length`` of every layer."""
+
+    start: int
+    length: int
+    rows: list[tuple[torch.Tensor, torch.Tensor]]
+
+    def nbytes(self) -> int:
+        return sum(k.numel() * k.element_size() * 2 for k, _ in self.rows)
+
+
+class HFBackend:
+    """A transformers causal LM behind the :class:`~headstart.model.backend.Backend` contract."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, name: str) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        config = model.config
+        text = config.get_text_config(decoder=True)
+        heads = text.num_attention_heads
+        kv_heads = getattr(text, "num_key_value_heads", None) or heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        dtype = next(model.parameters()).dtype
+        per_token = 2 * text.num_hidden_layers * kv_heads * head_dim * dtype.itemsize
+        eos = model.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if tokenizer.eos_token_id is not None:
+            eos_ids.add(tokenizer.eos_token_id)
+        self.info = ModelInfo(
+            name=name,
+            architecture=config.model_type,
+            vocab_size=model.get_output_embeddings().weight.shape[0],
+            context_length=int(getattr(text, "max_position_embeddings", 2048)),
+            device=str(self.device),
+            dtype=str(dtype).removeprefix("torch."),
+            eos_token_ids=tuple(sorted(eos_ids)),
+            kv_bytes_per_token=per_token,
+        )
+
+    def new_state(self) -> HFState:
+        return HFState(DynamicCache(config=self.model.config))
+
+    @torch.inference_mode()
+    def forward(self, state: HFState, token_ids: list[int], keep: int = 1) -> torch.Tensor:
+        if not token_ids:
+            raise ValueError("forward needs at least one token")
+        keep = min(keep, len(token_ids))
+        ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)
+        out = self.model(input_ids=ids, cache=state.cache, use_cache=True, logits_to_keep=keep)
+        state.length += len(token_ids)
+        return out.logits[0, -keep:, :].float()
+
+    def crop(self, state: HFState, length: int) -> None:
+        if length < 0 or length > state.length:
+            raise ValueError(f"cannot crop a state of {state.length} to {length}")
+        if length < state.length:
+            state.cache.crop(length - state.length)
+            state.length = length
+
+    def clone(self, state: HFState) -> HFState:
+        copy = self.new_state()
+        if state.length:
+            self.extend(copy, self.suffix(state, 0))
+        return copy
+
+    def suffix(self, state: HFState, start: int) -> HFSuffix:
+        rows = [
+            (layer.keys[..., start:, :].clone(), layer.values[..., start:, :].clone())
+            for layer in state.cache.layers
+        ] if state.length > start else []
+        return HFSuffix(start, state.length - start, rows)
+
+    def extend(self, state: HFState, suffix: HFSuffix) -> None:
+        if suffix.start != state.length:
+            raise ValueError(f"suffix starts at {suffix.start}, state has {state.length}")
+        for layer, (keys, values) in zip(state.cache.layers, suffix.rows, strict=True):
+            layer.update(keys, values)
+        state.length += suffix.length
+
+
+def load(
+    spec: str | None = None,
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> HFBackend:
+    """Load ``spec`` (short name, GGUF or HF folder) offline onto ``device``."""
+    source: ModelSource = resolve(spec, cache_dir)
+    folder = local_folder(source, cache_dir)
+    target = pick_device(device)
+    torch_dtype = getattr(torch, dtype) if dtype else torch.float32
+    if target.type == "cuda":
+        # Exactness tests compare incremental and full computations: no TF32 shortcuts.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    started = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype).to(target)
+    log.info("loaded %s on %s in %.1f s", source.name, target, time.perf_counter() - started)
+    return HFBackend(model, tokenizer, source.name)

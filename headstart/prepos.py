@@ -1,0 +1,141 @@
+"""Idle-time work: move a session to its next decision point.
+
+After a turn the session's KV ends inside the last answer. In the idle time before the
+next request this job (1) prefills the entry, the tokens certain to come next whatever
+the next message says; (2) predicts the next message; (3) prefills the predicted prompt
+up to the point where the answer starts; and (4) keeps decoding the answer while the
+model is sure of it. The result is parked as a ready position apart from the session's
+own KV, which is left ending at the entry: the part any next request can reuse.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from dataclasses import dataclass
+
+from headstart.kvbook import KVBook
+from headstart.sampling import top_gap
+from headstart.session import ReadyPosition, Session
+from headstart.template import ChatTemplate, Message, common_prefix
+
+PREDICTORS = ("continuation", "empty", "repeat")
+
+
+@dataclass(frozen=True)
+class PreposConfig:
+    """Knobs of the background job; sizes are in tokens."""
+
+    predictor: str = "continuation"
+    chunk: int = 16
+    continuation_cap: int = 32
+    forced_cap: int = 16
+    threshold: float = 2.0
+
+
+def next_role(messages: list[Message]) -> str:
+    """``tool`` after an answer that called tools, else ``user``."""
+    if messages and messages[-1].get("role") == "assistant" and messages[-1].get("tool_calls"):
+        return "tool"
+    return "user"
+
+
+def predicted_prompt(
+    book: KVBook,
+    template: ChatTemplate,
+    s: Session,
+    role: str,
+    config: PreposConfig,
+    entry_logits,
+) -> Generator[None, None, tuple[str, str]]:
+    """The predicted next message: the client's hint, else the configured predictor.
+
+    ``continuation`` lets the model write the next message itself, greedily, on the
+    session's own KV after the entry (those rows are reused if the prediction is kept).
+    """
+    if s.settings.hint is not None:
+        return s.settings.hint, "hint"
+    if config.predictor == "empty":
+        return "", "empty"
+    if config.predictor == "repeat":
+        return s.last_delta or "", "repeat"
+    stop = {template.end_of_message, *book.backend.info.eos_token_ids}
+    tokens: list[int] = []
+    logits = entry_logits
+    while len(tokens) < config.continuation_cap:
+        token = int(logits.argmax())
+        if token in stop:
+            break
+        tokens.append(token)
+        logits = book.feed(s, [token], background=True)[-1]
+        yield
+    return template.tokenizer.decode(tokens, skip_special_tokens=True), "continuation"
+
+
+def forced_tail(
+    book: KVBook, s: Session, logits, config: PreposConfig
+) -> Generator[None, None, tuple[list[int], list]]:
+    """Decode the answer past the exit while the model is sure of it (gap over threshold)."""
+    eos = set(book.backend.info.eos_token_ids)
+    forced: list[int] = []
+    seq = [logits]
+    while len(forced) < config.forced_cap:
+        token, gap = top_gap(seq[-1])
+        if gap < config.threshold or token in eos:
+            break
+        forced.append(token)
+        seq.append(book.feed(s, [token], background=True)[-1])
+        yield
+    return forced, seq
+
+
+def ready_position(
+    book: KVBook,
+    s: Session,
+    key: str,
+    source: str,
+    prompt: list[int],
+    base: int,
+    config: PreposConfig,
+) -> Generator[None, None, ReadyPosition]:
+    """Prefill ``prompt`` on ``s``, decode its sure tail, and park it as a ready position
+    whose rows start at ``base`` (the session's KV is left at ``base``)."""
+    logits = yield from book.advance(s, prompt, background=True, chunk=config.chunk)
+    forced, seq = yield from forced_tail(book, s, logits, config)
+    token, gap = top_gap(seq[0])
+    rp = ReadyPosition(
+        key=key,
+        source=source,
+        ids=list(prompt),
+        base=base,
+        suffix=book.backend.suffix(s.kv, base),
+        logits=seq,
+        forced=forced,
+        token=token,
+        gap=gap,
+    )
+    book.park(s, rp)
+    return rp
+
+
+def pre_position(
+    book: KVBook, template: ChatTemplate, s: Session, config: PreposConfig
+) -> Generator[None, None, None]:
+    """The whole background job for one session, one chunk per step."""
+    s.pre_positioning = True
+    try:
+        role = next_role(s.messages)
+        entry = template.entry(s.messages, role, tools=s.tools)
+        entry_logits = yield from book.advance(s, entry, background=True, chunk=config.chunk)
+        s.entry_len = len(entry)
+        yield
+        content, source = yield from predicted_prompt(book, template, s, role, config, entry_logits)
+        prompt = template.render([*s.messages, {"role": role, "content": content}], tools=s.tools)
+        # The predicted content can merge with the entry's last token; the ready position
+        # then starts where the two renderings part, and the entry is prefilled again.
+        base = common_prefix(entry, prompt)
+        yield from ready_position(book, s, "next", source, prompt, base, config)
+        if base < len(entry):
+            yield from book.advance(s, entry, background=True, chunk=config.chunk)
+        s.entry_len = len(entry)
+    finally:
+        s.pre_positioning = False

@@ -1,0 +1,113 @@
+"""The vocabulary scan: choose a token from one position's logits.
+
+Logits stay on the model's device as a tensor; a choice is one reduction over the
+vocabulary, never a copy into Python lists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens. ``temperature == 0`` means greedy."""
+
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+    def generator(self, device: torch.device | str) -> torch.Generator | None:
+        """A per-request generator, seeded when the client gave a seed."""
+        if self.greedy:
+            return None
+        gen = torch.Generator(device=device)
+        if self.seed is None:
+            gen.seed()
+        else:
+            gen.manual_seed(self.seed)
+        return gen
+
+
+def distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The probabilities a sampled request draws from (temperature, then nucleus)."""
+    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        cumulative = torch.cumsum(sorted_probs, dim=-1)
+        drop = cumulative - sorted_probs > params.top_p
+        sorted_probs[drop] = 0.0
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+        probs /= probs.sum()
+    return probs
+
+
+def pick(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """One token from ``logits``: argmax when greedy, else a draw."""
+    if params.greedy:
+        return int(torch.argmax(logits))
+    probs = distribution(logits, params)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def accept(
+    target: torch.Tensor,
+    draft: torch.Tensor,
+    token: int,
+    params: SamplingParams,
+    generator: torch.Generator | None,
+) -> bool:
+    """Whether ``token`` drawn from ``draft`` logits stands under ``target`` logits.
+
+    Greedy: both argmaxes agree. Sampled: speculative sampling's ``min(1, p/q)`` test.
+    """
+    if params.greedy:
+        return int(torch.argmax(target)) == token
+    p = float(distribution(target, params)[token])
+    q = float(distribution(draft, params)[token])
+    if q <= 0.0:
+        return False
+    u = float(torch.rand((), generator=generator, device=target.device))
+    return u < min(1.0, p / q)
+
+
+def resample_without(
+    target: torch.Tensor, rejected: int, params: SamplingParams, generator: torch.Generator | None
+) -> int:
+    """After a greedy draft token was rejected by a sampled request: draw from the target
+    with the rejected token removed, which keeps the output distribution exact."""
+    probs = distribution(target, params).clone()
+    probs[rejected] = 0.0
+    total = float(probs.sum())
+    if total <= 0.0:
+        return rejected
+    return int(torch.multinomial(probs / total, 1, generator=generator))
+
+
+def top_gap(logits: torch.Tensor) -> tuple[int, float]:
+    """The argmax and the logit gap top-1 minus top-2: the gate's confidence signal."""
+    values, indices = torch.topk(logits, 2)
+    return int(indices[0]), float(values[0] - values[1])
+
+
+def candidate_gap(logits: torch.Tensor, first_ids: torch.Tensor) -> tuple[int, float]:
+    """Index of the best candidate by its first token's logit, and its gap to the runner-up.
+
+    Candidates that share a first token cannot be told apart by one scan: the gap is 0.
+    """
+    scores = logits[first_ids]
+    if scores.numel() == 1:
+        return 0, float("inf")
+    values, indices = torch.topk(scores, 2)
+    best, second = int(indices[0]), int(indices[1])
+    if int(first_ids[best]) == int(first_ids[second]):
+        return best, 0.0
+    return best, float(values[0] - values[1])

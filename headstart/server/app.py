@@ -1,0 +1,119 @@
+"""The ASGI app: the model loads in the background while /health says 503.
+
+Routes live in small modules (chat, ...); this one builds the app, owns the engine's
+life and turns every exception into an OpenAI-shaped error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from headstart.engine import Engine, EngineConfig
+from headstart.server.errors import HTTPError, to_response
+
+log = logging.getLogger("headstart.server")
+
+
+@dataclass
+class ServerConfig:
+    """What ``headstart serve`` was told."""
+
+    model: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    cache_dir: str | None = None
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    default_temperature: float = 1.0
+    max_body_bytes: int = 4 * 1024 * 1024
+    api_keys: frozenset[str] = frozenset()
+
+
+class State:
+    """The app's engine, or why there is none yet."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.engine: Engine | None = None
+        self.error: str | None = None
+        self.ready = threading.Event()
+
+    def require_engine(self) -> Engine:
+        if self.engine is None:
+            message = f"the model failed to load: {self.error}" if self.error else "the model is loading"
+            raise HTTPError(503, message, "service_unavailable", code="model_loading")
+        return self.engine
+
+
+def _load(state: State, factory: Callable[[], Engine]) -> None:
+    try:
+        state.engine = factory().start()
+    except Exception as exc:  # reported through /health, not a crash
+        log.exception("model load failed")
+        state.error = f"{type(exc).__name__}: {exc}"
+    finally:
+        state.ready.set()
+
+
+def default_factory(config: ServerConfig) -> Callable[[], Engine]:
+    def build() -> Engine:
+        from headstart.model import load
+
+        backend = load(config.model, device=config.device, dtype=config.dtype, cache_dir=config.cache_dir)
+        return Engine(backend, config=config.engine)
+
+    return build
+
+
+async def health(request: Request) -> Response:
+    state: State = request.app.state.headstart
+    if state.engine is not None:
+        info = state.engine.backend.info
+        return JSONResponse({"status": "ok", "model": info.name, "device": info.device})
+    status = "error" if state.error else "loading"
+    return JSONResponse({"status": status, "error": state.error}, status_code=503)
+
+
+def wrap(handler: Callable) -> Callable:
+    """Answer every exception a route raises in the OpenAI error shape."""
+
+    async def route(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except Exception as exc:
+            return to_response(exc)
+
+    route.__name__ = handler.__name__
+    route.__doc__ = handler.__doc__
+    return route
+
+
+def create_app(config: ServerConfig | None = None, factory: Callable[[], Engine] | None = None) -> Starlette:
+    """The app; ``factory`` builds the engine (tests pass a prepared one)."""
+    from headstart.server import chat
+
+    config = config or ServerConfig()
+    state = State(config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        loader = threading.Thread(
+            target=_load, args=(state, factory or default_factory(config)), name="headstart-load", daemon=True
+        )
+        loader.start()
+        yield
+        if state.engine is not None:
+            state.engine.stop()
+
+    routes = [Route("/health", health, methods=["GET"]), *chat.routes(wrap)]
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.headstart = state
+    return app

@@ -1,0 +1,164 @@
+"""``POST /v1/chat/completions`` and ``GET /v1/models``: the OpenAI door.
+
+A request joins a session through the ``x-session-id`` header; without it the request is
+a one-off. The answer carries OpenAI's fields plus a ``headstart`` object saying which
+path the request took and how long its first token took.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from headstart.handle import Completion, Delta, Handle
+from headstart.server.schema import ChatCompletionRequest
+
+SESSION_HEADER = "x-session-id"
+
+
+def owner_of(request: Request) -> str | None:
+    """The API key that made the request, when keys are in force (set by the auth layer)."""
+    return getattr(request.state, "owner", None)
+
+
+def extension(c: Completion) -> dict[str, Any]:
+    """The ``headstart`` object: how the request was served."""
+    return {
+        "session_id": c.session_id,
+        "path": c.path,
+        "ttft_ms": round(c.ttft_ms, 3),
+        "decided_ms": round(c.decided_ms, 3),
+        "e2e_ms": round(c.e2e_ms, 3),
+        "foreground_wait_ms": round(c.foreground_wait_ms, 3),
+        "logit_gap": c.logit_gap,
+        "speculative": c.speculative,
+        "candidate": c.candidate,
+    }
+
+
+def usage(c: Completion) -> dict[str, Any]:
+    return {
+        "prompt_tokens": c.prompt_tokens,
+        "completion_tokens": c.completion_tokens,
+        "total_tokens": c.prompt_tokens + c.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": c.cached_tokens},
+    }
+
+
+def _finish_reason(c: Completion) -> str:
+    return "stop" if c.finish_reason == "cancelled" else c.finish_reason
+
+
+async def create_chat_completion(request: Request) -> Response:
+    """Generate a chat answer, streamed as SSE when ``stream`` is true."""
+    from headstart.server.errors import read_json
+
+    state = request.app.state.headstart
+    engine = state.require_engine()
+    body = await read_json(request, state.config.max_body_bytes)
+    req = ChatCompletionRequest.model_validate(body)
+    session_id = request.headers.get(SESSION_HEADER) or None
+    engine_req = req.to_engine(session_id, owner_of(request), state.config.default_temperature)
+    handle = engine.submit(engine_req, loop=asyncio.get_running_loop())
+    model = engine.backend.info.name
+    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    if req.stream:
+        include_usage = bool((req.stream_options or {}).get("include_usage"))
+        stream = _sse(handle, completion_id, created, model, include_usage)
+        return StreamingResponse(stream, media_type="text/event-stream", headers={"cache-control": "no-cache"})
+    try:
+        completion = await _collect(handle)
+    except asyncio.CancelledError:
+        handle.cancel()
+        raise
+    body_out = {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": completion.text},
+                "logprobs": None,
+                "finish_reason": _finish_reason(completion),
+            }
+        ],
+        "usage": usage(completion),
+        "headstart": extension(completion),
+    }
+    return JSONResponse(body_out)
+
+
+async def _collect(handle: Handle) -> Completion:
+    async for item in handle:
+        if isinstance(item, Completion):
+            return item
+    raise RuntimeError("the engine ended a request without a completion")
+
+
+def _chunk(completion_id: str, created: int, model: str, delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+    return {
+        "id": completion_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+    }
+
+
+def _sse_line(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+async def _sse(
+    handle: Handle, completion_id: str, created: int, model: str, include_usage: bool
+) -> AsyncIterator[str]:
+    """OpenAI chunks; a client that goes away cancels the generation."""
+    try:
+        yield _sse_line(_chunk(completion_id, created, model, {"role": "assistant", "content": ""}, None))
+        try:
+            async for item in handle:
+                if isinstance(item, Delta):
+                    yield _sse_line(_chunk(completion_id, created, model, {"content": item.text}, None))
+                else:
+                    last = _chunk(completion_id, created, model, {}, _finish_reason(item))
+                    if include_usage:
+                        yield _sse_line(last)
+                        last = {**_chunk(completion_id, created, model, {}, None), "choices": [],
+                                "usage": usage(item)}
+                    last["headstart"] = extension(item)
+                    yield _sse_line(last)
+        except Exception as exc:  # the headers are gone: report in-band, as OpenAI does
+            from headstart.server.errors import to_response
+
+            yield f"data: {to_response(exc).body.decode()}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        handle.cancel()
+
+
+async def list_models(request: Request) -> Response:
+    """The one model this server runs."""
+    engine = request.app.state.headstart.require_engine()
+    info = engine.backend.info
+    return JSONResponse(
+        {"object": "list", "data": [{"id": info.name, "object": "model", "created": int(engine.started),
+                                     "owned_by": "headstart"}]}
+    )
+
+
+def routes(wrap: Callable) -> list[Route]:
+    return [
+        Route("/v1/chat/completions", wrap(create_chat_completion), methods=["POST"]),
+        Route("/v1/models", wrap(list_models), methods=["GET"]),
+    ]

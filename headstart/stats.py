@@ -1,0 +1,93 @@
+"""What the engine did, for the metrics door, the benchmark and the tests.
+
+Plain counters and bounded sample windows behind one lock; readers take a snapshot.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter, defaultdict, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+PATHS = ("ready_exact", "gate", "entry", "session", "cold")
+WINDOW = 10_000
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile; None for no data (never a made-up zero)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
+    return ordered[rank]
+
+
+def summary(values: list[float]) -> dict[str, float | None]:
+    mean = sum(values) / len(values) if values else None
+    return {
+        "p50": percentile(values, 50),
+        "p90": percentile(values, 90),
+        "p99": percentile(values, 99),
+        "mean": mean,
+        "n": len(values),
+    }
+
+
+@dataclass
+class BackgroundTokens:
+    computed: int = 0
+    reused: int = 0
+    wasted: int = 0
+
+
+@dataclass
+class EngineStats:
+    """Counters the engine updates from its model thread."""
+
+    requests: Counter[str] = field(default_factory=Counter)
+    ttft_ms: dict[str, deque[float]] = field(default_factory=lambda: defaultdict(lambda: deque(maxlen=WINDOW)))
+    e2e_ms: dict[str, deque[float]] = field(default_factory=lambda: defaultdict(lambda: deque(maxlen=WINDOW)))
+    foreground_wait_ms: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
+    background: BackgroundTokens = field(default_factory=BackgroundTokens)
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    forward_calls: int = 0
+    errors: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def record_request(
+        self, path: str, ttft_ms: float, e2e_ms: float, wait_ms: float, prompt: int, cached: int, completion: int
+    ) -> None:
+        with self.lock:
+            self.requests[path] += 1
+            self.ttft_ms[path].append(ttft_ms)
+            self.e2e_ms[path].append(e2e_ms)
+            self.foreground_wait_ms.append(wait_ms)
+            self.prompt_tokens += prompt
+            self.cached_tokens += cached
+            self.completion_tokens += completion
+
+    def snapshot(self) -> dict[str, Any]:
+        with self.lock:
+            total = sum(self.requests.values())
+            hits = self.requests["ready_exact"] + self.requests["gate"]
+            return {
+                "requests": total,
+                "paths": {p: self.requests[p] for p in PATHS},
+                "ttft_ms": {p: summary(list(self.ttft_ms[p])) for p in PATHS if self.ttft_ms[p]},
+                "e2e_ms": {p: summary(list(self.e2e_ms[p])) for p in PATHS if self.e2e_ms[p]},
+                "coverage": hits / total if total else None,
+                "foreground_wait_ms": summary(list(self.foreground_wait_ms)),
+                "background_tokens": {
+                    "computed": self.background.computed,
+                    "reused": self.background.reused,
+                    "wasted": self.background.wasted,
+                },
+                "prompt_tokens": self.prompt_tokens,
+                "cached_tokens": self.cached_tokens,
+                "completion_tokens": self.completion_tokens,
+                "forward_calls": self.forward_calls,
+                "errors": self.errors,
+            }

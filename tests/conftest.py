@@ -1,0 +1,97 @@
+"""Shared fixtures: each model is loaded once per test session.
+
+``tiny`` is a randomly initialised two-layer Llama with the default model's tokenizer,
+for fast tests of engine logic; ``real`` is the default model, for every capability.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from headstart.engine import Engine, EngineConfig
+from headstart.model import HFBackend, load
+from headstart.model.loader import local_folder, resolve
+
+
+@pytest.fixture(scope="session")
+def real() -> HFBackend:
+    return load()
+
+
+@pytest.fixture(scope="session")
+def tiny() -> HFBackend:
+    tokenizer = AutoTokenizer.from_pretrained(local_folder(resolve(None)))
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = 2
+    return HFBackend(model, tokenizer, "tiny-llama")
+
+
+@pytest.fixture
+def make_engine() -> Iterator[Callable[..., Engine]]:
+    """Build and start engines that are stopped after the test."""
+    engines: list[Engine] = []
+
+    def build(backend: HFBackend, **config: object) -> Engine:
+        engine = Engine(backend, config=EngineConfig(**config)).start()  # type: ignore[arg-type]
+        engines.append(engine)
+        return engine
+
+    yield build
+    for engine in engines:
+        engine.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """A real uvicorn server on a loopback port, in a thread of the test process."""
+
+    def __init__(self, app: object) -> None:
+        import uvicorn
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        import httpx
+
+        self.thread.start()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("server did not become healthy")
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)

@@ -1,0 +1,44 @@
+"""Conversation drivers shared by tests."""
+
+from __future__ import annotations
+
+from headstart.engine import Engine, Request
+from headstart.handle import Completion
+from headstart.sampling import SamplingParams
+
+GREEDY = SamplingParams(max_tokens=16)
+
+QUESTIONS = [
+    "What is the capital of France? Answer in one sentence.",
+    "And what is the capital of Germany?",
+    "Name one famous river in that country.",
+    "How long is it, roughly?",
+    "Thank you! Summarise our chat in one line.",
+]
+
+
+def converse(
+    engine: Engine,
+    session_id: str,
+    questions: list[str],
+    params: SamplingParams = GREEDY,
+    idle: bool = True,
+    **fields: object,
+) -> tuple[list[Completion], list[list[dict[str, str]]]]:
+    """Run ``questions`` as turns of one session; return completions and each turn's prompt."""
+    messages: list[dict[str, str]] = []
+    outs, prompts = [], []
+    for q in questions:
+        messages.append({"role": "user", "content": q})
+        prompts.append(list(messages))
+        c = engine.generate(Request(messages=list(messages), params=params, session_id=session_id, **fields))
+        outs.append(c)
+        messages.append({"role": "assistant", "content": c.text})
+        if idle:
+            assert engine.wait_idle(300)
+    return outs, prompts
+
+
+def cold(engine: Engine, messages: list[dict[str, str]], params: SamplingParams = GREEDY, **fields: object) -> Completion:
+    """The same prompt computed from scratch (a one-off request, no session)."""
+    return engine.generate(Request(messages=messages, params=params, **fields))
