@@ -14,7 +14,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -165,6 +165,31 @@ class _Emitter:
         return self.stream.text
 
 
+@dataclass
+class Turn:
+    """One request on its way through the engine: its inputs and what happened to it."""
+
+    req: Request
+    params: SamplingParams
+    prompt: list[int]
+    candidates: tuple[list[list[int]], torch.Tensor] | None
+    session: Session
+    persistent: bool
+    handle: Handle
+    job: Job
+    emitter: _Emitter
+    generator: torch.Generator | None
+    threshold: float
+    started: float = 0.0
+    path: str = "cold"
+    cached: int = 0
+    gap: float | None = None
+    speculative: bool = False
+    verified: bool | None = None
+    chosen: int | None = None
+    verify: Callable[[], None] | None = None
+
+
 class Engine:
     """Sessions plus one model thread."""
 
@@ -285,8 +310,15 @@ class Engine:
             s.last_used = time.time()
         if persistent:
             self.scheduler.cancel_background(s.id)
-        steps = self._serve(req, params, prompt, candidates, s, persistent, handle)
-        job = Job(steps, submitted=handle.arrival)
+        threshold = next(
+            (x for x in (req.gap_threshold, s.settings.gap_threshold) if x is not None), self.gate.threshold
+        )
+        job = Job(iter(()), submitted=handle.arrival)
+        turn = Turn(
+            req, params, prompt, candidates, s, persistent, handle, job,
+            _Emitter(self, handle, params), params.generator(self.backend.info.device), threshold,
+        )
+        job.steps = self._serve(turn)
         job.on_error = lambda exc: self._fail(s, handle, exc)
         self.scheduler.submit(job)
         return handle
@@ -309,121 +341,126 @@ class Engine:
         with self.stats.lock:
             self.stats.errors += 1
         # The KV may be half-updated: start this session's cache over (its transcript stays).
-        self.backend.crop(s.kv, 0)
+        s.kv = self.backend.new_state()
+        with self.stats.lock:
+            self.stats.background.wasted += sum(s.kv_background)
         s.kv_ids.clear()
         s.kv_background.clear()
         s.entry_len = None
+        for rp in s.ready.values():
+            self.book.discard(rp)
         s.ready.clear()
         s.busy = False
         handle.put(exc)
 
-    def _gate_on(self, req: Request, s: Session) -> bool:
+    def _gate_on(self, t: Turn) -> bool:
         """Off on the server is off everywhere; else the request, then the session, decide."""
         if not self.gate.enabled:
             return False
-        for choice in (req.gate, s.settings.gate):
+        for choice in (t.req.gate, t.session.settings.gate):
             if choice is not None:
                 return choice
         return True
 
-    def _serve(
-        self,
-        req: Request,
-        params: SamplingParams,
-        prompt: list[int],
-        candidates: tuple[list[list[int]], torch.Tensor] | None,
-        s: Session,
-        persistent: bool,
-        handle: Handle,
-    ) -> Generator[None, None, None]:
-        """The foreground job of one request."""
-        started = time.perf_counter()
-        em = _Emitter(self, handle, params)
-        generator = params.generator(self.backend.info.device)
-        threshold = req.gap_threshold if req.gap_threshold is not None else s.settings.gap_threshold
-        if threshold is None:
-            threshold = self.gate.threshold
-        gap: float | None = None
-        speculative = False
-        verified: bool | None = None
-        chosen: int | None = None
-
+    def _serve(self, t: Turn) -> Generator[None, None, None]:
+        """The foreground job of one request: pick its path, answer, tidy up."""
+        t.started = time.perf_counter()
+        s, prompt = t.session, t.prompt
         exact = next((rp for rp in s.ready.values() if rp.ids == prompt and self.book.valid(s, rp)), None)
         nxt = s.ready.get("next")
         if nxt is not None and (
             nxt is exact or not self.book.valid(s, nxt) or prompt[: nxt.base] != nxt.ids[: nxt.base]
         ):
             nxt = None
-
         if exact is not None:
-            path = "ready_exact"
-            cached = len(prompt)
-            gap = exact.gap
-            self.book.restore(s, exact)
-            if not req.ephemeral:
-                s.ready.pop(exact.key, None)
-            if candidates is not None:
-                chosen, gap = candidate_gap(exact.logits[0], candidates[1])
-                em.emit_text(req.fast_answer[chosen], candidates[0][chosen])
-            else:
-                yield from self._decode(s, exact.logits[0], em, generator, exact.forced, exact.logits[1:])
-        elif nxt is not None and self._gate_on(req, s) and self.gate.fires(self._signal(nxt, candidates)[1], threshold):
-            path = "gate"
-            speculative = True
-            chosen, gap = self._signal(nxt, candidates)
-            s.ready.pop("next", None)
-            self.book.discard(nxt)
-            lcp = min(common_prefix(prompt, s.kv_ids), len(prompt) - 1)
-            cached = lcp
-            self.book.crop(s, lcp)
-            self.book.take(s, lcp)
-            if candidates is not None:
-                em.emit_text(req.fast_answer[chosen], candidates[0][chosen])
-                self._finish(req, s, persistent, handle, em, path, prompt, cached, started, gap, speculative, chosen)
-                yield  # the answer is out; verify off the critical path
-                real = self.book.feed(s, prompt[lcp:], background=False)[-1]
-                verified = candidate_gap(real, candidates[1])[0] == chosen
-                self.gate.record(gap, verified, fired=True)
-                handle.completion.verified = verified  # type: ignore[union-attr]
-                self._after(req, s, persistent, prompt)
-                return
-            first = pick(nxt.logits[0], params, generator)
-            done = em.emit(first, forced=bool(nxt.forced) and first == nxt.forced[0])
-            yield
-            drafts = nxt.forced[1:] if nxt.forced and first == nxt.forced[0] and not done else []
-            tail = [] if done else [first, *drafts]
-            out = self.book.feed(s, prompt[lcp:] + tail, background=False, keep=len(tail) + 1)
-            verified = accept(out[0], nxt.logits[0], first, params, generator)
-            self.gate.record(gap, verified, fired=True)
-            if not done:
-                yield from self._decode(s, out[1], em, generator, drafts, list(out[2:]))
+            yield from self._serve_ready(t, exact)
+        elif nxt is not None and self._gate_on(t) and self.gate.fires(self._signal(nxt, t.candidates)[1], t.threshold):
+            yield from self._serve_gate(t, nxt)
         else:
-            lcp = min(common_prefix(prompt, s.kv_ids), len(prompt) - 1)
-            cached = lcp
-            if lcp == 0:
-                path = "cold"
-            elif s.entry_len is not None and lcp >= s.entry_len:
-                path = "entry"
-            else:
-                path = "session"
-            logits = yield from self.book.advance(s, prompt, background=False, chunk=len(prompt))
-            if nxt is not None and prompt != nxt.ids:
-                # Shadow check: what the gate would have said, for calibration.
-                sig_choice, sig_gap = self._signal(nxt, candidates)
-                real_choice = (
-                    candidate_gap(logits, candidates[1])[0] if candidates is not None else int(logits.argmax())
-                )
-                self.gate.record(sig_gap, sig_choice == real_choice, fired=False)
-                if self._gate_on(req, s):
-                    self.gate.decline()
-            if candidates is not None:
-                chosen, gap = candidate_gap(logits, candidates[1])
-                em.emit_text(req.fast_answer[chosen], candidates[0][chosen])
-            else:
-                gap = top_gap(logits)[1]
-                yield from self._decode(s, logits, em, generator, [], [])
-        self._finish(req, s, persistent, handle, em, path, prompt, cached, started, gap, speculative, chosen, verified)
-        self._after(req, s, persistent, prompt)
+            yield from self._serve_exact(t, nxt)
+        self._finish(t)
+        if t.verify is not None:
+            yield  # the answer is out: verify the gate's answer off the critical path
+            t.verify()
+        self._after(t)
+
+    def _serve_ready(self, t: Turn, rp: ReadyPosition) -> Generator[None, None, None]:
+        """``ready_exact``: the prompt is the ready position's; its KV and logits are the real ones."""
+        t.path, t.cached, t.gap = "ready_exact", len(t.prompt), rp.gap
+        self.book.restore(t.session, rp)
+        if not t.req.ephemeral:
+            t.session.ready.pop(rp.key, None)
+        if t.candidates is not None:
+            self._answer_candidate(t, rp.logits[0])
+        else:
+            yield from self._decode(t, rp.logits[0], rp.forced, rp.logits[1:])
+
+    def _serve_gate(self, t: Turn, rp: ReadyPosition) -> Generator[None, None, None]:
+        """``gate``: the first token comes from the cached distribution at once; the real delta is
+        then prefilled with the ready position's sure tail as drafts, and the first token checked."""
+        s, prompt = t.session, t.prompt
+        t.path, t.speculative = "gate", True
+        t.chosen, t.gap = self._signal(rp, t.candidates)
+        s.ready.pop("next", None)
+        self.book.discard(rp)
+        lcp = min(common_prefix(prompt, s.kv_ids), len(prompt) - 1)
+        t.cached = lcp
+        self.book.crop(s, lcp)
+        self.book.take(s, lcp)
+        if t.candidates is not None:
+            first_ids = t.candidates[1]
+            t.emitter.emit_text(t.req.fast_answer[t.chosen], t.candidates[0][t.chosen])  # type: ignore[index]
+
+            def verify() -> None:
+                real = self.book.feed(s, prompt[lcp:], background=False)[-1]
+                t.verified = candidate_gap(real, first_ids)[0] == t.chosen
+                self.gate.record(t.gap, t.verified, fired=True)
+                t.handle.completion.verified = t.verified  # type: ignore[union-attr]
+
+            t.verify = verify
+            return
+        first = pick(rp.logits[0], t.params, t.generator)
+        sure = bool(rp.forced) and first == rp.forced[0]
+        done = t.emitter.emit(first, forced=sure)
+        yield
+        drafts = rp.forced[1:] if sure and not done else []
+        tail = [] if done else [first, *drafts]
+        out = self.book.feed(s, prompt[lcp:] + tail, background=False, keep=len(tail) + 1)
+        t.verified = accept(out[0], rp.logits[0], first, t.params, t.generator)
+        self.gate.record(t.gap, t.verified, fired=True)
+        if not done:
+            yield from self._decode(t, out[1], drafts, list(out[2:]))
+
+    def _serve_exact(self, t: Turn, rp: ReadyPosition | None) -> Generator[None, None, None]:
+        """``entry``, ``session`` or ``cold``: compute what the session does not hold, then decode."""
+        s, prompt = t.session, t.prompt
+        lcp = min(common_prefix(prompt, s.kv_ids), len(prompt) - 1)
+        t.cached = lcp
+        if lcp == 0:
+            t.path = "cold"
+        elif s.entry_len is not None and lcp >= s.entry_len:
+            t.path = "entry"
+        else:
+            t.path = "session"
+        logits = yield from self.book.advance(s, prompt, background=False, chunk=len(prompt))
+        if rp is not None:
+            # Shadow check: what the gate would have said here, recorded for calibration.
+            choice, gap = self._signal(rp, t.candidates)
+            real = candidate_gap(logits, t.candidates[1])[0] if t.candidates is not None else int(logits.argmax())
+            self.gate.record(gap, choice == real, fired=False)
+            if self._gate_on(t):
+                self.gate.decline()
+        if t.candidates is not None:
+            self._answer_candidate(t, logits)
+        else:
+            t.gap = top_gap(logits)[1]
+            yield from self._decode(t, logits, [], [])
+
+    def _answer_candidate(self, t: Turn, logits: torch.Tensor) -> None:
+        """A fast_answer request: the whole best candidate, with no decode step."""
+        assert t.candidates is not None and t.req.fast_answer is not None
+        t.chosen, t.gap = candidate_gap(logits, t.candidates[1])
+        t.emitter.emit_text(t.req.fast_answer[t.chosen], t.candidates[0][t.chosen])
 
     def _signal(
         self, rp: ReadyPosition, candidates: tuple[list[list[int]], torch.Tensor] | None
@@ -434,21 +471,16 @@ class Engine:
         return rp.token, rp.gap
 
     def _decode(
-        self,
-        s: Session,
-        logits: torch.Tensor,
-        em: _Emitter,
-        generator: torch.Generator | None,
-        drafts: list[int],
-        draft_logits: list[torch.Tensor],
+        self, t: Turn, logits: torch.Tensor, drafts: list[int], draft_logits: list[torch.Tensor]
     ) -> Generator[None, None, None]:
         """Generate until a stop. ``drafts`` are tokens already in the KV after the current
         position (a ready position's sure tail, or a gate's draft) with the logits after
         each; a draft is kept only while the chosen token equals it, which makes them
         exact: the verification step of speculative decoding."""
+        s, em = t.session, t.emitter
         drafts, draft_logits = list(drafts), list(draft_logits)
         while True:
-            token = pick(logits, em.params, generator)
+            token = pick(logits, t.params, t.generator)
             is_draft = bool(drafts) and token == drafts[0]
             if em.emit(token, forced=is_draft):
                 break
@@ -460,7 +492,7 @@ class Engine:
                     self.book.crop(s, len(s.kv_ids) - len(drafts))
                     drafts, draft_logits = [], []
                 logits = self.book.feed(s, [token], background=False)[-1]
-            if em.handle.cancelled:
+            if t.handle.cancelled:
                 em.finish_reason = "cancelled"
                 break
             yield
@@ -468,23 +500,9 @@ class Engine:
             self.book.crop(s, len(s.kv_ids) - len(drafts))
         self.book.take(s, len(s.kv_ids))
 
-    def _finish(
-        self,
-        req: Request,
-        s: Session,
-        persistent: bool,
-        handle: Handle,
-        em: _Emitter,
-        path: str,
-        prompt: list[int],
-        cached: int,
-        started: float,
-        gap: float | None,
-        speculative: bool,
-        chosen: int | None,
-        verified: bool | None = None,
-    ) -> None:
-        """Send the completion and record the request."""
+    def _finish(self, t: Turn) -> None:
+        """Send the completion, record the request and the session's new transcript."""
+        em, s, handle = t.emitter, t.session, t.handle
         text = em.close()
         now = time.perf_counter()
         first = em.first_at or now
@@ -492,31 +510,33 @@ class Engine:
             text=text,
             token_ids=list(em.tokens),
             finish_reason=em.finish_reason or "stop",
-            path=path,
-            session_id=s.id if persistent else None,
-            prompt_tokens=len(prompt),
-            cached_tokens=cached,
+            path=t.path,
+            session_id=s.id if t.persistent else None,
+            prompt_tokens=len(t.prompt),
+            cached_tokens=t.cached,
             ttft_ms=(first - handle.arrival) * 1000,
             decided_ms=((em.decided_at or first) - handle.arrival) * 1000,
             e2e_ms=(now - handle.arrival) * 1000,
-            foreground_wait_ms=(started - handle.arrival) * 1000,
-            logit_gap=gap,
-            speculative=speculative,
-            verified=verified,
-            candidate=chosen,
+            foreground_wait_ms=(t.started - handle.arrival) * 1000,
+            background_wait_ms=t.job.background_wait * 1000,
+            logit_gap=t.gap,
+            speculative=t.speculative,
+            verified=t.verified,
+            candidate=t.chosen,
             extra={"forwards_before_first_token": em.forwards_before_first},
         )
         self.stats.record_request(
-            path,
+            t.path,
             completion.ttft_ms,
             completion.e2e_ms,
-            completion.foreground_wait_ms,
+            completion.background_wait_ms,
             completion.prompt_tokens,
-            cached,
+            t.cached,
             completion.completion_tokens,
         )
-        s.paths[path] += 1
-        if persistent and not req.ephemeral and completion.finish_reason != "cancelled":
+        s.paths[t.path] += 1
+        req = t.req
+        if t.persistent and not req.ephemeral and completion.finish_reason != "cancelled":
             s.messages = [*req.messages, {"role": "assistant", "content": text}]
             s.tools = req.tools
             s.turns += 1
@@ -524,9 +544,10 @@ class Engine:
             s.last_delta = last.get("content") if isinstance(last.get("content"), str) else None
         handle.put(completion)
 
-    def _after(self, req: Request, s: Session, persistent: bool, prompt: list[int]) -> None:
+    def _after(self, t: Turn) -> None:
         """Tidy the session once its request is answered, and queue its idle-time work."""
-        if req.ephemeral and persistent:
+        s = t.session
+        if t.req.ephemeral and t.persistent:
             # Leave only the session's own context: the question was a one-off.
             own = self.template.entry(s.messages, "user", tools=s.tools) if s.messages else []
             self.book.crop(s, common_prefix(s.kv_ids, own))
@@ -537,5 +558,5 @@ class Engine:
         with self._lock:
             s.busy = False
             s.last_used = time.time()
-        if persistent and not req.ephemeral:
+        if t.persistent and not t.req.ephemeral:
             self.schedule_pre_position(s)

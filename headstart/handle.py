@@ -38,6 +38,7 @@ class Completion:
     decided_ms: float
     e2e_ms: float
     foreground_wait_ms: float
+    background_wait_ms: float = 0.0
     logit_gap: float | None = None
     speculative: bool = False
     verified: bool | None = None

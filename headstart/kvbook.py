@@ -86,6 +86,7 @@ class KVBook:
         if old is not None:
             self.discard(old)
         s.ready[rp.key] = rp
+        rp.background = s.kv_background[rp.base :]
         del s.kv_ids[rp.base :]
         del s.kv_background[rp.base :]
         self.backend.crop(s.kv, rp.base)
@@ -101,11 +102,10 @@ class KVBook:
         self.take(s, rp.base)
         self.backend.extend(s.kv, rp.suffix)
         s.kv_ids.extend((rp.ids + rp.forced)[rp.base :])
-        s.kv_background.extend([True] * rp.suffix.length)
+        s.kv_background.extend(rp.background)
         self.take(s, len(rp.ids))
 
-    def discard(self, rp: ReadyPosition, used: int = 0) -> None:
-        """Forget a ready position; its rows beyond ``used`` were wasted work."""
+    def discard(self, rp: ReadyPosition) -> None:
+        """Forget a ready position: the idle work in its rows was wasted."""
         with self.stats.lock:
-            self.stats.background.reused += used
-            self.stats.background.wasted += max(0, rp.suffix.length - used)
+            self.stats.background.wasted += sum(rp.background)

@@ -44,6 +44,7 @@ class Scheduler:
         self._running = False
         self.background_wait_ms: deque[float] = deque(maxlen=10_000)
         self.background_chunks = 0
+        self.longest_background_chunk = 0.0
         self._busy = False
 
     def start(self) -> None:
@@ -143,6 +144,7 @@ class Scheduler:
                         self._foreground.append(job)
                     continue
                 self.background_chunks += 1
+                self.longest_background_chunk = max(self.longest_background_chunk, now - chunk_started)
                 for waiting in self._foreground:
                     if waiting.started is None:
                         waiting.background_wait += now - max(waiting.submitted, chunk_started)

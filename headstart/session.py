@@ -37,6 +37,7 @@ class ReadyPosition:
     forced: list[int]
     token: int
     gap: float
+    background: list[bool] = field(default_factory=list)  # which suffix rows idle work computed
     created: float = field(default_factory=time.time)
 
     def nbytes(self) -> int:

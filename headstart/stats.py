@@ -48,7 +48,8 @@ class EngineStats:
     requests: Counter[str] = field(default_factory=Counter)
     ttft_ms: dict[str, deque[float]] = field(default_factory=lambda: defaultdict(lambda: deque(maxlen=WINDOW)))
     e2e_ms: dict[str, deque[float]] = field(default_factory=lambda: defaultdict(lambda: deque(maxlen=WINDOW)))
-    foreground_wait_ms: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
+    # How long requests waited behind a background chunk before their first step.
+    background_wait_ms: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
     background: BackgroundTokens = field(default_factory=BackgroundTokens)
     prompt_tokens: int = 0
     cached_tokens: int = 0
@@ -64,7 +65,7 @@ class EngineStats:
             self.requests[path] += 1
             self.ttft_ms[path].append(ttft_ms)
             self.e2e_ms[path].append(e2e_ms)
-            self.foreground_wait_ms.append(wait_ms)
+            self.background_wait_ms.append(wait_ms)
             self.prompt_tokens += prompt
             self.cached_tokens += cached
             self.completion_tokens += completion
@@ -79,7 +80,7 @@ class EngineStats:
                 "ttft_ms": {p: summary(list(self.ttft_ms[p])) for p in PATHS if self.ttft_ms[p]},
                 "e2e_ms": {p: summary(list(self.e2e_ms[p])) for p in PATHS if self.e2e_ms[p]},
                 "coverage": hits / total if total else None,
-                "foreground_wait_ms": summary(list(self.foreground_wait_ms)),
+                "foreground_wait_ms": summary(list(self.background_wait_ms)),
                 "background_tokens": {
                     "computed": self.background.computed,
                     "reused": self.background.reused,

@@ -1,0 +1,157 @@
+"""Pre-positioning and the confidence gate: paths, forward counts, verification, preemption."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+from headstart.engine import Engine, Request
+from headstart.model import HFBackend
+from headstart.sampling import SamplingParams
+from tests.helpers import GREEDY, QUESTIONS, cold, converse
+
+
+def _after_idle(engine: Engine, session_id: str, n_turns: int = 1):
+    outs, prompts = converse(engine, session_id, QUESTIONS[:n_turns])
+    history = [*prompts[-1], {"role": "assistant", "content": outs[-1].text}]
+    return history
+
+
+def test_threshold_zero_sends_every_differing_request_through_the_gate(
+    real: HFBackend, make_engine: Callable[..., Engine]
+) -> None:
+    engine = make_engine(real, gap_threshold=0.0)
+    outs, prompts = converse(engine, "gate0", QUESTIONS[:4])
+    assert outs[0].path == "cold"
+    gated = [c for c in outs[1:] if c.path == "gate"]
+    exact = [c for c in outs[1:] if c.path == "ready_exact"]
+    assert len(gated) + len(exact) == 3 and gated
+    counters = engine.gate.counters
+    assert counters.fires == len(gated)
+    assert counters.verified + counters.false_accepts == counters.fires
+    for c, prompt in zip(outs[1:], prompts[1:], strict=True):
+        reference = cold(engine, prompt)
+        if c.path == "gate":
+            assert c.speculative and c.extra["forwards_before_first_token"] == 0
+            # Verified means the first token is the one a full computation gives; after it
+            # the answer continues exactly on the real state either way.
+            assert (c.token_ids[:1] == reference.token_ids[:1]) == c.verified
+        else:
+            assert c.token_ids == reference.token_ids
+
+
+def test_infinite_threshold_never_fires(real: HFBackend, make_engine: Callable[..., Engine]) -> None:
+    engine = make_engine(real, gap_threshold=math.inf)
+    outs, prompts = converse(engine, "gateinf", QUESTIONS[:3])
+    assert [c.path for c in outs] == ["cold", "entry", "entry"]
+    assert engine.gate.counters.fires == 0
+    assert engine.gate.counters.declined == 2
+    # the shadow checks still record what the gate would have said, for calibration
+    assert len(engine.gate.pairs()) == 2
+    for c, prompt in zip(outs, prompts, strict=True):
+        assert c.token_ids == cold(engine, prompt).token_ids
+
+
+def test_gate_can_be_switched_off_per_request_and_per_session(
+    real: HFBackend, make_engine: Callable[..., Engine]
+) -> None:
+    engine = make_engine(real, gap_threshold=0.0)
+    history = _after_idle(engine, "switch")
+    messages = [*history, {"role": "user", "content": "Something completely different: name a fruit."}]
+    c = engine.generate(Request(messages=messages, params=GREEDY, session_id="switch", gate=False))
+    assert c.path == "entry"
+    assert engine.wait_idle(300)
+    engine.get_session("switch").settings.gate = False
+    messages = [*messages, {"role": "assistant", "content": c.text}, {"role": "user", "content": "Another one?"}]
+    c = engine.generate(Request(messages=messages, params=GREEDY, session_id="switch"))
+    assert c.path == "entry"
+    assert engine.gate.counters.fires == 0
+
+
+def test_fast_answer_hit_returns_a_whole_candidate_with_no_decode(
+    real: HFBackend, make_engine: Callable[..., Engine]
+) -> None:
+    engine = make_engine(real, gate=False)
+    history = _after_idle(engine, "fast")
+    question = "Is Paris in France? Answer yes or no."
+    session = engine.get_session("fast")
+    session.settings.hint = question
+    engine.schedule_pre_position(session)
+    assert engine.wait_idle(300)
+    candidates = ["Yes, it is.", "No, it is not."]
+    messages = [*history, {"role": "user", "content": question}]
+    forwards = engine.stats.forward_calls
+    c = engine.generate(Request(messages=messages, params=GREEDY, session_id="fast", fast_answer=candidates))
+    assert c.path == "ready_exact"
+    assert c.text in candidates and c.finish_reason == "stop"
+    assert engine.stats.forward_calls == forwards  # no prefill, no decode step at all
+    reference = cold(engine, messages, fast_answer=candidates)
+    assert reference.path == "cold" and reference.text == c.text
+
+
+def test_fast_answer_through_the_gate_is_verified_afterwards(
+    real: HFBackend, make_engine: Callable[..., Engine]
+) -> None:
+    engine = make_engine(real, gap_threshold=0.0)
+    history = _after_idle(engine, "fastgate")
+    messages = [*history, {"role": "user", "content": "Is Berlin in France? Answer yes or no."}]
+    c = engine.generate(
+        Request(messages=messages, params=GREEDY, session_id="fastgate", fast_answer=["Yes", "No"])
+    )
+    assert c.path == "gate" and c.speculative and c.text in ("Yes", "No")
+    assert c.extra["forwards_before_first_token"] == 0
+    assert engine.wait_idle(300)
+    assert engine.gate.counters.fires == 1
+    assert engine.gate.counters.verified + engine.gate.counters.false_accepts == 1
+
+
+def test_foreground_request_preempts_background_within_one_chunk(
+    real: HFBackend, make_engine: Callable[..., Engine]
+) -> None:
+    # A long predicted message gives the background plenty of chunks to interrupt.
+    engine = make_engine(real, gate=False, continuation_cap=400, forced_cap=64, background_chunk=8)
+    history = _after_idle(engine, "long", n_turns=1)
+    other = _after_idle(engine, "other", n_turns=1)
+    session = engine.get_session("long")
+    session.settings.hint = None
+    engine.schedule_pre_position(session)
+    deadline = time.monotonic() + 30
+    while engine.scheduler.background_chunks < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not engine.scheduler.idle(), "the background job should still be running"
+    messages = [*other, {"role": "user", "content": QUESTIONS[1]}]
+    c = engine.generate(Request(messages=messages, params=GREEDY, session_id="other"))
+    assert c.background_wait_ms <= engine.scheduler.longest_background_chunk * 1000 + 5
+    assert c.token_ids == cold(engine, messages).token_ids
+    # and a request on the session being pre-positioned takes it over and reuses its KV
+    messages = [*history, {"role": "user", "content": QUESTIONS[1]}]
+    c = engine.generate(Request(messages=messages, params=GREEDY, session_id="long"))
+    assert c.path in ("entry", "session") and c.cached_tokens > 0
+    assert c.token_ids == cold(engine, messages).token_ids
+
+
+def test_sampled_requests_on_ready_positions_stay_seeded(
+    real: HFBackend, make_engine: Callable[..., Engine]
+) -> None:
+    engine = make_engine(real, gate=False)
+    history = _after_idle(engine, "sampled-ready")
+    session = engine.get_session("sampled-ready")
+    session.settings.hint = QUESTIONS[1]
+    engine.schedule_pre_position(session)
+    assert engine.wait_idle(300)
+    params = SamplingParams(max_tokens=12, temperature=0.8, seed=7)
+    messages = [*history, {"role": "user", "content": QUESTIONS[1]}]
+    c = engine.generate(Request(messages=messages, params=params, session_id="sampled-ready"))
+    assert c.path == "ready_exact"
+    assert c.token_ids == cold(engine, messages, params=params).token_ids
+
+
+def test_background_tokens_are_accounted(real: HFBackend, make_engine: Callable[..., Engine]) -> None:
+    engine = make_engine(real, gate=False)
+    converse(engine, "acct", QUESTIONS[:3])
+    bg = engine.stats.snapshot()["background_tokens"]
+    assert bg["computed"] > 0 and bg["reused"] > 0
+    parked = sum(sum(rp.background) for rp in engine.get_session("acct").ready.values())
+    unused = sum(engine.get_session("acct").kv_background)
+    assert bg["computed"] == bg["reused"] + bg["wasted"] + parked + unused
