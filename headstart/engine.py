@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import threading
 import time
 import uuid
@@ -20,54 +19,45 @@ from typing import Any
 
 import torch
 
+from headstart.budget import Budget, default_budget
+from headstart.errors import (
+    BadRequest,
+    ContextTooLong,
+    EngineError,
+    SessionBusy,
+    SessionExists,
+    SessionNotFound,
+    TooManySessions,
+)
 from headstart.gate import Gate
 from headstart.handle import Completion, Delta, Handle
 from headstart.kvbook import KVBook
 from headstart.model.backend import Backend
 from headstart.prepos import PREDICTORS, PreposConfig, pre_position
+from headstart.registry import Limits, SessionRegistry
 from headstart.sampling import SamplingParams, accept, candidate_gap, pick, top_gap
 from headstart.scheduler import Job, Scheduler
 from headstart.session import ReadyPosition, Session
+from headstart.spill import Spill
 from headstart.stats import EngineStats
+from headstart.store import SessionStore
 from headstart.template import ChatTemplate, Message, common_prefix
 from headstart.textstream import TextStream
 
 log = logging.getLogger("headstart.engine")
 
-SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
-
-
-class EngineError(Exception):
-    """A request the engine refuses; doors map each kind to a status code."""
-
-
-class BadRequest(EngineError):
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
-
-
-class SessionNotFound(EngineError):
-    pass
-
-
-class SessionBusy(EngineError):
-    pass
-
-
-class SessionExists(EngineError):
-    pass
-
-
-class ContextTooLong(BadRequest):
-    def __init__(self, prompt_tokens: int, limit: int) -> None:
-        super().__init__(
-            f"the prompt has {prompt_tokens} tokens but the model's context holds {limit}",
-            param="messages",
-        )
-        self.prompt_tokens = prompt_tokens
-        self.limit = limit
-
+__all__ = [
+    "BadRequest",
+    "ContextTooLong",
+    "Engine",
+    "EngineConfig",
+    "EngineError",
+    "Request",
+    "SessionBusy",
+    "SessionExists",
+    "SessionNotFound",
+    "TooManySessions",
+]
 
 @dataclass
 class Request:
@@ -96,6 +86,11 @@ class EngineConfig:
     background_chunk: int = 16
     continuation_cap: int = 32
     forced_cap: int = 16
+    kv_budget: int | None = None  # bytes; None: a share of the machine's memory
+    max_sessions: int = 1000
+    idle_expiry_s: float = 3600.0
+    max_context: int | None = None  # tokens; None: the model's context
+    spill: bool | None = None  # None: on where reloading beats recomputing (the CPU)
 
     def prepos(self) -> PreposConfig:
         if self.predictor not in PREDICTORS:
@@ -188,12 +183,21 @@ class Turn:
     verified: bool | None = None
     chosen: int | None = None
     verify: Callable[[], None] | None = None
+    reloaded: int = 0
 
 
 class Engine:
     """Sessions plus one model thread."""
 
-    def __init__(self, backend: Backend, template: ChatTemplate | None = None, config: EngineConfig | None = None):
+    def __init__(
+        self,
+        backend: Backend,
+        template: ChatTemplate | None = None,
+        config: EngineConfig | None = None,
+        *,
+        store: SessionStore | None = None,
+        spill_dir: str | None = None,
+    ) -> None:
         self.backend = backend
         self.template = template or ChatTemplate(backend.tokenizer)  # type: ignore[attr-defined]
         self.config = config or EngineConfig()
@@ -202,18 +206,32 @@ class Engine:
         self.gate = Gate(threshold=self.config.gap_threshold, enabled=self.config.gate)
         self.book = KVBook(backend, self.stats)
         self.scheduler = Scheduler()
-        self.sessions: dict[str, Session] = {}
-        self._lock = threading.Lock()
+        info = backend.info
+        self.budget = Budget(self.config.kv_budget or default_budget(info.device), info.kv_bytes_per_token)
+        spill_on = self.config.spill if self.config.spill is not None else info.device == "cpu"
+        spill = Spill(spill_dir, backend, 4 * self.budget.limit) if spill_on and spill_dir else None
+        limits = Limits(self.config.max_sessions, self.config.idle_expiry_s)
+        self.sessions = SessionRegistry(backend, self.book, self.scheduler, self.budget, limits, store, spill)
+        self.book.make_room = self.sessions.make_room
+        self.context_limit = min(info.context_length, self.config.max_context or info.context_length)
         self.started = time.time()
+        self._reaper_stop = threading.Event()
 
     # -- lifecycle -------------------------------------------------------------------
 
     def start(self) -> Engine:
         self.scheduler.start()
+        interval = min(60.0, max(0.5, self.config.idle_expiry_s / 4))
+        threading.Thread(target=self._reap_loop, args=(interval,), name="headstart-reaper", daemon=True).start()
         return self
 
     def stop(self) -> None:
+        self._reaper_stop.set()
         self.scheduler.stop()
+
+    def _reap_loop(self, interval: float) -> None:
+        while not self._reaper_stop.wait(interval):
+            self.sessions.reap()
 
     def wait_idle(self, timeout: float = 120.0) -> bool:
         """Wait until no foreground or background work is left."""
@@ -222,41 +240,20 @@ class Engine:
     # -- sessions --------------------------------------------------------------------
 
     def create_session(self, session_id: str | None = None, owner: str | None = None) -> Session:
-        session_id = session_id or uuid.uuid4().hex
-        if not SESSION_ID.match(session_id):
-            raise BadRequest("a session id is 1-128 characters of A-Z a-z 0-9 _ -", param="id")
-        with self._lock:
-            if session_id in self.sessions:
-                raise SessionExists(f"session {session_id!r} already exists")
-            s = Session(session_id, self.backend, owner)
-            self.sessions[session_id] = s
-        return s
+        return self.sessions.create(session_id, owner)
 
     def get_session(self, session_id: str, owner: str | None = None) -> Session:
-        with self._lock:
-            s = self.sessions.get(session_id)
-        if s is None or (s.owner is not None and s.owner != owner):
-            raise SessionNotFound(f"no session {session_id!r}")
-        return s
+        return self.sessions.get(session_id, owner)
 
     def delete_session(self, session_id: str, owner: str | None = None) -> None:
-        s = self.get_session(session_id, owner)
-        with self._lock:
-            if s.busy:
-                raise SessionBusy(f"session {session_id!r} has a request in flight")
-            self.sessions.pop(session_id, None)
-        self.scheduler.cancel_background(session_id)
-        for rp in s.ready.values():
-            self.book.discard(rp)
-        s.ready.clear()
+        self.sessions.delete(session_id, owner)
 
     def list_sessions(self, owner: str | None = None) -> list[Session]:
-        with self._lock:
-            return [s for s in self.sessions.values() if s.owner is None or s.owner == owner]
+        return self.sessions.visible(owner)
 
     def schedule_pre_position(self, s: Session) -> None:
         """Queue the idle-time job that moves ``s`` to its next decision point."""
-        if not (self.config.pre_position and s.settings.pre_position and s.messages):
+        if not (self.config.pre_position and s.settings.pre_position and s.messages) or s.deleted:
             return
         job = Job(pre_position(self.book, self.template, s, self.prepos_config))
         self.scheduler.submit_background(s.id, job)
@@ -272,7 +269,7 @@ class Engine:
         if not req.messages:
             raise BadRequest("messages must hold at least one message", param="messages")
         prompt = self.template.render(req.messages, tools=req.tools)
-        limit = self.backend.info.context_length
+        limit = self.context_limit
         if len(prompt) >= limit:
             raise ContextTooLong(len(prompt), limit)
         params = req.params
@@ -284,32 +281,20 @@ class Engine:
                 seed=params.seed,
                 stop=params.stop,
             )
+        need = (len(prompt) + params.max_tokens) * self.budget.bytes_per_token
+        if need > self.budget.limit:
+            raise BadRequest(
+                f"this request needs up to {need} bytes of KV but the server's budget is {self.budget.limit}",
+                param="max_tokens",
+            )
         candidates = self._candidates(req.fast_answer)
         handle = Handle(loop)
-        with self._lock:
-            if req.session_id is None:
-                s = Session(f"oneoff-{uuid.uuid4().hex[:12]}", self.backend, req.owner)
-                persistent = False
-            else:
-                s = self.sessions.get(req.session_id)
-                if s is not None and s.owner is not None and s.owner != req.owner:
-                    raise SessionNotFound(f"no session {req.session_id!r}")
-                if s is None:
-                    if not req.create:
-                        raise SessionNotFound(f"no session {req.session_id!r}")
-                    if not SESSION_ID.match(req.session_id):
-                        raise BadRequest(
-                            "a session id is 1-128 characters of A-Z a-z 0-9 _ -", param="x-session-id"
-                        )
-                    s = Session(req.session_id, self.backend, req.owner)
-                    self.sessions[s.id] = s
-                persistent = True
-            if s.busy:
-                raise SessionBusy(f"session {s.id!r} has a request in flight")
-            s.busy = True
-            s.last_used = time.time()
-        if persistent:
-            self.scheduler.cancel_background(s.id)
+        if req.session_id is None:
+            s = Session(f"oneoff-{uuid.uuid4().hex[:12]}", self.backend, req.owner)
+            persistent = False
+        else:
+            s = self.sessions.acquire(req.session_id, req.owner, create=req.create)
+            persistent = True
         threshold = next(
             (x for x in (req.gap_threshold, s.settings.gap_threshold) if x is not None), self.gate.threshold
         )
@@ -341,16 +326,11 @@ class Engine:
         with self.stats.lock:
             self.stats.errors += 1
         # The KV may be half-updated: start this session's cache over (its transcript stays).
-        s.kv = self.backend.new_state()
-        with self.stats.lock:
-            self.stats.background.wasted += sum(s.kv_background)
-        s.kv_ids.clear()
-        s.kv_background.clear()
-        s.entry_len = None
+        self.book.reset(s)
         for rp in s.ready.values():
             self.book.discard(rp)
         s.ready.clear()
-        s.busy = False
+        self.sessions.release(s)
         handle.put(exc)
 
     def _gate_on(self, t: Turn) -> bool:
@@ -366,6 +346,8 @@ class Engine:
         """The foreground job of one request: pick its path, answer, tidy up."""
         t.started = time.perf_counter()
         s, prompt = t.session, t.prompt
+        if t.persistent:
+            t.reloaded = self.sessions.reload(s)
         exact = next((rp for rp in s.ready.values() if rp.ids == prompt and self.book.valid(s, rp)), None)
         nxt = s.ready.get("next")
         if nxt is not None and (
@@ -523,7 +505,7 @@ class Engine:
             speculative=t.speculative,
             verified=t.verified,
             candidate=t.chosen,
-            extra={"forwards_before_first_token": em.forwards_before_first},
+            extra={"forwards_before_first_token": em.forwards_before_first, "reloaded_tokens": t.reloaded},
         )
         self.stats.record_request(
             t.path,
@@ -542,6 +524,7 @@ class Engine:
             s.turns += 1
             last = req.messages[-1]
             s.last_delta = last.get("content") if isinstance(last.get("content"), str) else None
+            self.sessions.persist(s)  # committed before the client hears of the turn
         handle.put(completion)
 
     def _after(self, t: Turn) -> None:
@@ -555,8 +538,7 @@ class Engine:
             if not self.book.valid(s, rp):
                 s.ready.pop(key)
                 self.book.discard(rp)
-        with self._lock:
-            s.busy = False
-            s.last_used = time.time()
+        if t.persistent:
+            self.sessions.release(s)
         if t.persistent and not t.req.ephemeral:
             self.schedule_pre_position(s)

@@ -7,7 +7,7 @@ once as either reused by a request or wasted.
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 
 import torch
 
@@ -17,12 +17,22 @@ from headstart.stats import EngineStats
 from headstart.template import common_prefix
 
 
+class NoRoom(Exception):
+    """Background work found no room in the KV budget without evicting real state."""
+
+
+RoomMaker = Callable[[Session, int, bool], bool]
+
+
 class KVBook:
     """KV operations on sessions, with token accounting."""
 
     def __init__(self, backend: Backend, stats: EngineStats) -> None:
         self.backend = backend
         self.stats = stats
+        self.make_room: RoomMaker | None = None  # set by the registry that owns the budget
+        # One position's logits, kept by ready positions: counted when room is made.
+        self._logits_bytes = backend.info.vocab_size * 4
 
     def crop(self, s: Session, length: int, *, wasted: bool = True) -> None:
         """Shorten ``s``'s KV; background rows dropped unused count as wasted."""
@@ -38,8 +48,20 @@ class KVBook:
         if s.entry_len is not None and s.entry_len > length:
             s.entry_len = None
 
+    def reset(self, s: Session) -> None:
+        """Drop ``s``'s whole KV (eviction, failure); its transcript stays."""
+        with self.stats.lock:
+            self.stats.background.wasted += sum(s.kv_background)
+        s.kv = self.backend.new_state()
+        s.kv_ids.clear()
+        s.kv_background.clear()
+        s.entry_len = None
+
     def feed(self, s: Session, ids: list[int], *, background: bool, keep: int = 1) -> torch.Tensor:
         """Run ``ids`` over ``s``'s KV; the logits of the last ``keep`` positions."""
+        need = len(ids) * self.backend.info.kv_bytes_per_token + (self._logits_bytes if background else 0)
+        if self.make_room is not None and not self.make_room(s, need, background):
+            raise NoRoom
         logits = self.backend.forward(s.kv, ids, keep=keep)
         s.kv_ids.extend(ids)
         s.kv_background.extend([background] * len(ids))
@@ -100,6 +122,8 @@ class KVBook:
         answer tokens count as reused only once a request emits them."""
         self.crop(s, rp.base)
         self.take(s, rp.base)
+        if self.make_room is not None:
+            self.make_room(s, rp.suffix.nbytes(), False)
         self.backend.extend(s.kv, rp.suffix)
         s.kv_ids.extend((rp.ids + rp.forced)[rp.base :])
         s.kv_background.extend(rp.background)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Generator
 from dataclasses import dataclass
 
-from headstart.kvbook import KVBook
+from headstart.kvbook import KVBook, NoRoom
 from headstart.sampling import top_gap
 from headstart.session import ReadyPosition, Session
 from headstart.template import ChatTemplate, Message, common_prefix
@@ -123,19 +123,28 @@ def pre_position(
     """The whole background job for one session, one chunk per step."""
     s.pre_positioning = True
     try:
-        role = next_role(s.messages)
-        entry = template.entry(s.messages, role, tools=s.tools)
-        entry_logits = yield from book.advance(s, entry, background=True, chunk=config.chunk)
-        s.entry_len = len(entry)
-        yield
-        content, source = yield from predicted_prompt(book, template, s, role, config, entry_logits)
-        prompt = template.render([*s.messages, {"role": role, "content": content}], tools=s.tools)
-        # The predicted content can merge with the entry's last token; the ready position
-        # then starts where the two renderings part, and the entry is prefilled again.
-        base = common_prefix(entry, prompt)
-        yield from ready_position(book, s, "next", source, prompt, base, config)
-        if base < len(entry):
-            yield from book.advance(s, entry, background=True, chunk=config.chunk)
-        s.entry_len = len(entry)
+        yield from _pre_position(book, template, s, config)
+    except NoRoom:
+        return  # idle work never evicts real state; it waits for the next turn
     finally:
         s.pre_positioning = False
+
+
+def _pre_position(
+    book: KVBook, template: ChatTemplate, s: Session, config: PreposConfig
+) -> Generator[None, None, None]:
+    """Entry, predicted message, ready position: see the module docstring."""
+    role = next_role(s.messages)
+    entry = template.entry(s.messages, role, tools=s.tools)
+    entry_logits = yield from book.advance(s, entry, background=True, chunk=config.chunk)
+    s.entry_len = len(entry)
+    yield
+    content, source = yield from predicted_prompt(book, template, s, role, config, entry_logits)
+    prompt = template.render([*s.messages, {"role": role, "content": content}], tools=s.tools)
+    # The predicted content can merge with the entry's last token; the ready position
+    # then starts where the two renderings part, and the entry is prefilled again.
+    base = common_prefix(entry, prompt)
+    yield from ready_position(book, s, "next", source, prompt, base, config)
+    if base < len(entry):
+        yield from book.advance(s, entry, background=True, chunk=config.chunk)
+    s.entry_len = len(entry)

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
 
 from headstart.model.backend import Backend, KVState, KVSuffix
+from headstart.store import StoredSession
 from headstart.template import Message
 
 
@@ -55,6 +56,14 @@ class SessionSettings:
     gap_threshold: float | None = None
     hint: str | None = None  # what the client says the next message will be
 
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SessionSettings:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
 
 class Session:
     """Messages, token ids and KV of one conversation, with its counters."""
@@ -78,6 +87,35 @@ class Session:
         self.paths: Counter[str] = Counter()
         self.pre_positioning = False
         self.last_delta: str | None = None
+        self.evicted = False
+        self.deleted = False
+
+    def to_stored(self) -> StoredSession:
+        """The part of the session that must survive a restart."""
+        return StoredSession(
+            id=self.id,
+            owner=self.owner,
+            created=self.created,
+            last_used=self.last_used,
+            turns=self.turns,
+            settings=self.settings.to_dict(),
+            messages=self.messages,
+            tools=self.tools,
+            paths=dict(self.paths),
+            state={"last_delta": self.last_delta},
+        )
+
+    @classmethod
+    def from_stored(cls, stored: StoredSession, backend: Backend) -> Session:
+        """A session as it was stored, with no KV yet (its next request rebuilds it)."""
+        s = cls(stored.id, backend, stored.owner)
+        s.created, s.last_used, s.turns = stored.created, stored.last_used, stored.turns
+        s.settings = SessionSettings.from_dict(stored.settings)
+        s.messages, s.tools = stored.messages, stored.tools
+        s.paths.update(stored.paths)
+        s.last_delta = stored.state.get("last_delta")
+        s.evicted = True
+        return s
 
     def ready_bytes(self) -> int:
         return sum(r.nbytes() for r in self.ready.values())
@@ -97,5 +135,6 @@ class Session:
             "ready_token": nxt.token if nxt else None,
             "ready_gap": nxt.gap if nxt else None,
             "entry_tokens": self.entry_len,
+            "evicted": self.evicted,
             "paths": dict(self.paths),
         }

@@ -102,7 +102,7 @@ def test_second_request_on_a_busy_session_is_409(server: LiveServer) -> None:
     t.start()
     engine = server.server.config.app.state.headstart.engine
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not (engine.sessions.get("busy") and engine.sessions["busy"].busy):
+    while time.monotonic() < deadline and not any(s.id == "busy" and s.busy for s in engine.list_sessions()):
         time.sleep(0.01)
     second = httpx.post(f"{server.url}/v1/chat/completions", json=body, headers=headers, timeout=120)
     t.join()

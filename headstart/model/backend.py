@@ -71,3 +71,9 @@ class Backend(Protocol):
 
     def extend(self, state: KVState, suffix: KVSuffix) -> None:
         """Append rows taken earlier with :meth:`suffix` (their prefix must be in place)."""
+
+    def save_state(self, state: KVState, path: str, metadata: dict[str, str]) -> None:
+        """Write ``state`` to disk (spilling an evicted session)."""
+
+    def load_state(self, path: str) -> tuple[KVState, dict[str, str]]:
+        """Read back what :meth:`save_state` wrote."""

@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerBase
 
 from headstart.model.backend import ModelInfo
@@ -65,6 +67,7 @@ class HFBackend:
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
         dtype = next(model.parameters()).dtype
         per_token = 2 * text.num_hidden_layers * kv_heads * head_dim * dtype.itemsize
+        self._layers = text.num_hidden_layers
         eos = model.generation_config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if tokenizer.eos_token_id is not None:
@@ -112,6 +115,26 @@ class HFBackend:
             for layer in state.cache.layers
         ] if state.length > start else []
         return HFSuffix(start, state.length - start, rows)
+
+    def save_state(self, state: HFState, path: str | os.PathLike[str], metadata: dict[str, str]) -> None:
+        """Write ``state`` to a safetensors file (atomically: a crash leaves no half file)."""
+        tensors: dict[str, torch.Tensor] = {}
+        for i, (keys, values) in enumerate(self.suffix(state, 0).rows):
+            tensors[f"k{i}"], tensors[f"v{i}"] = keys.contiguous().cpu(), values.contiguous().cpu()
+        tmp = f"{path}.tmp"
+        save_file(tensors, tmp, metadata={**metadata, "length": str(state.length)})
+        os.replace(tmp, path)
+
+    def load_state(self, path: str | os.PathLike[str]) -> tuple[HFState, dict[str, str]]:
+        """Read back a state written by :meth:`save_state`, with its metadata."""
+        with safe_open(str(path), framework="pt", device=str(self.device)) as f:
+            metadata = dict(f.metadata() or {})
+            rows = [(f.get_tensor(f"k{i}"), f.get_tensor(f"v{i}")) for i in range(self._layers)]
+        length = int(metadata.pop("length"))
+        state = self.new_state()
+        if length:
+            self.extend(state, HFSuffix(0, length, rows))
+        return state, metadata
 
     def extend(self, state: HFState, suffix: HFSuffix) -> None:
         if suffix.start != state.length:

@@ -1,0 +1,239 @@
+"""Sessions over their whole life: created, found, kept within memory, stored, expired.
+
+The engine asks the registry for a session when a request arrives and hands it back when
+the request is done; in between the session is busy and nothing evicts it. Everything
+a client was told (a session exists, a turn succeeded) is in the store before the
+client hears it; KV is only a cache of it and may be evicted, spilled or lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from headstart.budget import Budget, Eviction
+from headstart.errors import BadRequest, SessionBusy, SessionExists, SessionNotFound, TooManySessions
+from headstart.kvbook import KVBook
+from headstart.model.backend import Backend
+from headstart.scheduler import Scheduler
+from headstart.session import Session
+from headstart.spill import Spill
+from headstart.store import SessionStore
+
+log = logging.getLogger("headstart.registry")
+
+SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+INVALID_ID = "a session id is 1-128 characters of A-Z a-z 0-9 _ -"
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_sessions: int = 1000
+    idle_expiry_s: float = 3600.0
+
+
+@dataclass
+class EvictionCounts:
+    ready: int = 0
+    kv: int = 0
+    spilled: int = 0
+    reloaded: int = 0
+    expired: int = 0
+
+
+class SessionRegistry:
+    """All sessions of one engine, with their memory budget and durable store."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        book: KVBook,
+        scheduler: Scheduler,
+        budget: Budget,
+        limits: Limits,
+        store: SessionStore | None = None,
+        spill: Spill | None = None,
+    ) -> None:
+        self.backend = backend
+        self.book = book
+        self.scheduler = scheduler
+        self.budget = budget
+        self.limits = limits
+        self.store = store
+        self.spill = spill
+        self.evictions = EvictionCounts()
+        self._sessions: dict[str, Session] = {}
+        self._lock = threading.Lock()
+        if store is not None:
+            for stored in store.load_all():
+                self._sessions[stored.id] = Session.from_stored(stored, backend)
+
+    # -- finding and making ------------------------------------------------------------
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._sessions)
+
+    def all(self) -> list[Session]:
+        with self._lock:
+            return list(self._sessions.values())
+
+    def visible(self, owner: str | None) -> list[Session]:
+        return [s for s in self.all() if s.owner is None or s.owner == owner]
+
+    def create(
+        self, session_id: str | None, owner: str | None, setup: Callable[[Session], None] | None = None
+    ) -> Session:
+        """A new session, stored before anyone is told it exists."""
+        session_id = session_id or uuid.uuid4().hex
+        if not SESSION_ID.match(session_id):
+            raise BadRequest(INVALID_ID, param="id")
+        self.reap()
+        with self._lock:
+            if session_id in self._sessions:
+                raise SessionExists(f"session {session_id!r} already exists")
+            self._check_room()
+            s = Session(session_id, self.backend, owner)
+            if setup is not None:
+                setup(s)
+            self._sessions[session_id] = s
+        self.persist(s)
+        return s
+
+    def get(self, session_id: str, owner: str | None) -> Session:
+        """A session the caller may see; another owner's session does not exist for it."""
+        with self._lock:
+            s = self._sessions.get(session_id)
+        if s is None or (s.owner is not None and s.owner != owner):
+            raise SessionNotFound(f"no session {session_id!r}")
+        return s
+
+    def acquire(self, session_id: str, owner: str | None, create: bool) -> Session:
+        """The session a request will run on, marked busy (409 if it already is)."""
+        if not SESSION_ID.match(session_id):
+            raise BadRequest(INVALID_ID, param="x-session-id")
+        with self._lock:
+            s = self._sessions.get(session_id)
+            if s is not None and s.owner is not None and s.owner != owner:
+                raise SessionNotFound(f"no session {session_id!r}")
+            fresh = s is None
+            if fresh:
+                if not create:
+                    raise SessionNotFound(f"no session {session_id!r}")
+                self._check_room()
+                s = Session(session_id, self.backend, owner)
+                self._sessions[session_id] = s
+            assert s is not None
+            if s.busy:
+                raise SessionBusy(f"session {session_id!r} has a request in flight")
+            s.busy = True
+            s.last_used = time.time()
+        if fresh:
+            self.persist(s)
+        self.scheduler.cancel_background(s.id)  # a request takes over from idle-time work
+        return s
+
+    def release(self, s: Session) -> None:
+        with self._lock:
+            s.busy = False
+            s.last_used = time.time()
+
+    def _check_room(self) -> None:
+        if len(self._sessions) >= self.limits.max_sessions:
+            raise TooManySessions(
+                f"the server holds its maximum of {self.limits.max_sessions} sessions; delete one or retry later"
+            )
+
+    def persist(self, s: Session) -> None:
+        """Commit a session's durable part (call before acknowledging anything about it)."""
+        if self.store is not None:
+            self.store.save(s.to_stored())
+
+    def delete(self, session_id: str, owner: str | None) -> Session:
+        s = self.get(session_id, owner)
+        with self._lock:
+            if s.busy:
+                raise SessionBusy(f"session {session_id!r} has a request in flight")
+            self._sessions.pop(session_id, None)
+            s.deleted = True
+        self._forget(s)
+        return s
+
+    def _forget(self, s: Session) -> None:
+        self.scheduler.cancel_background(s.id)
+        if self.store is not None:
+            self.store.delete(s.id)
+        if self.spill is not None:
+            self.spill.drop(s.id)
+        for rp in s.ready.values():
+            self.book.discard(rp)
+        s.ready.clear()
+
+    def reap(self, now: float | None = None) -> list[str]:
+        """Delete sessions idle for longer than the expiry; every request restarts the clock."""
+        now = time.time() if now is None else now
+        limit = self.limits.idle_expiry_s
+        with self._lock:
+            expired = [s for s in self._sessions.values() if not s.busy and now - s.last_used > limit]
+            for s in expired:
+                self._sessions.pop(s.id, None)
+                s.deleted = True
+        for s in expired:
+            self._forget(s)
+        self.evictions.expired += len(expired)
+        return [s.id for s in expired]
+
+    # -- memory ------------------------------------------------------------------------
+
+    def resident_bytes(self) -> int:
+        return self.budget.resident(self.all())
+
+    def make_room(self, keep: Session, need: int, background: bool) -> bool:
+        """Evict until ``need`` more bytes fit; background work gets room only from other
+        sessions' ready positions. Runs on the model thread."""
+        sessions = self.all()
+        if keep not in sessions:
+            sessions.append(keep)  # a one-off request's KV counts too
+        plan = self.budget.plan(sessions, need, keep, background)
+        if plan is None:
+            if background:
+                return False
+            # A foreground request fits alone (checked at submit): clear all that may go.
+            plan = list(self.budget.candidates(sessions, keep, background))
+        for ev in plan:
+            self.evict(ev)
+        return True
+
+    def evict(self, ev: Eviction) -> None:
+        s = ev.session
+        for rp in s.ready.values():
+            self.book.discard(rp)
+        s.ready.clear()
+        if ev.kind == "ready":
+            self.evictions.ready += 1
+            return
+        self.scheduler.cancel_background(s.id)
+        if self.spill is not None and s.kv_ids:
+            self.spill.save(s.id, s.kv_ids, s.kv)
+            self.evictions.spilled += 1
+        self.book.reset(s)
+        s.evicted = True
+        self.evictions.kv += 1
+
+    def reload(self, s: Session) -> int:
+        """Bring back a spilled KV before a request computes anything; tokens reloaded."""
+        if s.kv_ids or self.spill is None:
+            return 0
+        spilled = self.spill.take(s.id)
+        if spilled is None:
+            return 0
+        ids, state = spilled
+        self.make_room(s, len(ids) * self.budget.bytes_per_token, background=False)
+        s.kv, s.kv_ids, s.kv_background = state, list(ids), [False] * len(ids)
+        self.evictions.reloaded += 1
+        return len(ids)
