@@ -27,6 +27,23 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--predictor", choices=PREDICTORS, default="continuation",
                    help="what pre-positioning assumes the next message is")
     p.add_argument("--background-chunk", type=int, default=16, help="tokens per background chunk")
+    p.add_argument("--kv-budget", type=parse_bytes, default=None,
+                   help="bytes of KV all sessions may hold, e.g. 2GiB (default: a quarter of RAM, 40%% of free GPU)")
+    p.add_argument("--spill", choices=("auto", "on", "off"), default="auto",
+                   help="write evicted KV to disk and reload it (auto: on for CPU, where it is faster)")
+    p.add_argument("--max-sessions", type=int, default=1000)
+    p.add_argument("--idle-expiry", type=float, default=3600.0, help="seconds before an idle session is deleted")
+    p.add_argument("--max-context", type=int, default=None, help="tokens per session (default: the model's)")
+
+
+def parse_bytes(text: str) -> int:
+    """``2GiB``, ``512MB``, ``1e9``: a byte count."""
+    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
+    lowered = text.strip().lower()
+    for suffix, factor in units.items():
+        if lowered.endswith(suffix):
+            return int(float(lowered[: -len(suffix)]) * factor)
+    return int(float(lowered))
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -36,6 +53,11 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         gap_threshold=args.gap_threshold,
         predictor=args.predictor,
         background_chunk=args.background_chunk,
+        kv_budget=args.kv_budget,
+        spill={"auto": None, "on": True, "off": False}[args.spill],
+        max_sessions=args.max_sessions,
+        idle_expiry_s=args.idle_expiry,
+        max_context=args.max_context,
     )
 
 
@@ -51,6 +73,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         engine=engine_config(args),
         default_temperature=args.temperature,
+        db=args.db,
+        spill_dir=args.spill_dir,
     )
     uvicorn.run(create_app(config), host=args.host, port=args.port, log_level=args.log_level.lower())
     return 0
@@ -78,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--temperature", type=float, default=1.0,
                        help="temperature when a request names none (OpenAI's default is 1.0)")
+    serve.add_argument("--db", default=None,
+                       help="SQLite file for session transcripts (default: $HEADSTART_DATA/headstart.db; '' for none)")
+    serve.add_argument("--spill-dir", default=None, help="folder for spilled KV (default: $HEADSTART_DATA/spill)")
     add_model_flags(serve)
     add_engine_flags(serve)
     serve.set_defaults(func=cmd_serve)

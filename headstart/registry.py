@@ -67,6 +67,7 @@ class SessionRegistry:
         self.store = store
         self.spill = spill
         self.evictions = EvictionCounts()
+        self.peak_resident = 0  # the most KV ever held at once, checked against the budget
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
         if store is not None:
@@ -207,6 +208,7 @@ class SessionRegistry:
             plan = list(self.budget.candidates(sessions, keep, background))
         for ev in plan:
             self.evict(ev)
+        self.peak_resident = max(self.peak_resident, self.budget.resident(sessions) + need)
         return True
 
     def evict(self, ev: Eviction) -> None:

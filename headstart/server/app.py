@@ -35,6 +35,8 @@ class ServerConfig:
     default_temperature: float = 1.0
     max_body_bytes: int = 4 * 1024 * 1024
     api_keys: frozenset[str] = frozenset()
+    db: str | None = None  # SQLite file for transcripts; None: in the data folder; "" keeps nothing
+    spill_dir: str | None = None  # None: in the data folder
 
 
 class State:
@@ -66,9 +68,14 @@ def _load(state: State, factory: Callable[[], Engine]) -> None:
 def default_factory(config: ServerConfig) -> Callable[[], Engine]:
     def build() -> Engine:
         from headstart.model import load
+        from headstart.store import SessionStore, default_data_dir
 
         backend = load(config.model, device=config.device, dtype=config.dtype, cache_dir=config.cache_dir)
-        return Engine(backend, config=config.engine)
+        data = default_data_dir()
+        db = config.db if config.db is not None else str(data / "headstart.db")
+        store = SessionStore(db) if db else None
+        spill_dir = config.spill_dir if config.spill_dir is not None else str(data / "spill")
+        return Engine(backend, config=config.engine, store=store, spill_dir=spill_dir)
 
     return build
 

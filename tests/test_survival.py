@@ -1,0 +1,142 @@
+"""A server that is killed loses no acknowledged turn; a client that leaves frees its session."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from headstart.engine import Engine, EngineConfig
+from headstart.model import HFBackend
+from headstart.server.app import ServerConfig, create_app
+from headstart.store import SessionStore
+from tests.conftest import LiveServer, free_port
+
+
+class ServerProcess:
+    """``headstart serve`` as a subprocess on a free loopback port."""
+
+    def __init__(self, data: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "HEADSTART_DATA": str(data), "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "headstart.cli", "--log-level", "WARNING", "serve", "--port", str(self.port),
+             "--db", str(data / "h.db"), "--spill-dir", str(data / "spill")],
+            env=env, stdout=subprocess.DEVNULL, stderr=open(data / f"server-{self.port}.log", "w"),  # noqa: SIM115
+        )
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, (data / f"server-{self.port}.log").read_text()
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("server did not start")
+
+    def chat(self, sid: str | None, messages: list[dict[str, str]], max_tokens: int = 10) -> dict:
+        headers = {"x-session-id": sid} if sid else {}
+        body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0}
+        r = httpx.post(f"{self.url}/v1/chat/completions", json=body, headers=headers, timeout=120)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(30)
+
+
+def test_kill_9_mid_stream_loses_no_acknowledged_turn(tmp_path: Path) -> None:
+    server = ServerProcess(tmp_path)
+    acknowledged: dict[str, list[dict[str, str]]] = {"k1": [], "k2": []}
+    try:
+        for sid, questions in (("k1", ["Name a colour.", "Name another one."]), ("k2", ["Name a fruit."])):
+            for q in questions:
+                messages = [*acknowledged[sid], {"role": "user", "content": q}]
+                answer = server.chat(sid, messages)["choices"][0]["message"]["content"]
+                acknowledged[sid] = [*messages, {"role": "assistant", "content": answer}]
+        interrupted = [*acknowledged["k1"], {"role": "user", "content": "Write a long poem about colours."}]
+        body = {"messages": interrupted, "max_tokens": 200, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body,
+                          headers={"x-session-id": "k1"}, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: ") and '"content":"' in line and '"content":""' not in line:
+                    server.kill()  # in the middle of the answer
+                    break
+    finally:
+        server.stop()
+
+    stored = {s.id: s for s in SessionStore(tmp_path / "h.db").load_all()}
+    assert set(stored) == {"k1", "k2"}
+    for sid, messages in acknowledged.items():
+        assert stored[sid].messages == messages
+        assert stored[sid].turns == len(messages) // 2
+
+    restarted = ServerProcess(tmp_path)
+    try:
+        after = restarted.chat("k1", interrupted, max_tokens=12)
+        reference = restarted.chat(None, interrupted, max_tokens=12)  # computed from scratch
+        assert after["choices"][0]["message"]["content"] == reference["choices"][0]["message"]["content"]
+        assert after["headstart"]["path"] in ("cold", "session")
+    finally:
+        restarted.stop()
+
+
+@pytest.fixture(scope="module")
+def live(real: HFBackend):
+    app = create_app(ServerConfig(), factory=lambda: Engine(real, config=EngineConfig(pre_position=False)))
+    with LiveServer(app) as server:
+        yield server
+
+
+def test_client_disconnect_mid_stream_frees_the_session(live: LiveServer) -> None:
+    engine = live.server.config.app.state.headstart.engine
+    messages = [{"role": "user", "content": "Count slowly from one to one hundred."}]
+    body = {"messages": messages, "max_tokens": 300, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{live.url}/v1/chat/completions", json=body,
+                      headers={"x-session-id": "leaver"}, timeout=60) as r:
+        chunks = 0
+        for line in r.iter_lines():
+            if line.startswith("data: ") and '"content"' in line:
+                chunks += 1
+            if chunks >= 3:
+                break  # leaving the block closes the connection mid-stream
+    deadline = time.monotonic() + 30
+    while engine.get_session("leaver").busy and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not engine.get_session("leaver").busy
+    assert engine.get_session("leaver").turns == 0  # the unfinished answer is not a turn
+    r = httpx.post(f"{live.url}/v1/chat/completions", headers={"x-session-id": "leaver"}, timeout=60,
+                   json={"messages": messages, "max_tokens": 4, "temperature": 0})
+    assert r.status_code == 200
+    assert json.loads(r.text)["headstart"]["path"] == "session"
+
+
+def test_a_slow_reader_does_not_stall_other_sessions(live: LiveServer) -> None:
+    body = {"messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": 40, "temperature": 0,
+            "stream": True}
+    with httpx.stream("POST", f"{live.url}/v1/chat/completions", json=body,
+                      headers={"x-session-id": "slow"}, timeout=60) as slow:
+        lines = slow.iter_lines()
+        next(lines)  # read one line, then stop reading while another client is served
+        started = time.monotonic()
+        r = httpx.post(f"{live.url}/v1/chat/completions", headers={"x-session-id": "fast"}, timeout=60,
+                       json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0})
+        assert r.status_code == 200
+        assert time.monotonic() - started < 60
+        rest = [line for line in lines if line]
+    assert rest[-1] == "data: [DONE]"
