@@ -237,6 +237,37 @@ class Engine:
         """Wait until no foreground or background work is left."""
         return self.scheduler.wait_idle(timeout)
 
+    def report(self) -> dict[str, Any]:
+        """Everything the engine counts, for the metrics door, the benchmark and the CLI."""
+        counters = self.gate.counters
+        evictions = self.sessions.evictions
+        sessions = self.sessions.all()
+        return {
+            **self.stats.snapshot(),
+            "gate": {
+                "enabled": self.gate.enabled,
+                "threshold": self.gate.threshold,
+                "fires": counters.fires,
+                "verified": counters.verified,
+                "false_accepts": counters.false_accepts,
+                "declined": counters.declined,
+                "precision": counters.precision,
+            },
+            "sessions": len(sessions),
+            "kv": {
+                "resident_bytes": self.budget.resident(sessions),
+                "budget_bytes": self.budget.limit,
+                "peak_bytes": self.sessions.peak_resident,
+                "resident_sessions": sum(1 for s in sessions if s.kv_ids),
+                "evicted_ready": evictions.ready,
+                "evicted_kv": evictions.kv,
+                "spilled": evictions.spilled,
+                "reloaded": evictions.reloaded,
+                "expired": evictions.expired,
+            },
+            "background_chunks": self.scheduler.background_chunks,
+        }
+
     # -- sessions --------------------------------------------------------------------
 
     def create_session(self, session_id: str | None = None, owner: str | None = None) -> Session:

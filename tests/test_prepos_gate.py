@@ -155,3 +155,14 @@ def test_background_tokens_are_accounted(real: HFBackend, make_engine: Callable[
     parked = sum(sum(rp.background) for rp in engine.get_session("acct").ready.values())
     unused = sum(engine.get_session("acct").kv_background)
     assert bg["computed"] == bg["reused"] + bg["wasted"] + parked + unused
+
+
+def test_engine_report_has_every_counter(tiny: HFBackend, make_engine: Callable[..., Engine]) -> None:
+    engine = make_engine(tiny, gap_threshold=0.0)
+    converse(engine, "report", ["hi", "again"], params=SamplingParams(max_tokens=3))
+    report = engine.report()
+    assert report["requests"] == 2 and sum(report["paths"].values()) == 2
+    assert set(report["gate"]) >= {"fires", "verified", "false_accepts", "threshold", "precision"}
+    assert report["kv"]["resident_bytes"] <= report["kv"]["budget_bytes"]
+    assert report["background_tokens"]["computed"] > 0
+    assert report["foreground_wait_ms"]["n"] == 2
