@@ -118,7 +118,8 @@ class Session:
         return s
 
     def ready_bytes(self) -> int:
-        return sum(r.nbytes() for r in self.ready.values())
+        # list() takes the values in one step: the model thread may be changing the dict.
+        return sum(r.nbytes() for r in list(self.ready.values()))
 
     def describe(self) -> dict[str, Any]:
         nxt = self.ready.get("next")
