@@ -66,3 +66,28 @@ def test_model_info(real: HFBackend) -> None:
     assert info.architecture == "llama" and info.vocab_size == 49152
     assert 2 in info.eos_token_ids
     assert info.kv_bytes_per_token == 2 * 30 * 3 * 64 * 4
+
+
+def test_model_flag_accepts_a_name_a_gguf_file_or_an_hf_folder(tmp_path) -> None:
+    from headstart.model.loader import local_folder, resolve
+
+    named = resolve(None)
+    assert named.name == "smollm2-135m" and named.is_gguf
+    gguf = named.path / str(named.gguf_file)
+    by_file = resolve(str(gguf))
+    assert by_file.is_gguf and by_file.gguf_file == named.gguf_file
+    folder = local_folder(named)  # the converted safetensors folder is itself an HF folder
+    assert (folder / "model.safetensors").is_file()
+    by_folder = resolve(str(folder))
+    assert not by_folder.is_gguf and local_folder(by_folder) == folder
+    with pytest.raises(FileNotFoundError, match="neither a known name"):
+        resolve(str(tmp_path / "nothing-here"))
+
+
+def test_a_model_loaded_from_its_folder_matches_the_default(real: HFBackend) -> None:
+    from headstart.model import load
+    from headstart.model.loader import local_folder, resolve
+
+    again = load(str(local_folder(resolve(None))))
+    ids = _prompt(real)
+    assert torch.equal(again.forward(again.new_state(), ids), real.forward(real.new_state(), ids))
