@@ -31,6 +31,7 @@ from headstart.session import ReadyPosition, Session
 from headstart.stats import EngineStats
 from headstart.template import ChatTemplate, Message, common_prefix
 from headstart.textstream import TextStream
+from headstart.tools import NO_TOOLS, HoldBack, ParsedAnswer, ToolChoiceError, ToolPlan, plan_tools
 
 log = logging.getLogger("headstart.engine")
 
@@ -78,6 +79,8 @@ class Request:
     session_id: str | None = None
     owner: str | None = None
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None  # none | auto | required | {"type": "function", ...}
+    parallel_tool_calls: bool = True
     gate: bool | None = None
     gap_threshold: float | None = None
     fast_answer: list[str] | None = None
@@ -112,9 +115,14 @@ class EngineConfig:
 class _Emitter:
     """Turns chosen tokens into deltas on a handle and decides when to stop."""
 
-    def __init__(self, engine: Engine, handle: Handle, params: SamplingParams) -> None:
+    def __init__(self, engine: Engine, handle: Handle, params: SamplingParams, tools: ToolPlan = NO_TOOLS) -> None:
         self.handle = handle
         self.params = params
+        self.tools = tools
+        # Forced answer tokens (a tool call's opening): already in the prompt's KV, sent
+        # with the first token the model chooses.
+        self.pending = list(tools.prefix)
+        self.hold = HoldBack(tools.parse)
         self.stream = TextStream(engine.template.tokenizer, params.stop)
         self.stop_ids = {*engine.backend.info.eos_token_ids, engine.template.end_of_message}
         self.tokens: list[int] = []
@@ -136,18 +144,27 @@ class _Emitter:
             self._first()
         if self.decided_at is None and not forced:
             self.decided_at = time.perf_counter()
+        while self.pending:
+            self._push(self.pending.pop(0))
         if token in self.stop_ids:
             self.finish_reason = "stop"
             return True
-        self.tokens.append(token)
-        text = self.stream.push(token)
-        if text:
-            self.handle.put(Delta(text, [token]))
+        self._push(token)
         if self.stream.stopped:
             self.finish_reason = "stop"
         elif len(self.tokens) >= self.params.max_tokens:
             self.finish_reason = "length"
         return self.finish_reason is not None
+
+    def _push(self, token: int) -> None:
+        self.tokens.append(token)
+        self._send(self.stream.push(token), [token])
+
+    def _send(self, text: str, token_ids: list[int]) -> None:
+        """Send text to the handle, unless it may be a tool call still being written."""
+        text = self.hold.push(text)
+        if text:
+            self.handle.put(Delta(text, token_ids))
 
     def emit_text(self, text: str, token_ids: list[int]) -> None:
         """A whole answer at once (a fast_answer candidate)."""
@@ -155,14 +172,19 @@ class _Emitter:
         self.decided_at = self.first_at
         self.tokens.extend(token_ids)
         self.stream.text = self.stream.sent = text
-        self.handle.put(Delta(text, list(token_ids)))
+        self._send(text, list(token_ids))
         self.finish_reason = "stop"
 
-    def close(self) -> str:
-        tail = self.stream.finish()
+    def close(self) -> ParsedAnswer:
+        """Send what is left and read the answer for tool calls (a finished answer only:
+        one cut by max_tokens or cancelled is returned as content)."""
+        tail = self.hold.push(self.stream.finish())
+        text = self.stream.text
+        parsed = self.tools.read(text) if self.finish_reason == "stop" else ParsedAnswer(text, [])
+        tail += self.hold.finish(bool(parsed.calls))
         if tail:
             self.handle.put(Delta(tail, []))
-        return self.stream.text
+        return parsed
 
 
 class Engine:
@@ -247,6 +269,15 @@ class Engine:
         if not req.messages:
             raise BadRequest("messages must hold at least one message", param="messages")
         prompt = self.template.render(req.messages, tools=req.tools)
+        try:
+            tool_plan = plan_tools(
+                self.template, req.messages, req.tools, req.tool_choice, parallel=req.parallel_tool_calls
+            )
+        except ToolChoiceError as exc:
+            raise BadRequest(str(exc), param=exc.param) from exc
+        if tool_plan.prefix and req.fast_answer is not None:
+            raise BadRequest("fast_answer cannot be combined with a tool_choice that forces a call", "fast_answer")
+        prompt += tool_plan.prefix
         limit = self.backend.info.context_length
         if len(prompt) >= limit:
             raise ContextTooLong(len(prompt), limit)
@@ -285,7 +316,7 @@ class Engine:
             s.last_used = time.time()
         if persistent:
             self.scheduler.cancel_background(s.id)
-        steps = self._serve(req, params, prompt, candidates, s, persistent, handle)
+        steps = self._serve(req, params, prompt, candidates, s, persistent, handle, tool_plan)
         job = Job(steps, submitted=handle.arrival)
         job.on_error = lambda exc: self._fail(s, handle, exc)
         self.scheduler.submit(job)
@@ -335,10 +366,14 @@ class Engine:
         s: Session,
         persistent: bool,
         handle: Handle,
+        tool_plan: ToolPlan = NO_TOOLS,
     ) -> Generator[None, None, None]:
         """The foreground job of one request."""
         started = time.perf_counter()
-        em = _Emitter(self, handle, params)
+        em = _Emitter(self, handle, params, tool_plan)
+        # A forced answer opening moves the first token past the decision point that
+        # ready positions hold: no gate answer, no shadow check there.
+        forced_opening = bool(tool_plan.prefix)
         generator = params.generator(self.backend.info.device)
         threshold = req.gap_threshold if req.gap_threshold is not None else s.settings.gap_threshold
         if threshold is None:
@@ -367,7 +402,12 @@ class Engine:
                 em.emit_text(req.fast_answer[chosen], candidates[0][chosen])
             else:
                 yield from self._decode(s, exact.logits[0], em, generator, exact.forced, exact.logits[1:])
-        elif nxt is not None and self._gate_on(req, s) and self.gate.fires(self._signal(nxt, candidates)[1], threshold):
+        elif (
+            nxt is not None
+            and not forced_opening
+            and self._gate_on(req, s)
+            and self.gate.fires(self._signal(nxt, candidates)[1], threshold)
+        ):
             path = "gate"
             speculative = True
             chosen, gap = self._signal(nxt, candidates)
@@ -407,7 +447,7 @@ class Engine:
             else:
                 path = "session"
             logits = yield from self.book.advance(s, prompt, background=False, chunk=len(prompt))
-            if nxt is not None and prompt != nxt.ids:
+            if nxt is not None and prompt != nxt.ids and not forced_opening:
                 # Shadow check: what the gate would have said, for calibration.
                 sig_choice, sig_gap = self._signal(nxt, candidates)
                 real_choice = (
@@ -485,17 +525,19 @@ class Engine:
         verified: bool | None = None,
     ) -> None:
         """Send the completion and record the request."""
-        text = em.close()
+        answer = em.close()
+        text = answer.content or ""
         now = time.perf_counter()
         first = em.first_at or now
+        prompt_tokens = len(prompt) - len(em.tools.prefix)  # the forced opening is answer text
         completion = Completion(
             text=text,
             token_ids=list(em.tokens),
-            finish_reason=em.finish_reason or "stop",
+            finish_reason="tool_calls" if answer.calls else em.finish_reason or "stop",
             path=path,
             session_id=s.id if persistent else None,
-            prompt_tokens=len(prompt),
-            cached_tokens=cached,
+            prompt_tokens=prompt_tokens,
+            cached_tokens=min(cached, prompt_tokens),
             ttft_ms=(first - handle.arrival) * 1000,
             decided_ms=((em.decided_at or first) - handle.arrival) * 1000,
             e2e_ms=(now - handle.arrival) * 1000,
@@ -505,6 +547,7 @@ class Engine:
             verified=verified,
             candidate=chosen,
             extra={"forwards_before_first_token": em.forwards_before_first},
+            tool_calls=answer.calls or None,
         )
         self.stats.record_request(
             path,
@@ -517,7 +560,10 @@ class Engine:
         )
         s.paths[path] += 1
         if persistent and not req.ephemeral and completion.finish_reason != "cancelled":
-            s.messages = [*req.messages, {"role": "assistant", "content": text}]
+            reply: Message = {"role": "assistant", "content": text}
+            if answer.calls:  # as the template renders a call, so the next turn's prefix matches
+                reply["tool_calls"] = [c.message() for c in answer.calls]
+            s.messages = [*req.messages, reply]
             s.tools = req.tools
             s.turns += 1
             last = req.messages[-1]

@@ -39,6 +39,8 @@ def converse(
     return outs, prompts
 
 
-def cold(engine: Engine, messages: list[dict[str, str]], params: SamplingParams = GREEDY, **fields: object) -> Completion:
+def cold(
+    engine: Engine, messages: list[dict[str, str]], params: SamplingParams = GREEDY, **fields: object
+) -> Completion:
     """The same prompt computed from scratch (a one-off request, no session)."""
     return engine.generate(Request(messages=messages, params=params, **fields))
