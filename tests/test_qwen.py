@@ -7,8 +7,11 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
+import torch
+
 from headstart.engine import Engine, Request
-from headstart.model import HFBackend
+from headstart.model import HFBackend, qwen_chunks
+from headstart.model.loader import resolve
 from headstart.prepos import next_role
 from headstart.sampling import SamplingParams
 from headstart.template import ChatTemplate
@@ -29,9 +32,21 @@ def test_qwen_loads_with_both_end_tokens_and_a_tool_template(qwen: HFBackend) ->
     assert ends <= set(qwen.info.eos_token_ids)
     template = ChatTemplate(tok)
     assert template.supports_tools and template.end_of_message == tok.convert_tokens_to_ids("<|im_end|>")
-    # the output layer is stored apart from the embeddings and was converted, not re-initialised
+
+
+def test_qwen_converted_output_layer_is_the_ggufs(qwen: HFBackend) -> None:
+    """The output layer is stored apart from the embeddings: the converted cache must hold
+    it as the GGUF has it (de-quantised), not a freshly initialised one."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
     assert not qwen.model.config.tie_word_embeddings
-    assert qwen.model.lm_head.weight.data_ptr() != qwen.model.model.embed_tokens.weight.data_ptr()
+    source = resolve(qwen_chunks.NAME)
+    tensors = {t.name: t for t in GGUFReader(source.path / str(source.gguf_file)).tensors}
+    for name, weight in (("output.weight", qwen.model.lm_head.weight),
+                         ("token_embd.weight", qwen.model.model.embed_tokens.weight)):
+        stored = dequantize(tensors[name].data, tensors[name].tensor_type)
+        assert torch.equal(weight.detach().cpu(), torch.from_numpy(stored)), name
 
 
 def test_qwen_every_exact_path_equals_cold(qwen: HFBackend, make_engine: Callable[..., Engine]) -> None:

@@ -82,7 +82,7 @@ def test_a_tool_call_its_result_and_the_answer_through_a_session_equal_cold(qwen
     qwen_server.server.config.app.state.headstart.engine.wait_idle(300)
     messages = [
         *QUESTION,
-        choice.message.model_dump(exclude_none=True),
+        choice.message,  # the client's own message object, sent back as the README shows
         {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"celsius": 18, "sky": "cloudy"})},
     ]
     answer = session.chat.completions.create(
