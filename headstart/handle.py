@@ -12,7 +12,10 @@ import queue
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from headstart.tools import ToolCall
 
 
 @dataclass
@@ -44,6 +47,7 @@ class Completion:
     verified: bool | None = None
     candidate: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    tool_calls: list[ToolCall] | None = None  # the answer read as calls (finish_reason "tool_calls")
 
     @property
     def completion_tokens(self) -> int:

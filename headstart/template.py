@@ -18,7 +18,14 @@ _PLACEHOLDERS = ("\x01alpha placeholder", "\x02omega placeholder")
 
 
 class TemplateError(ValueError):
-    """The chat template cannot render what was asked (bad roles, tools unsupported...)."""
+    """The chat template cannot render what was asked (bad roles, tools unsupported...).
+
+    ``param`` names the request field at fault, for the door's error answer.
+    """
+
+    def __init__(self, message: str, param: str = "messages") -> None:
+        super().__init__(message)
+        self.param = param
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -49,19 +56,42 @@ class ChatTemplate:
         tools: Sequence[dict[str, Any]] | None = None,
     ) -> list[int]:
         """Token ids of ``messages`` (plus the assistant's generation prompt)."""
+        return list(self._apply(messages, generation_prompt, tools, tokenize=True)["input_ids"])
+
+    def render_text(
+        self,
+        messages: Sequence[Message],
+        *,
+        generation_prompt: bool = True,
+        tools: Sequence[dict[str, Any]] | None = None,
+    ) -> str:
+        """The text of ``messages`` as the template writes it (for finding what it puts where)."""
+        return str(self._apply(messages, generation_prompt, tools, tokenize=False))
+
+    def _apply(
+        self,
+        messages: Sequence[Message],
+        generation_prompt: bool,
+        tools: Sequence[dict[str, Any]] | None,
+        *,
+        tokenize: bool,
+    ) -> Any:
         if tools and not self.supports_tools:
-            raise TemplateError("this model's chat template cannot render tools")
+            raise TemplateError(
+                "this model's chat template has no tool support, so a request with `tools` cannot be "
+                "served; start headstart with a tool-capable model (--model qwen2.5-coder-0.5b)",
+                param="tools",
+            )
         try:
-            ids = self.tokenizer.apply_chat_template(
+            return self.tokenizer.apply_chat_template(
                 list(messages),
                 tools=list(tools) if tools else None,
                 add_generation_prompt=generation_prompt,
-                tokenize=True,
-                return_dict=True,
-            )["input_ids"]
+                tokenize=tokenize,
+                return_dict=tokenize,
+            )
         except Exception as exc:  # jinja raises many kinds for bad input
             raise TemplateError(f"the chat template cannot render these messages: {exc}") from exc
-        return list(ids)
 
     def entry(
         self,

@@ -1,11 +1,13 @@
 """Shared fixtures: each model is loaded once per test session.
 
 ``tiny`` is a randomly initialised two-layer Llama with the default model's tokenizer,
-for fast tests of engine logic; ``real`` is the default model, for every capability.
+for fast tests of engine logic; ``real`` is the default model, for every capability;
+``qwen`` is the second, tool-capable model.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -23,6 +25,21 @@ from headstart.model.loader import local_folder, resolve
 @pytest.fixture(scope="session")
 def real() -> HFBackend:
     return load()
+
+
+@pytest.fixture(scope="session")
+def qwen() -> HFBackend:
+    """The second, tool-capable model (the ``qwen`` extra). Skipped when it is not installed,
+    unless ``HEADSTART_REQUIRE_QWEN`` is set (CI sets it, so there it must run)."""
+    from headstart.model import qwen_chunks
+
+    try:
+        qwen_chunks.chunk_paths()
+    except FileNotFoundError as exc:
+        if os.environ.get("HEADSTART_REQUIRE_QWEN"):
+            raise
+        pytest.skip(f"the second model is not installed: {exc}")
+    return load(qwen_chunks.NAME)
 
 
 @pytest.fixture(scope="session")

@@ -23,6 +23,19 @@ from headstart.model.loader import ModelSource, local_folder, pick_device, resol
 log = logging.getLogger("headstart.model")
 
 
+# Special tokens that end a text in the model families headstart loads. A GGUF keeps a
+# single eos id (Qwen2.5's keeps <|im_end|>), while the model's original generation config
+# stops on <|endoftext|> too; a model that writes one must not run on past it.
+END_OF_TEXT = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<end_of_turn>")
+
+
+def end_of_text_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """Ids of the tokenizer's special tokens among :data:`END_OF_TEXT`."""
+    return {
+        int(i) for i, t in tokenizer.added_tokens_decoder.items() if t.special and t.content in END_OF_TEXT
+    }
+
+
 class HFState:
     """A ``DynamicCache`` and its length (the cache's own count is per layer)."""
 
@@ -72,6 +85,7 @@ class HFBackend:
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if tokenizer.eos_token_id is not None:
             eos_ids.add(tokenizer.eos_token_id)
+        eos_ids |= end_of_text_ids(tokenizer)
         self.info = ModelInfo(
             name=name,
             architecture=config.model_type,

@@ -116,12 +116,21 @@ def _convert(source: ModelSource, target: Path) -> None:
         source.path, gguf_file=source.gguf_file, dtype=torch.float32
     )
     # A GGUF-loaded model refuses save_pretrained; a plain model built from the same
-    # config (without the quantization marker) with the same weights does not.
+    # config (without the quantization marker) with the same weights does not. Built on
+    # the meta device and given the GGUF model's own tensors (assign), it costs no second
+    # copy of the weights. Every key must match: an output layer left at its random init
+    # would load silently otherwise (Qwen2.5 stores it apart from the embeddings).
     config = gguf_model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(gguf_model.state_dict(), strict=False)
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(gguf_model.state_dict(), strict=True, assign=True)
+    if getattr(config, "tie_word_embeddings", False):
+        plain.tie_weights()
+    still_meta = [name for name, t in (*plain.named_parameters(), *plain.named_buffers()) if t.is_meta]
+    if still_meta:
+        raise RuntimeError(f"converting {source.name}: no weights for {still_meta[:5]}")
     plain.generation_config = gguf_model.generation_config
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))

@@ -77,10 +77,31 @@ def join_chunks(parts: list[Path], target: Path, expected_sha256: str = SHA256) 
     return target
 
 
-def assemble(cache: Path) -> Path:
-    """The joined GGUF in the model cache, joined and verified on first use."""
+def _stamp(target: Path) -> Path:
+    return target.with_name(target.name + ".sha256")
+
+
+def _stamp_text(target: Path, sha256: str) -> str:
+    stat = target.stat()
+    return f"{sha256} {stat.st_size} {stat.st_mtime_ns}\n"
+
+
+def assemble(cache: Path, parts: list[Path] | None = None, expected_sha256: str | None = None) -> Path:
+    """The joined GGUF in the model cache, joined from ``parts`` (the installed chunks by
+    default) and verified on first use.
+
+    A stamp beside the file records the checksum it was verified with and its size and
+    time, so later loads need not hash 491 MB again; a file that changed since is joined
+    and verified anew.
+    """
+    expected = expected_sha256 or SHA256
     target = cache / "gguf" / FILE_NAME
-    if target.is_file() and target.stat().st_size == SIZE:
+    stamp = _stamp(target)
+    if target.is_file() and stamp.is_file() and stamp.read_text() == _stamp_text(target, expected):
         return target
-    log.warning("joining %d chunks of %s into %s (once)", PARTS, NAME, target)
-    return join_chunks(chunk_paths(), target)
+    parts = chunk_paths() if parts is None else parts
+    log.warning("joining %d chunks of %s into %s and checking its SHA-256 (once)", len(parts), NAME, target)
+    stamp.unlink(missing_ok=True)
+    join_chunks(parts, target, expected)
+    stamp.write_text(_stamp_text(target, expected))
+    return target

@@ -57,6 +57,19 @@ def _finish_reason(c: Completion) -> str:
     return "stop" if c.finish_reason == "cancelled" else c.finish_reason
 
 
+def message(c: Completion) -> dict[str, Any]:
+    """The answer as an OpenAI assistant message: content, and the calls it makes."""
+    if not c.tool_calls:
+        return {"role": "assistant", "content": c.text}
+    return {"role": "assistant", "content": c.text or None, "tool_calls": [call.openai() for call in c.tool_calls]}
+
+
+def tool_call_deltas(c: Completion) -> list[dict[str, Any]]:
+    """Streamed calls: one ``delta.tool_calls`` entry per call, whole (a call is known only
+    once the answer is read, so its arguments are not split)."""
+    return [{"tool_calls": [{"index": i, **call.openai()}]} for i, call in enumerate(c.tool_calls or ())]
+
+
 async def create_chat_completion(request: Request) -> Response:
     """Generate a chat answer, streamed as SSE when ``stream`` is true."""
     from headstart.server.errors import read_json
@@ -88,7 +101,7 @@ async def create_chat_completion(request: Request) -> Response:
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": completion.text},
+                "message": message(completion),
                 "logprobs": None,
                 "finish_reason": _finish_reason(completion),
             }
@@ -131,6 +144,8 @@ async def _sse(
                 if isinstance(item, Delta):
                     yield _sse_line(_chunk(completion_id, created, model, {"content": item.text}, None))
                 else:
+                    for delta in tool_call_deltas(item):
+                        yield _sse_line(_chunk(completion_id, created, model, delta, None))
                     last = _chunk(completion_id, created, model, {}, _finish_reason(item))
                     if include_usage:
                         yield _sse_line(last)

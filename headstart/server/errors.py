@@ -64,7 +64,7 @@ def to_response(exc: BaseException) -> JSONResponse:
     if isinstance(exc, BadRequest):
         return error_response(400, str(exc), param=exc.param)
     if isinstance(exc, TemplateError):
-        return error_response(400, str(exc), param="messages")
+        return error_response(400, str(exc), param=exc.param)
     if isinstance(exc, SessionNotFound):
         return error_response(404, str(exc), "not_found_error", code="session_not_found")
     if isinstance(exc, SessionBusy):

@@ -6,9 +6,10 @@ are checked strictly so a bad value is a 400 naming the field, never a surprise 
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from headstart.engine import Request
 from headstart.sampling import SamplingParams
@@ -27,6 +28,18 @@ class ToolCallFunction(BaseModel):
     name: str
     arguments: str | dict[str, Any] = ""
 
+    def to_template(self) -> dict[str, Any]:
+        """Arguments as an object: templates write them with ``tojson``, and a JSON string
+        would come out quoted, unlike the call the model wrote."""
+        args: Any = self.arguments
+        if isinstance(args, str):
+            try:
+                decoded = json.loads(args) if args.strip() else {}
+            except ValueError:
+                decoded = None
+            args = decoded if isinstance(decoded, dict) else args
+        return {"name": self.name, "arguments": args}
+
 
 class ToolCall(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -43,6 +56,14 @@ class ChatMessage(BaseModel):
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
 
+    @model_validator(mode="after")
+    def _tool_message(self) -> ChatMessage:
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a message with role 'tool' needs the tool_call_id it answers")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only an assistant message can carry tool_calls")
+        return self
+
     def to_template(self) -> dict[str, Any]:
         """The message as a chat template expects it (text parts joined)."""
         content = self.content
@@ -54,13 +75,42 @@ class ChatMessage(BaseModel):
         }
         if self.tool_calls:
             message["tool_calls"] = [
-                {"id": c.id, "type": "function", "function": c.function.model_dump()} for c in self.tool_calls
+                {"id": c.id, "type": "function", "function": c.function.to_template()} for c in self.tool_calls
             ]
         if self.tool_call_id is not None:
             message["tool_call_id"] = self.tool_call_id
         if self.name is not None:
             message["name"] = self.name
         return message
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: FunctionDefinition
+
+    def to_template(self) -> dict[str, Any]:
+        """The declaration the chat template writes into the prompt (``strict`` is ours)."""
+        return {"type": "function", "function": self.function.model_dump(exclude_none=True, exclude={"strict"})}
+
+
+class FunctionName(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: FunctionName
 
 
 class SamplingFields(BaseModel):
@@ -109,6 +159,9 @@ class ChatCompletionRequest(SamplingFields):
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     n: int | None = Field(default=None, ge=1, le=1)
+    tools: list[Tool] | None = Field(default=None, min_length=1, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     def to_engine(self, session_id: str | None, owner: str | None, default_temperature: float) -> Request:
         return Request(
@@ -116,6 +169,10 @@ class ChatCompletionRequest(SamplingFields):
             params=self.sampling(default_temperature),
             session_id=session_id,
             owner=owner,
+            tools=[t.to_template() for t in self.tools] if self.tools else None,
+            tool_choice=self.tool_choice.model_dump() if isinstance(self.tool_choice, NamedToolChoice)
+            else self.tool_choice,
+            parallel_tool_calls=self.parallel_tool_calls is not False,
             gate=self.gate,
             gap_threshold=self.gap_threshold,
             fast_answer=self.fast_answer,
