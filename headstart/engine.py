@@ -14,7 +14,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,11 +24,11 @@ from headstart.gate import Gate
 from headstart.handle import Completion, Delta, Handle
 from headstart.kvbook import KVBook
 from headstart.model.backend import Backend
-from headstart.prepos import PREDICTORS, PreposConfig, pre_position
+from headstart.prepos import PREDICTORS, PreposConfig
 from headstart.sampling import SamplingParams, accept, candidate_gap, pick, top_gap
 from headstart.scheduler import Job, Scheduler
 from headstart.session import ReadyPosition, Session
-from headstart.stats import EngineStats
+from headstart.stats import EngineStats, StreamStats
 from headstart.template import ChatTemplate, Message, common_prefix
 from headstart.textstream import TextStream
 
@@ -96,6 +96,11 @@ class EngineConfig:
     background_chunk: int = 16
     continuation_cap: int = 32
     forced_cap: int = 16
+    # Sessions API: waiting data entries per session (the oldest are dropped past it),
+    # registered questions per session, and tokens of context kept free for questions.
+    max_pending: int = 1024
+    max_queries: int = 16
+    context_reserve: int = 512
 
     def prepos(self) -> PreposConfig:
         if self.predictor not in PREDICTORS:
@@ -180,6 +185,9 @@ class Engine:
         self.sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
         self.started = time.time()
+        self.stream_stats = StreamStats()
+        # Called on the model thread with every finished request (metrics, benchmarks).
+        self.observers: list[Callable[[Completion], None]] = []
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -224,17 +232,24 @@ class Engine:
         for rp in s.ready.values():
             self.book.discard(rp)
         s.ready.clear()
+        s.queries.clear()
+        s.events.close()
 
     def list_sessions(self, owner: str | None = None) -> list[Session]:
         with self._lock:
             return [s for s in self.sessions.values() if s.owner is None or s.owner == owner]
 
     def schedule_pre_position(self, s: Session) -> None:
-        """Queue the idle-time job that moves ``s`` to its next decision point."""
-        if not (self.config.pre_position and s.settings.pre_position and s.messages):
-            return
-        job = Job(pre_position(self.book, self.template, s, self.prepos_config))
-        self.scheduler.submit_background(s.id, job)
+        """Ask for a fresh move of ``s`` to its next decision point (after a turn, a new hint)."""
+        s.prepos_epoch += 1
+        self.schedule_upkeep(s)
+
+    def schedule_upkeep(self, s: Session) -> None:
+        """Make sure ``s``'s idle-time job is queued: data to ingest, registered questions,
+        a warm, pre-positioning (upkeep.py decides what is left to do)."""
+        from headstart import upkeep  # upkeep builds on this module
+
+        upkeep.schedule(self, s)
 
     # -- requests --------------------------------------------------------------------
 
@@ -516,6 +531,11 @@ class Engine:
             completion.completion_tokens,
         )
         s.paths[path] += 1
+        for observe in self.observers:
+            try:
+                observe(completion)
+            except Exception:  # an observer must never fail a request
+                log.exception("completion observer failed")
         if persistent and not req.ephemeral and completion.finish_reason != "cancelled":
             s.messages = [*req.messages, {"role": "assistant", "content": text}]
             s.tools = req.tools
@@ -539,3 +559,5 @@ class Engine:
             s.last_used = time.time()
         if persistent and not req.ephemeral:
             self.schedule_pre_position(s)
+        elif persistent:
+            self.schedule_upkeep(s)  # take up work the request interrupted

@@ -7,6 +7,7 @@ look: the engine compares ids and crops.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -14,8 +15,12 @@ from typing import Any
 
 import torch
 
+from headstart.events import EventHub
+from headstart.ingest import DataFeed
 from headstart.model.backend import Backend, KVState, KVSuffix
 from headstart.template import Message
+
+DEFAULT_MAX_PENDING = 1024
 
 
 @dataclass
@@ -77,12 +82,28 @@ class Session:
         self.paths: Counter[str] = Counter()
         self.pre_positioning = False
         self.last_delta: str | None = None
+        # The sessions API (ingest.py, queries.py, upkeep.py): streamed data, registered
+        # questions (id -> queries.Query), listeners, and the state of the idle-time job.
+        self.data = DataFeed(DEFAULT_MAX_PENDING)
+        self.queries: dict[str, Any] = {}
+        self.events = EventHub()
+        self.upkeep_lock = threading.Lock()
+        self.upkeep_queued = False
+        self.warm_ticket: Any = None
+        self.prepos_epoch = 0  # bumped when someone asks for a fresh pre-positioning
+        self.positioned_epoch = -1
+        self.positioned_entry: list[int] | None = None
 
     def ready_bytes(self) -> int:
-        return sum(r.nbytes() for r in self.ready.values())
+        return sum(r.nbytes() for r in list(self.ready.values()))  # a copy: doors read it too
+
+    def kv_bytes(self) -> int:
+        """Bytes of KV this session holds: its own cache and its ready positions."""
+        return self.kv.nbytes() + self.ready_bytes()
 
     def describe(self) -> dict[str, Any]:
         nxt = self.ready.get("next")
+        data = self.data.counters()
         return {
             "id": self.id,
             "created": int(self.created),
@@ -97,4 +118,12 @@ class Session:
             "ready_gap": nxt.gap if nxt else None,
             "entry_tokens": self.entry_len,
             "paths": dict(self.paths),
+            "data_version": data["data_version"],
+            "pending": data["pending"],
+            "pushed": data["pushed"],
+            "ingested": data["ingested"],
+            "dropped": data["dropped"],
+            "window": self.data.window,
+            "queries": len(self.queries),
+            "messages": len(self.messages),
         }
