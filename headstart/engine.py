@@ -229,10 +229,11 @@ class Engine:
                 raise SessionBusy(f"session {session_id!r} has a request in flight")
             self.sessions.pop(session_id, None)
         self.scheduler.cancel_background(session_id)
-        for rp in s.ready.values():
+        for rp in list(s.ready.values()):  # a copy: the model thread may still be ending a chunk
             self.book.discard(rp)
         s.ready.clear()
-        s.queries.clear()
+        with s.data.lock:
+            s.queries.clear()
         s.events.close()
 
     def list_sessions(self, owner: str | None = None) -> list[Session]:

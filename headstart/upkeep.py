@@ -93,8 +93,9 @@ def _interrupted(engine: Engine, s: Session) -> None:
         s.upkeep_queued = False
     if ticket is not None:
         engine.stream_stats.add(warm_cancelled=1)
-        start = ticket.cached or 0
-        ticket.resolve("cancelled", max(0, common_prefix(ticket.prompt, list(s.kv_ids)) - start))
+        started = ticket.cached is not None  # else it never ran: nothing was computed
+        done = common_prefix(ticket.prompt, list(s.kv_ids)) - ticket.cached if started else 0
+        ticket.resolve("cancelled", max(0, done))
 
 
 def _failed(engine: Engine, s: Session, exc: BaseException) -> None:
@@ -237,7 +238,7 @@ def _pre_position(engine: Engine, s: Session) -> Generator[None, None, bool]:
     steps = pre_position(engine.book, engine.template, s, engine.prepos_config)
     try:
         for _ in steps:
-            if s.data.has_work() or s.warm_ticket is not None or queries.stale(s):
+            if s.data.has_work() or s.warm_ticket is not None or queries.stale(s) or s.prepos_epoch != epoch:
                 return False
             yield
     finally:
