@@ -178,6 +178,9 @@ class Timing(BaseModel):
     decided_ms: float
     e2e_ms: float
     foreground_wait_ms: float
+    forwards_before_first_token: int | None = Field(
+        default=None, description="model forward passes before the first token (0: answered from a cached state)"
+    )
 
 
 class GenerateResponse(BaseModel):

@@ -147,7 +147,8 @@ async def generate(request: Request) -> Response:
             "usage": {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
                       "total_tokens": c.prompt_tokens + c.completion_tokens, "cached_tokens": c.cached_tokens},
             "timing": {"ttft_ms": c.ttft_ms, "decided_ms": c.decided_ms, "e2e_ms": c.e2e_ms,
-                       "foreground_wait_ms": c.foreground_wait_ms},
+                       "foreground_wait_ms": c.foreground_wait_ms,
+                       "forwards_before_first_token": c.extra.get("forwards_before_first_token")},
         },
     )
 
