@@ -438,8 +438,13 @@ class Engine:
             else:
                 gap = top_gap(logits)[1]
                 yield from self._decode(s, logits, em, generator, [], [])
-        self._finish(req, s, persistent, handle, em, path, prompt, cached, started, gap, speculative, chosen, verified)
+        completion = self._finish(
+            req, s, persistent, handle, em, path, prompt, cached, started, gap, speculative, chosen, verified,
+            deliver=False,
+        )
         self._after(req, s, persistent, prompt)
+        # Delivered once the session is free, so a client's next request never finds it busy.
+        handle.put(completion)
 
     def _signal(
         self, rp: ReadyPosition, candidates: tuple[list[list[int]], torch.Tensor] | None
@@ -499,8 +504,9 @@ class Engine:
         speculative: bool,
         chosen: int | None,
         verified: bool | None = None,
-    ) -> None:
-        """Send the completion and record the request."""
+        deliver: bool = True,
+    ) -> Completion:
+        """Record the request and build its completion (sent at once when ``deliver``)."""
         text = em.close()
         now = time.perf_counter()
         first = em.first_at or now
@@ -543,7 +549,9 @@ class Engine:
             s.turns += 1
             last = req.messages[-1]
             s.last_delta = last.get("content") if isinstance(last.get("content"), str) else None
-        handle.put(completion)
+        if deliver:
+            handle.put(completion)
+        return completion
 
     def _after(self, req: Request, s: Session, persistent: bool, prompt: list[int]) -> None:
         """Tidy the session once its request is answered, and queue its idle-time work."""

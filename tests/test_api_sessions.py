@@ -214,7 +214,8 @@ def test_events_listener_leaves_when_the_client_goes(srv: Served) -> None:
     srv.client.post("/v1/sessions", json={"id": "gone", "pre_position": False})
     hub = srv.engine.sessions["gone"].events
     with httpx.stream("GET", f"{srv.url}/v1/sessions/gone/events", timeout=30) as r:
-        assert next(r.iter_lines()) == "event: subscribed"
+        lines = r.iter_lines()  # kept: a discarded line iterator closes the connection
+        assert next(lines) == "event: subscribed"
         assert hub.listeners == 1
     deadline = time.monotonic() + 10
     while hub.listeners and time.monotonic() < deadline:
