@@ -185,4 +185,9 @@ def ingest_batch(
     with s.data.lock:
         s.data.trimmed_messages += dropped
     s.data.commit()
+    # The parked prediction of the next message was made before this data: a request now
+    # follows the data, so that position predicts nothing (pre-positioning makes a new one).
+    stale = s.ready.pop("next", None)
+    if stale is not None:
+        book.discard(stale)
     return len(batch)
