@@ -8,13 +8,13 @@ import json
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
-from headstart.engine import Engine, EngineConfig
+from headstart.engine import Engine, EngineConfig, SessionNotFound
 from headstart.model import HFBackend
 from headstart.scheduler import Job
 from headstart.server.app import ServerConfig, create_app
@@ -51,11 +51,23 @@ def settle(served: Served, session_id: str | None = None, timeout: float = 300) 
     if session_id is not None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            info = served.engine.sessions.get(session_id)
-            if info is None or (info.data.waiting == 0 and not info.upkeep_queued):
+            try:
+                info = served.engine.get_session(session_id)
+            except SessionNotFound:
+                return
+            if info.data.waiting == 0 and not info.upkeep_queued:
                 return
             time.sleep(0.01)
         raise AssertionError("the session did not settle")
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 60) -> None:
+    """Poll ``condition`` (sleeping between polls: the server shares this process's GIL)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        time.sleep(0.001)
 
 
 class Blocker:

@@ -103,9 +103,9 @@ def srv(tiny: HFBackend) -> Iterator[Served]:
 
 def ensure_targets(srv: Served) -> None:
     """The session ``fz`` and its question ``q`` exist (an earlier example may have deleted them)."""
-    if "fz" not in srv.engine.sessions:
+    if "fz" not in {s.id for s in srv.engine.list_sessions()}:
         srv.client.post("/v1/sessions", json={"id": "fz", "system": "Fuzz.", "pre_position": False})
-    if "q" not in srv.engine.sessions["fz"].queries:
+    if "q" not in srv.engine.get_session("fz").queries:
         srv.client.post("/v1/sessions/fz/queries", json={"id": "q", "question": "ok?", "max_tokens": 2})
 
 

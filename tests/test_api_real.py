@@ -60,7 +60,7 @@ def test_registered_question_is_answered_in_the_background_and_then_from_the_cac
     assert hit["path"] == "ready_exact" and hit["timing"]["forwards_before_first_token"] == 0
     assert hit["data_version"] == 1 and hit["logit_gap"] == pytest.approx(answered["confidence"])
     assert hit["text"].strip() == answered["value"]
-    session = srv.engine.sessions["sensor"]
+    session = srv.engine.get_session("sensor")
     context = [*session.messages, {"role": "user", "content": QUESTION}]
     assert context[0] == {"role": "system", "content": SYSTEM} and "09:10" in context[1]["content"]
     assert hit["text"] == cold_text(oa, context, 8)

@@ -12,7 +12,7 @@ import pytest
 
 from headstart.model import HFBackend
 from headstart.template import ChatTemplate
-from tests.apiutil import Blocker, Served, SSEReader, serve, settle
+from tests.apiutil import Blocker, Served, SSEReader, serve, settle, wait_until
 
 HI = [{"role": "user", "content": "Hello there."}]
 
@@ -63,8 +63,7 @@ def test_busy_session_answers_409(srv: Served) -> None:
         t = threading.Thread(target=lambda: out.update(r=c.post(
             "/v1/sessions/busy/generate", json={"prompt": "hi", "max_tokens": 2})))
         t.start()
-        while not srv.engine.sessions["busy"].busy:
-            pass
+        wait_until(lambda: srv.engine.get_session("busy").busy)
         assert c.get("/v1/sessions/busy").json()["busy"] is True
         assert error_of(c.post("/v1/sessions/busy/generate", json={"prompt": "x"}), 409)["code"] == "session_busy"
         error_of(c.delete("/v1/sessions/busy"), 409)
@@ -86,7 +85,7 @@ def test_push_is_bounded_and_ingested_in_order(srv: Served) -> None:
     s = c.get("/v1/sessions/feed").json()
     assert (s["pending"], s["pushed"], s["ingested"], s["dropped"]) == (0, 5, 4, 1)
     assert s["data_version"] >= 1
-    session = srv.engine.sessions["feed"]
+    session = srv.engine.get_session("feed")
     data = "\n".join(m["content"] for m in session.messages if m["role"] == "user")
     assert data == "e2\ne3\ne4\ne5"  # the oldest waiting entry was dropped; order kept
     template = ChatTemplate(srv.engine.backend.tokenizer)
@@ -102,7 +101,7 @@ def test_window_slides_and_keeps_the_system_prompt(srv: Served) -> None:
     for i in range(12):
         c.post("/v1/sessions/win/push", json={"entries": [f"reading {i}: " + "value " * 6]})
         settle(srv, "win")
-    session = srv.engine.sessions["win"]
+    session = srv.engine.get_session("win")
     assert session.messages[0] == {"role": "system", "content": "Readings follow."}
     assert "reading 11" in session.messages[-1]["content"]
     assert all("reading 0:" not in m["content"] for m in session.messages)  # slid out
@@ -120,7 +119,7 @@ def test_generate_is_ephemeral_and_reports_its_path(srv: Served) -> None:
     c.post("/v1/sessions", json={"id": "gen", "system": "Answer yes or no.", "pre_position": False})
     c.post("/v1/sessions/gen/push", json={"entries": ["the light is on"]})
     settle(srv, "gen")
-    before = srv.engine.sessions["gen"].messages
+    before = srv.engine.get_session("gen").messages
     r = c.post("/v1/sessions/gen/generate", json={"prompt": "Is the light on?", "max_tokens": 3, "temperature": 0})
     g = r.json()
     assert r.status_code == 200, g
@@ -128,8 +127,8 @@ def test_generate_is_ephemeral_and_reports_its_path(srv: Served) -> None:
     assert g["usage"]["cached_tokens"] > 0 and g["usage"]["completion_tokens"] <= 3
     assert isinstance(g["logit_gap"], float)
     settle(srv, "gen")
-    assert srv.engine.sessions["gen"].messages == before  # ephemeral: the context is unchanged
-    assert srv.engine.sessions["gen"].turns == 0
+    assert srv.engine.get_session("gen").messages == before  # ephemeral: the context is unchanged
+    assert srv.engine.get_session("gen").turns == 0
     f = c.post("/v1/sessions/gen/generate", json={"prompt": "Is it?", "fast_answer": ["yes", "no"],
                                                   "temperature": 0}).json()
     assert f["text"] in ("yes", "no") and f["candidate"] in (0, 1)
@@ -184,7 +183,7 @@ def test_registered_questions(srv: Served) -> None:
     error_of(c.get("/v1/sessions/qs/queries/count"), 404)
     error_of(c.delete("/v1/sessions/qs/queries/count"), 404)
     settle(srv, "qs")
-    assert "query:count" not in srv.engine.sessions["qs"].ready  # its parked state went too
+    assert "query:count" not in srv.engine.get_session("qs").ready  # its parked state went too
     assert error_of(c.post("/v1/sessions/qs/queries", json={"question": "x", "max_tokens": 99}), 400)["param"] == \
         "max_tokens"
 
@@ -212,7 +211,7 @@ def test_events_stream(srv: Served) -> None:
 
 def test_events_listener_leaves_when_the_client_goes(srv: Served) -> None:
     srv.client.post("/v1/sessions", json={"id": "gone", "pre_position": False})
-    hub = srv.engine.sessions["gone"].events
+    hub = srv.engine.get_session("gone").events
     with httpx.stream("GET", f"{srv.url}/v1/sessions/gone/events", timeout=30) as r:
         lines = r.iter_lines()  # kept: a discarded line iterator closes the connection
         assert next(lines) == "event: subscribed"
@@ -253,9 +252,8 @@ def test_warm_cancelled_by_a_real_request_keeps_its_work(tiny: HFBackend) -> Non
         out: dict = {}
         t = threading.Thread(target=lambda: out.update(r=c.post("/v1/sessions/w/warm", json={"messages": messages})))
         t.start()
-        session = None
-        while session is None or len(session.kv_ids) < 40:
-            session = srv.engine.sessions.get("w")
+        session = srv.engine.get_session("w")
+        wait_until(lambda: len(session.kv_ids) >= 40)
         r = c.post("/v1/chat/completions", headers={"x-session-id": "w"},
                    json={"messages": messages, "max_tokens": 1})
         t.join(60)
@@ -265,8 +263,7 @@ def test_warm_cancelled_by_a_real_request_keeps_its_work(tiny: HFBackend) -> Non
         with Blocker(srv.engine):  # cancelled while still queued: nothing done
             t = threading.Thread(target=lambda: out.update(r=c.post("/v1/sessions/w/warm", json={"messages": HI})))
             t.start()
-            while srv.engine.sessions["w"].warm_ticket is None:
-                pass
+            wait_until(lambda: srv.engine.get_session("w").warm_ticket is not None)
             c2 = threading.Thread(target=lambda: c.post("/v1/sessions/w/generate", json={"prompt": "x",
                                                                                          "max_tokens": 1}))
             c2.start()
