@@ -61,20 +61,43 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     )
 
 
+def api_keys(args: argparse.Namespace) -> frozenset[str]:
+    """Keys from --api-key (repeatable), --api-key-file and $HEADSTART_API_KEY."""
+    from headstart.server.auth import read_key_file
+
+    keys = list(args.api_key or [])
+    for path in args.api_key_file or []:
+        keys.extend(read_key_file(path))
+    if os.environ.get("HEADSTART_API_KEY"):
+        keys.append(os.environ["HEADSTART_API_KEY"])
+    return frozenset(k for k in keys if k)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    import dataclasses
+
     import uvicorn
 
     from headstart.server.app import ServerConfig, create_app
 
+    engine = dataclasses.replace(
+        engine_config(args),
+        max_pending=args.max_pending,
+        max_queries=args.max_queries,
+        context_reserve=args.context_reserve,
+    )
     config = ServerConfig(
         model=args.model,
         device=args.device,
         dtype=args.dtype,
         cache_dir=args.cache_dir,
-        engine=engine_config(args),
+        engine=engine,
         default_temperature=args.temperature,
         db=args.db,
         spill_dir=args.spill_dir,
+        max_body_bytes=args.max_body_bytes,
+        api_keys=api_keys(args),
+        heartbeat_seconds=args.heartbeat,
     )
     uvicorn.run(create_app(config), host=args.host, port=args.port, log_level=args.log_level.lower())
     return 0
@@ -105,6 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--db", default=None,
                        help="SQLite file for session transcripts (default: $HEADSTART_DATA/headstart.db; '' for none)")
     serve.add_argument("--spill-dir", default=None, help="folder for spilled KV (default: $HEADSTART_DATA/spill)")
+    serve.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                       help="require this key (repeatable); every endpoint but /health and /metrics then needs one")
+    serve.add_argument("--api-key-file", action="append", default=None, metavar="PATH",
+                       help="file of keys, one per line (# comments allowed); repeatable")
+    serve.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="larger bodies get 413")
+    serve.add_argument("--max-pending", type=int, default=1024,
+                       help="data entries waiting per session; past it the oldest are dropped (and counted)")
+    serve.add_argument("--max-queries", type=int, default=16, help="registered questions per session")
+    serve.add_argument("--context-reserve", type=int, default=512,
+                       help="tokens of context kept free for questions on streaming-data sessions")
+    serve.add_argument("--heartbeat", type=float, default=15.0, help="seconds between SSE heartbeats")
     add_model_flags(serve)
     add_engine_flags(serve)
     serve.set_defaults(func=cmd_serve)

@@ -33,13 +33,13 @@ from headstart.gate import Gate
 from headstart.handle import Completion, Delta, Handle
 from headstart.kvbook import KVBook
 from headstart.model.backend import Backend
-from headstart.prepos import PREDICTORS, PreposConfig, pre_position
+from headstart.prepos import PREDICTORS, PreposConfig
 from headstart.registry import Limits, SessionRegistry
 from headstart.sampling import SamplingParams, accept, candidate_gap, pick, top_gap
 from headstart.scheduler import Job, Scheduler
 from headstart.session import ReadyPosition, Session
 from headstart.spill import Spill
-from headstart.stats import EngineStats
+from headstart.stats import EngineStats, StreamStats
 from headstart.store import SessionStore
 from headstart.template import ChatTemplate, Message, common_prefix
 from headstart.textstream import TextStream
@@ -94,6 +94,11 @@ class EngineConfig:
     idle_expiry_s: float = 3600.0
     max_context: int | None = None  # tokens; None: the model's context
     spill: bool | None = None  # None: on where reloading beats recomputing (the CPU)
+    # Sessions API: waiting data entries per session (the oldest are dropped past it),
+    # registered questions per session, and tokens of context kept free for questions.
+    max_pending: int = 1024
+    max_queries: int = 16
+    context_reserve: int = 512
 
     def prepos(self) -> PreposConfig:
         if self.predictor not in PREDICTORS:
@@ -238,6 +243,9 @@ class Engine:
         self.context_limit = min(info.context_length, self.config.max_context or info.context_length)
         self.started = time.time()
         self._reaper_stop = threading.Event()
+        self.stream_stats = StreamStats()
+        # Called on the model thread with every finished request (metrics, benchmarks).
+        self.observers: list[Callable[[Completion], None]] = []
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -305,11 +313,18 @@ class Engine:
         return self.sessions.visible(owner)
 
     def schedule_pre_position(self, s: Session) -> None:
-        """Queue the idle-time job that moves ``s`` to its next decision point."""
-        if not (self.config.pre_position and s.settings.pre_position and s.messages) or s.deleted:
+        """Ask for a fresh move of ``s`` to its next decision point (after a turn, a new hint)."""
+        if s.deleted:
             return
-        job = Job(pre_position(self.book, self.template, s, self.prepos_config))
-        self.scheduler.submit_background(s.id, job)
+        s.prepos_epoch += 1
+        self.schedule_upkeep(s)
+
+    def schedule_upkeep(self, s: Session) -> None:
+        """Make sure ``s``'s idle-time job is queued: data to ingest, registered questions,
+        a warm, pre-positioning (upkeep.py decides what is left to do)."""
+        from headstart import upkeep  # upkeep builds on this module
+
+        upkeep.schedule(self, s)
 
     # -- requests --------------------------------------------------------------------
 
@@ -427,11 +442,16 @@ class Engine:
             yield from self._serve_gate(t, nxt)
         else:
             yield from self._serve_exact(t, nxt)
-        self._finish(t)
+        completion = self._finish(t)
         if t.verify is not None:
+            t.handle.put(completion)
             yield  # the answer is out: verify the gate's answer off the critical path
             t.verify()
+            self._after(t)
+            return
         self._after(t)
+        # Delivered once the session is free, so a client's next request never finds it busy.
+        t.handle.put(completion)
 
     def _serve_ready(self, t: Turn, rp: ReadyPosition) -> Generator[None, None, None]:
         """``ready_exact``: the prompt is the ready position's; its KV and logits are the real ones."""
@@ -549,8 +569,8 @@ class Engine:
             self.book.crop(s, len(s.kv_ids) - len(drafts))
         self.book.take(s, len(s.kv_ids))
 
-    def _finish(self, t: Turn) -> None:
-        """Send the completion, record the request and the session's new transcript."""
+    def _finish(self, t: Turn) -> Completion:
+        """Record the request and the session's new transcript; the completion to send."""
         em, s, handle = t.emitter, t.session, t.handle
         answer = em.close()
         text = answer.content or ""
@@ -587,6 +607,11 @@ class Engine:
             completion.completion_tokens,
         )
         s.paths[t.path] += 1
+        for observe in self.observers:
+            try:
+                observe(completion)
+            except Exception:  # an observer must never fail a request
+                log.exception("completion observer failed")
         req = t.req
         if t.persistent and not req.ephemeral and completion.finish_reason != "cancelled":
             reply: Message = {"role": "assistant", "content": text}
@@ -598,7 +623,7 @@ class Engine:
             last = req.messages[-1]
             s.last_delta = last.get("content") if isinstance(last.get("content"), str) else None
             self.sessions.persist(s)  # committed before the client hears of the turn
-        handle.put(completion)
+        return completion
 
     def _after(self, t: Turn) -> None:
         """Tidy the session once its request is answered, and queue its idle-time work."""
@@ -615,3 +640,5 @@ class Engine:
             self.sessions.release(s)
         if t.persistent and not t.req.ephemeral:
             self.schedule_pre_position(s)
+        elif t.persistent:
+            self.schedule_upkeep(s)  # take up work the request interrupted

@@ -171,9 +171,12 @@ class SessionRegistry:
             self.store.delete(s.id)
         if self.spill is not None:
             self.spill.drop(s.id)
-        for rp in s.ready.values():
+        for rp in list(s.ready.values()):  # a copy: the model thread may still be ending a chunk
             self.book.discard(rp)
         s.ready.clear()
+        with s.data.lock:
+            s.queries.clear()
+        s.events.close()
 
     def reap(self, now: float | None = None) -> list[str]:
         """Delete sessions idle for longer than the expiry; every request restarts the clock."""

@@ -28,6 +28,8 @@ class Job:
     steps: Steps
     submitted: float = field(default_factory=time.perf_counter)
     on_error: Callable[[BaseException], None] | None = None
+    # Called (outside the scheduler's lock) when cancel_background drops this job.
+    on_cancel: Callable[[], None] | None = None
     started: float | None = None
     background_wait: float = 0.0
     cancelled: bool = False
@@ -46,6 +48,10 @@ class Scheduler:
         self.background_chunks = 0
         self.longest_background_chunk = 0.0
         self._busy = False
+        # Called with the seconds a foreground job waited behind background chunks, when it starts.
+        self.wait_observers: list[Callable[[float], None]] = []
+        # Cancelled jobs to close on the model thread, so their cleanup never runs elsewhere.
+        self._closing: list[Job] = []
 
     def start(self) -> None:
         with self._cond:
@@ -73,6 +79,7 @@ class Scheduler:
             old = self._background.pop(key, None)
             if old is not None:
                 old.cancelled = True
+                self._closing.append(old)
             self._background[key] = job
             self._cond.notify_all()
 
@@ -83,7 +90,10 @@ class Scheduler:
             if job is None:
                 return False
             job.cancelled = True
-            return True
+            self._closing.append(job)
+        if job.on_cancel is not None:
+            job.on_cancel()
+        return True
 
     def has_background(self, key: str) -> bool:
         with self._cond:
@@ -102,6 +112,15 @@ class Scheduler:
             time.sleep(0.005)
         return False
 
+    def _close_cancelled(self) -> None:
+        with self._cond:
+            closing, self._closing = self._closing, []
+        for job in closing:
+            try:
+                job.steps.close()
+            except Exception:
+                log.exception("closing a cancelled job failed")
+
     def _next(self) -> tuple[Job, bool] | None:
         with self._cond:
             while self._running:
@@ -114,8 +133,17 @@ class Scheduler:
                 self._cond.wait()
             return None
 
+    def _observe_wait(self, seconds: float) -> None:
+        self.background_wait_ms.append(seconds * 1000)
+        for observer in self.wait_observers:
+            try:
+                observer(seconds)
+            except Exception:  # an observer must never stop the model thread
+                log.exception("wait observer failed")
+
     def _loop(self) -> None:
         while True:
+            self._close_cancelled()
             picked = self._next()
             if picked is None:
                 return
@@ -124,6 +152,8 @@ class Scheduler:
             chunk_started = time.perf_counter()
             if job.started is None:
                 job.started = chunk_started
+                if foreground:
+                    self._observe_wait(job.background_wait)
             try:
                 next(job.steps)
                 done = False

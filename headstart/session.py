@@ -7,6 +7,7 @@ look: the engine compares ids and crops.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
@@ -14,9 +15,13 @@ from typing import Any
 
 import torch
 
+from headstart.events import EventHub
+from headstart.ingest import DataFeed
 from headstart.model.backend import Backend, KVState, KVSuffix
 from headstart.store import StoredSession
 from headstart.template import Message
+
+DEFAULT_MAX_PENDING = 1024
 
 
 @dataclass
@@ -87,6 +92,17 @@ class Session:
         self.paths: Counter[str] = Counter()
         self.pre_positioning = False
         self.last_delta: str | None = None
+        # The sessions API (ingest.py, queries.py, upkeep.py): streamed data, registered
+        # questions (id -> queries.Query), listeners, and the state of the idle-time job.
+        self.data = DataFeed(DEFAULT_MAX_PENDING)
+        self.queries: dict[str, Any] = {}
+        self.events = EventHub()
+        self.upkeep_lock = threading.Lock()
+        self.upkeep_queued = False
+        self.warm_ticket: Any = None
+        self.prepos_epoch = 0  # bumped when someone asks for a fresh pre-positioning
+        self.positioned_epoch = -1
+        self.positioned_entry: list[int] | None = None
         self.evicted = False
         self.deleted = False
 
@@ -102,7 +118,11 @@ class Session:
             messages=self.messages,
             tools=self.tools,
             paths=dict(self.paths),
-            state={"last_delta": self.last_delta},
+            state={
+                "last_delta": self.last_delta,
+                "data": self.data.snapshot(),
+                "queries": [q.to_dict() for q in list(self.queries.values())],
+            },
         )
 
     @classmethod
@@ -114,6 +134,12 @@ class Session:
         s.messages, s.tools = stored.messages, stored.tools
         s.paths.update(stored.paths)
         s.last_delta = stored.state.get("last_delta")
+        if "data" in stored.state:
+            s.data = DataFeed.restore(stored.state["data"])
+        from headstart.queries import Query  # queries builds on this module
+
+        for q in stored.state.get("queries", []):
+            s.queries[q["id"]] = Query(q["id"], q["question"], q["max_tokens"], q["fast_answer"], q["created"])
         s.evicted = True
         return s
 
@@ -121,8 +147,13 @@ class Session:
         # list() takes the values in one step: the model thread may be changing the dict.
         return sum(r.nbytes() for r in list(self.ready.values()))
 
+    def kv_bytes(self) -> int:
+        """Bytes of KV this session holds: its own cache and its ready positions."""
+        return self.kv.nbytes() + self.ready_bytes()
+
     def describe(self) -> dict[str, Any]:
         nxt = self.ready.get("next")
+        data = self.data.counters()
         return {
             "id": self.id,
             "created": int(self.created),
@@ -138,4 +169,12 @@ class Session:
             "entry_tokens": self.entry_len,
             "evicted": self.evicted,
             "paths": dict(self.paths),
+            "data_version": data["data_version"],
+            "pending": data["pending"],
+            "pushed": data["pushed"],
+            "ingested": data["ingested"],
+            "dropped": data["dropped"],
+            "window": self.data.window,
+            "queries": len(self.queries),
+            "messages": len(self.messages),
         }

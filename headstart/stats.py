@@ -42,6 +42,30 @@ class BackgroundTokens:
 
 
 @dataclass
+class StreamStats:
+    """Counters of the sessions API's background work: data, registered questions, warms."""
+
+    pushed: int = 0
+    dropped: int = 0
+    ingested: int = 0
+    query_evaluations: int = 0
+    warmed: int = 0
+    warm_covered: int = 0
+    warm_cancelled: int = 0
+    warmed_tokens: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, **counts: int) -> None:
+        with self.lock:
+            for name, n in counts.items():
+                setattr(self, name, getattr(self, name) + n)
+
+    def snapshot(self) -> dict[str, int]:
+        with self.lock:
+            return {k: v for k, v in vars(self).items() if k != "lock"}
+
+
+@dataclass
 class EngineStats:
     """Counters the engine updates from its model thread."""
 

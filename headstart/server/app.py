@@ -13,12 +13,14 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from headstart.engine import Engine, EngineConfig
-from headstart.server.errors import HTTPError, to_response
+from headstart.server.errors import HTTPError, error_response, to_response
 
 log = logging.getLogger("headstart.server")
 
@@ -37,6 +39,7 @@ class ServerConfig:
     api_keys: frozenset[str] = frozenset()
     db: str | None = None  # SQLite file for transcripts; None: in the data folder; "" keeps nothing
     spill_dir: str | None = None  # None: in the data folder
+    heartbeat_seconds: float = 15.0  # between SSE heartbeats on a quiet event stream
 
 
 class State:
@@ -103,24 +106,56 @@ def wrap(handler: Callable) -> Callable:
     return route
 
 
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Unknown paths and methods, in the OpenAI error shape too."""
+    assert isinstance(exc, HTTPException)
+    kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    return error_response(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}", kind)
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    return to_response(exc)
+
+
 def create_app(config: ServerConfig | None = None, factory: Callable[[], Engine] | None = None) -> Starlette:
     """The app; ``factory`` builds the engine (tests pass a prepared one)."""
-    from headstart.server import chat
+    from headstart.server import chat, sessions
+    from headstart.server.auth import APIKeyAuth
+    from headstart.server.metrics import Metrics, metrics
+    from headstart.server.openapi import openapi
 
     config = config or ServerConfig()
     state = State(config)
+    observed = Metrics(state)
+    build = factory or default_factory(config)
+
+    def build_observed() -> Engine:
+        engine = build()
+        observed.attach(engine)
+        return engine
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        loader = threading.Thread(
-            target=_load, args=(state, factory or default_factory(config)), name="headstart-load", daemon=True
-        )
+        loader = threading.Thread(target=_load, args=(state, build_observed), name="headstart-load", daemon=True)
         loader.start()
         yield
         if state.engine is not None:
             state.engine.stop()
 
-    routes = [Route("/health", health, methods=["GET"]), *chat.routes(wrap)]
-    app = Starlette(routes=routes, lifespan=lifespan)
+    routes = [
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", wrap(metrics), methods=["GET"]),
+        Route("/openapi.json", wrap(openapi), methods=["GET"]),
+        *chat.routes(wrap),
+        *sessions.routes(wrap),
+    ]
+    middleware = [Middleware(APIKeyAuth, keys=config.api_keys)] if config.api_keys else []
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        middleware=middleware,
+        exception_handlers={HTTPException: _http_error, Exception: _server_error},
+    )
     app.state.headstart = state
+    app.state.metrics = observed
     return app

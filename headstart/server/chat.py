@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -38,7 +39,8 @@ def extension(c: Completion) -> dict[str, Any]:
         "decided_ms": round(c.decided_ms, 3),
         "e2e_ms": round(c.e2e_ms, 3),
         "foreground_wait_ms": round(c.foreground_wait_ms, 3),
-        "logit_gap": c.logit_gap,
+        # A gap over a single fast_answer candidate is infinite; JSON has no infinity.
+        "logit_gap": c.logit_gap if c.logit_gap is None or math.isfinite(c.logit_gap) else None,
         "speculative": c.speculative,
         "candidate": c.candidate,
     }

@@ -62,17 +62,19 @@ def to_response(exc: BaseException) -> JSONResponse:
     if isinstance(exc, ContextTooLong):
         return error_response(400, str(exc), param=exc.param, code="context_length_exceeded")
     if isinstance(exc, BadRequest):
-        return error_response(400, str(exc), param=exc.param)
+        return error_response(400, str(exc), param=exc.param, code=getattr(exc, "code", None))
     if isinstance(exc, TemplateError):
         return error_response(400, str(exc), param=exc.param)
     if isinstance(exc, SessionNotFound):
-        return error_response(404, str(exc), "not_found_error", code="session_not_found")
+        return error_response(404, str(exc), "not_found_error", code=getattr(exc, "code", "session_not_found"))
     if isinstance(exc, SessionBusy):
         return error_response(409, str(exc), "conflict_error", code="session_busy")
     if isinstance(exc, SessionExists):
-        return error_response(409, str(exc), "conflict_error", code="session_exists")
+        return error_response(409, str(exc), "conflict_error", code=getattr(exc, "code", "session_exists"))
     if isinstance(exc, TooManySessions):
         return error_response(429, str(exc), "rate_limit_error", code="too_many_sessions")
+    if isinstance(exc, RecursionError):
+        return error_response(400, "the body is nested too deeply", code="invalid_value")
     log.exception("unexpected error", exc_info=exc)
     return error_response(500, "internal error", "server_error")
 
@@ -88,6 +90,17 @@ async def read_json(request: Request, limit: int) -> object:
         if len(body) > limit:
             raise HTTPError(413, f"request body over {limit} bytes", code="body_too_large")
     try:
-        return json.loads(body)
+        value = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise HTTPError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from exc
+    except RecursionError as exc:
+        raise HTTPError(400, "the body is nested too deeply", code="invalid_json") from exc
+    try:
+        # JSON escapes can spell lone surrogates, which no tokenizer can encode.
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise HTTPError(400, f"the body holds text that is not valid Unicode: {exc.reason}", code="invalid_json") \
+            from exc
+    except RecursionError as exc:
+        raise HTTPError(400, "the body is nested too deeply", code="invalid_json") from exc
+    return value

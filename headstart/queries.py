@@ -1,0 +1,201 @@
+"""Registered questions: asked again in the background whenever the session's context changes.
+
+A client registers a question once; after every ingested batch (or chat turn) the
+session's upkeep job asks it again as an ephemeral request: the session's messages plus
+the question as a user message, rendered and prefilled on the session's KV. The answer is
+a few greedy tokens (or the best of the query's candidate answers), its confidence the
+first token's logit gap. The state at the answer is parked as a ready position under
+``query:<id>``, with the greedy answer as its tail, so the same question asked through
+``generate`` while the answer is fresh is a ``ready_exact`` hit: no forward pass, and the
+same tokens a cold computation gives.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from headstart.errors import BadRequest, SessionExists, SessionNotFound
+from headstart.sampling import candidate_gap, top_gap
+from headstart.session import ReadyPosition
+from headstart.template import ChatTemplate, common_prefix
+
+if TYPE_CHECKING:
+    from headstart.kvbook import KVBook
+    from headstart.session import Session
+
+QUERY_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+QUESTION_ROLE = "user"
+
+
+class QueryNotFound(SessionNotFound):
+    code = "query_not_found"
+
+
+class QueryExists(SessionExists):
+    code = "query_exists"
+
+
+class TooManyQueries(BadRequest):
+    code = "too_many_queries"
+
+
+READY_PREFIX = "query:"
+
+
+def ready_key(query_id: str) -> str:
+    return READY_PREFIX + query_id
+
+
+def orphaned(s: Session) -> list[str]:
+    """Keys of parked states whose question was deleted since."""
+    return [k for k in list(s.ready) if k.startswith(READY_PREFIX) and k.removeprefix(READY_PREFIX) not in s.queries]
+
+
+@dataclass
+class Query:
+    """A registered question and its last answer."""
+
+    id: str
+    question: str
+    max_tokens: int = 8
+    fast_answer: list[str] | None = None
+    created: float = field(default_factory=time.time)
+    value: str | None = None
+    token_ids: list[int] = field(default_factory=list)
+    confidence: float | None = None
+    candidate: int | None = None
+    data_version: int | None = None
+    turns: int | None = None
+    answered_at: float | None = None
+    evaluations: int = 0
+    error: str | None = None
+
+    def fresh(self, s: Session) -> bool:
+        """Answered on the session's current context (same data version, same turns)."""
+        return self.data_version == s.data.version and self.turns == s.turns
+
+    def to_dict(self) -> dict[str, Any]:
+        """What must survive a restart: the question, not its answer (recomputed on start)."""
+        return {"id": self.id, "question": self.question, "max_tokens": self.max_tokens,
+                "fast_answer": self.fast_answer, "created": self.created}
+
+    def describe(self, s: Session) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "session.query",
+            "question": self.question,
+            "max_tokens": self.max_tokens,
+            "fast_answer": self.fast_answer,
+            "created": int(self.created),
+            "value": self.value,
+            "confidence": self.confidence,
+            "candidate": self.candidate,
+            "data_version": self.data_version,
+            "fresh": self.fresh(s),
+            "answered_at": self.answered_at,
+            "evaluations": self.evaluations,
+            "error": self.error,
+        }
+
+
+def register(s: Session, question: str, *, query_id: str | None, max_tokens: int,
+             fast_answer: list[str] | None, limit: int) -> Query:
+    """Add a question to ``s`` (at most ``limit`` per session)."""
+    query_id = query_id or f"q-{uuid.uuid4().hex[:12]}"
+    if not QUERY_ID.match(query_id):
+        raise BadRequest("a query id is 1-64 characters of A-Z a-z 0-9 _ -", param="id")
+    with s.data.lock:
+        if query_id in s.queries:
+            raise QueryExists(f"query {query_id!r} already exists on session {s.id!r}")
+        if len(s.queries) >= limit:
+            raise TooManyQueries(f"a session holds at most {limit} registered questions", param="question")
+        q = Query(query_id, question, max_tokens, fast_answer)
+        s.queries[query_id] = q
+    return q
+
+
+def get(s: Session, query_id: str) -> Query:
+    q = s.queries.get(query_id)
+    if q is None:
+        raise QueryNotFound(f"no query {query_id!r} on session {s.id!r}")
+    return q
+
+
+def stale(s: Session) -> list[Query]:
+    """Questions whose answer is not on the current context, oldest first."""
+    with s.data.lock:
+        return [q for q in s.queries.values() if not q.fresh(s)]
+
+
+def evaluate(
+    book: KVBook, template: ChatTemplate, s: Session, q: Query, *, chunk: int, context_length: int
+) -> Generator[None, None, bool]:
+    """Answer ``q`` on ``s``'s current context and park the state; False if it cannot run."""
+    version, turns = s.data.version, s.turns
+    messages = [*s.messages, {"role": QUESTION_ROLE, "content": q.question}]
+    prompt = template.render(messages, tools=s.tools)
+    if len(prompt) + q.max_tokens > context_length:
+        q.error = f"the question needs {len(prompt) + q.max_tokens} tokens; the context holds {context_length}"
+        q.data_version, q.turns = version, turns
+        return False
+    own = template.entry(s.messages, QUESTION_ROLE, tools=s.tools) if s.messages else []
+    base = common_prefix(own, prompt)
+    logits = yield from book.advance(s, prompt, background=True, chunk=chunk)
+    seq = [logits]
+    forced: list[int] = []
+    tokens: list[int] = []
+    candidate = None
+    if q.fast_answer:
+        encoded = [template.encode(c) for c in q.fast_answer]
+        first = torch.tensor([ids[0] for ids in encoded], device=logits.device)
+        candidate, gap = candidate_gap(logits, first)
+        value = q.fast_answer[candidate]
+    else:
+        gap = top_gap(logits)[1]
+        tokens = yield from _greedy(book, template, s, seq, q.max_tokens)
+        # The last token of an answer cut at max_tokens was not fed: no logits after it.
+        forced = tokens[: len(seq) - 1]
+        value = template.tokenizer.decode(tokens, skip_special_tokens=True)
+    rp = ReadyPosition(
+        key=ready_key(q.id),
+        source="query",
+        ids=list(prompt),
+        base=base,
+        suffix=book.backend.suffix(s.kv, base),
+        logits=seq,
+        forced=forced,
+        token=top_gap(seq[0])[0],
+        gap=top_gap(seq[0])[1],
+    )
+    book.park(s, rp)
+    q.value, q.token_ids, q.confidence, q.candidate = value.strip(), tokens, gap, candidate
+    q.data_version, q.turns = version, turns
+    q.answered_at = time.time()
+    q.evaluations += 1
+    q.error = None
+    return True
+
+
+def _greedy(
+    book: KVBook, template: ChatTemplate, s: Session, seq: list[torch.Tensor], max_tokens: int
+) -> Generator[None, None, list[int]]:
+    """Greedy answer tokens after ``seq[-1]``; appends the logits after each fed token."""
+    stop = {template.end_of_message, *book.backend.info.eos_token_ids}
+    tokens: list[int] = []
+    while len(tokens) < max_tokens:
+        token = int(seq[-1].argmax())
+        if token in stop:
+            break
+        tokens.append(token)
+        if len(tokens) == max_tokens:
+            break
+        seq.append(book.feed(s, [token], background=True)[-1])
+        yield
+    return tokens

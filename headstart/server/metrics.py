@@ -1,0 +1,169 @@
+"""``GET /metrics``: the engine in the Prometheus text format.
+
+Each app owns a registry (never the process-global one, so tests can run several apps).
+Per-request figures (time to first token by path, end-to-end time, tokens) are observed as
+each request finishes, through the engine's completion observers; the foreground wait
+behind background work through the scheduler's wait observers. Everything else (gate,
+background tokens, sessions, KV bytes, streaming data) is read from the engine at scrape
+time by a collector, so it can never drift from what the engine reports elsewhere.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from starlette.requests import Request
+from starlette.responses import Response
+
+from headstart.engine import Engine
+from headstart.handle import Completion
+
+if TYPE_CHECKING:
+    from headstart.server.app import State
+
+log = logging.getLogger("headstart.metrics")
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class EngineCollector(Collector):
+    """Engine counters and gauges, read when scraped."""
+
+    def __init__(self, state: State) -> None:
+        self.state = state
+
+    def collect(self) -> Iterator[Metric]:
+        engine = self.state.engine
+        up = GaugeMetricFamily("headstart_model_loaded", "1 once the model is loaded")
+        up.add_metric([], 1.0 if engine is not None else 0.0)
+        yield up
+        if engine is None:
+            return
+        try:
+            yield from self._engine(engine)
+        except Exception:  # a scrape must never fail the endpoint
+            log.exception("metrics collection failed")
+
+    def _engine(self, engine: Engine) -> Iterator[Metric]:
+        g = engine.gate.counters
+        for name, value, doc in (
+            ("fires", g.fires, "requests answered by the gate from a cached distribution"),
+            ("verified", g.verified, "gate answers whose first token a full computation confirmed"),
+            ("false_accepts", g.false_accepts, "gate answers a full computation contradicted"),
+            ("declined", g.declined, "requests with a ready position where the gate did not fire"),
+        ):
+            c = CounterMetricFamily(f"headstart_gate_{name}", doc)
+            c.add_metric([], value)
+            yield c
+        gate = GaugeMetricFamily("headstart_gate_threshold", "the server's gate threshold (logit gap)")
+        gate.add_metric([], engine.gate.threshold)
+        yield gate
+
+        stats = engine.stats.snapshot()
+        bg = CounterMetricFamily(
+            "headstart_background_tokens", "tokens computed by idle-time work, and what became of them", labels=["kind"]
+        )
+        for kind, value in stats["background_tokens"].items():
+            bg.add_metric([kind], value)
+        yield bg
+        for name, doc in (("forward_calls", "model forward passes"), ("errors", "requests or jobs that failed")):
+            c = CounterMetricFamily(f"headstart_{name}", doc)
+            c.add_metric([], stats[name])
+            yield c
+
+        sessions = engine.sessions.all()  # all owners
+        resident = GaugeMetricFamily("headstart_sessions", "sessions resident")
+        resident.add_metric([], len(sessions))
+        yield resident
+        busy = GaugeMetricFamily("headstart_sessions_busy", "sessions with a request in flight")
+        busy.add_metric([], sum(1 for s in sessions if s.busy))
+        yield busy
+        memory = engine.report()["kv"]
+        kv = GaugeMetricFamily("headstart_kv_bytes", "bytes of KV resident: session caches and ready positions")
+        kv.add_metric([], memory["resident_bytes"])
+        yield kv
+        for name, key, doc in (
+            ("kv_budget_bytes", "budget_bytes", "the KV budget (--kv-budget)"),
+            ("kv_peak_bytes", "peak_bytes", "the most KV ever resident at once"),
+            ("sessions_with_kv", "resident_sessions", "sessions whose KV is resident"),
+        ):
+            g = GaugeMetricFamily(f"headstart_{name}", doc)
+            g.add_metric([], memory[key])
+            yield g
+        evictions = CounterMetricFamily("headstart_evictions", "KV evictions and their fate", labels=["kind"])
+        for kind in ("evicted_ready", "evicted_kv", "spilled", "reloaded", "expired"):
+            evictions.add_metric([kind.removeprefix("evicted_")], memory[kind])
+        yield evictions
+        kv_tokens = GaugeMetricFamily("headstart_kv_tokens", "tokens of KV resident in session caches")
+        kv_tokens.add_metric([], sum(len(s.kv) for s in sessions))
+        yield kv_tokens
+
+        stream = engine.stream_stats.snapshot()
+        data = CounterMetricFamily("headstart_data_entries", "streamed data entries", labels=["event"])
+        for event in ("pushed", "ingested", "dropped"):
+            data.add_metric([event], stream[event])
+        yield data
+        q = CounterMetricFamily("headstart_query_evaluations", "registered questions answered in the background")
+        q.add_metric([], stream["query_evaluations"])
+        yield q
+        warm = CounterMetricFamily("headstart_warms", "warm requests by outcome", labels=["status"])
+        for status, key in (("warmed", "warmed"), ("covered", "warm_covered"), ("cancelled", "warm_cancelled")):
+            warm.add_metric([status], stream[key])
+        yield warm
+        warmed = CounterMetricFamily("headstart_warmed_tokens", "prompt tokens prefilled by warm requests")
+        warmed.add_metric([], stream["warmed_tokens"])
+        yield warmed
+
+
+class Metrics:
+    """The registry of one app and the observers that feed it."""
+
+    def __init__(self, state: State) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.ttft = Histogram(
+            "headstart_ttft_seconds", "time to first token, by path", ["path"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.e2e = Histogram(
+            "headstart_e2e_seconds", "time to the whole answer, by path", ["path"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.requests = Counter("headstart_requests", "finished requests, by path", ["path"], registry=r)
+        self.tokens = Counter("headstart_tokens", "tokens of finished requests", ["kind"], registry=r)
+        self.speculative = Counter("headstart_speculative_answers", "answers given from a cached distribution",
+                                   registry=r)
+        self.queue_wait = Histogram(
+            "headstart_queue_wait_seconds", "time a request waited before the model started on it",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.background_wait = Histogram(
+            "headstart_foreground_wait_on_background_seconds",
+            "time a request waited behind chunks of idle-time work before it started",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        r.register(EngineCollector(state))
+
+    def attach(self, engine: Engine) -> None:
+        engine.observers.append(self.observe)
+        engine.scheduler.wait_observers.append(self.background_wait.observe)
+
+    def observe(self, c: Completion) -> None:
+        """Called on the model thread as each request finishes."""
+        self.ttft.labels(c.path).observe(c.ttft_ms / 1000)
+        self.e2e.labels(c.path).observe(c.e2e_ms / 1000)
+        self.requests.labels(c.path).inc()
+        self.tokens.labels("prompt").inc(c.prompt_tokens)
+        self.tokens.labels("cached").inc(c.cached_tokens)
+        self.tokens.labels("completion").inc(c.completion_tokens)
+        self.queue_wait.observe(c.foreground_wait_ms / 1000)
+        if c.speculative:
+            self.speculative.inc()
+
+
+async def metrics(request: Request) -> Response:
+    m: Metrics = request.app.state.metrics
+    return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
