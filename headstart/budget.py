@@ -2,9 +2,12 @@
 
 Resident KV is every session's own rows plus its parked ready positions. Over budget,
 the least recently used go first: ready positions (speculation, cheap to redo) before
-session KV (real state), idle sessions before busy ones, and never a session with a
-request in flight. Background work may only push out other ready positions: idle-time
-speculation must never evict a session's real state.
+session KV (real state), and never a session whose request is being computed. Such a
+session holds a *reservation*, the most its request can grow to (prompt plus answer),
+taken when the request is admitted; a request waits in the queue until its reservation
+fits, so the budget holds however many requests are in flight. Background work may only
+push out other ready positions: idle-time speculation never evicts a session's real
+state and never takes room reserved for a request.
 """
 
 from __future__ import annotations
@@ -41,15 +44,22 @@ class Budget:
     limit: int
     bytes_per_token: int
 
-    def session_bytes(self, s: Session) -> int:
+    def actual_bytes(self, s: Session) -> int:
         return len(s.kv_ids) * self.bytes_per_token + s.ready_bytes()
 
+    def session_bytes(self, s: Session, extra: int = 0) -> int:
+        """What ``s`` counts against the budget: its bytes (plus ``extra`` about to be
+        added), or its reservation while its request runs, whichever is larger."""
+        return max(self.actual_bytes(s) + extra, s.reserved)
+
     def resident(self, sessions: Iterable[Session]) -> int:
-        return sum(self.session_bytes(s) for s in sessions)
+        """Bytes actually held (what the budget promises to bound)."""
+        return sum(self.actual_bytes(s) for s in sessions)
 
     def plan(self, sessions: list[Session], need: int, keep: Session, background: bool) -> list[Eviction] | None:
-        """Evictions that make ``need`` more bytes fit, or None if they cannot be found."""
-        over = self.resident(sessions) + need - self.limit
+        """Evictions after which ``keep`` may add ``need`` bytes, or None if there are none."""
+        counted = sum(self.session_bytes(s) for s in sessions if s is not keep)
+        over = counted + self.session_bytes(keep, need) - self.limit
         if over <= 0:
             return []
         plan: list[Eviction] = []
@@ -62,12 +72,12 @@ class Budget:
 
     def candidates(self, sessions: list[Session], keep: Session, background: bool) -> Iterator[Eviction]:
         """Everything that may be evicted for ``keep``, in eviction order."""
-        others = sorted((s for s in sessions if s is not keep), key=lambda s: s.last_used)
+        others = sorted((s for s in sessions if s is not keep and not s.reserved), key=lambda s: s.last_used)
         for s in others:
             if s.ready:
                 yield Eviction(s, "ready", s.ready_bytes())
         if background:
             return
         for s in others:
-            if not s.busy and s.kv_ids:
+            if s.kv_ids:
                 yield Eviction(s, "kv", len(s.kv_ids) * self.bytes_per_token)

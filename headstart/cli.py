@@ -115,6 +115,20 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return run_calibrate(args)
 
 
+def cmd_load(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+
+    from headstart.loadtest import run_load
+
+    report = asyncio.run(
+        run_load(args.url, clients=args.clients, sessions_per_client=args.sessions, seconds=args.seconds,
+                 max_tokens=args.max_tokens, think_s=args.think, api_key=args.api_key, seed=args.seed)
+    )
+    print(json.dumps(report.summary(), indent=2))
+    return 0 if report.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="headstart", description=__doc__)
     parser.add_argument("--log-level", default="INFO")
@@ -162,6 +176,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(cal)
     add_engine_flags(cal)
     cal.set_defaults(func=cmd_calibrate)
+    load = sub.add_parser("load", help="a bounded load test against a running server")
+    load.add_argument("--url", default="http://127.0.0.1:8000")
+    load.add_argument("--clients", type=int, default=4)
+    load.add_argument("--sessions", type=int, default=2, help="sessions per client")
+    load.add_argument("--seconds", type=float, default=30.0)
+    load.add_argument("--max-tokens", type=int, default=8)
+    load.add_argument("--think", type=float, default=0.5, help="most seconds a client waits between turns")
+    load.add_argument("--api-key", default=None)
+    load.add_argument("--seed", type=int, default=0)
+    load.set_defaults(func=cmd_load)
     return parser
 
 

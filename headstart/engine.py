@@ -285,7 +285,7 @@ class Engine:
             },
             "sessions": len(sessions),
             "kv": {
-                "resident_bytes": self.budget.resident(sessions),
+                "resident_bytes": self.sessions.resident_bytes(),
                 "budget_bytes": self.budget.limit,
                 "peak_bytes": self.sessions.peak_resident,
                 "resident_sessions": sum(1 for s in sessions if s.kv_ids),
@@ -358,16 +358,18 @@ class Engine:
                 seed=params.seed,
                 stop=params.stop,
             )
-        need = (len(prompt) + params.max_tokens) * self.budget.bytes_per_token
-        if need > self.budget.limit:
+        # The most KV this request can hold: its prompt, its answer, a ready position's sure tail.
+        reserve = (len(prompt) + params.max_tokens + self.config.forced_cap) * self.budget.bytes_per_token
+        if reserve > self.budget.limit:
             raise BadRequest(
-                f"this request needs up to {need} bytes of KV but the server's budget is {self.budget.limit}",
+                f"this request may need {reserve} bytes of KV but the server's budget is {self.budget.limit}",
                 param="max_tokens",
             )
         candidates = self._candidates(req.fast_answer)
         handle = Handle(loop)
         if req.session_id is None:
             s = Session(f"oneoff-{uuid.uuid4().hex[:12]}", self.backend, req.owner)
+            self.sessions.one_off(s)
             persistent = False
         else:
             s = self.sessions.acquire(req.session_id, req.owner, create=req.create)
@@ -375,7 +377,7 @@ class Engine:
         threshold = next(
             (x for x in (req.gap_threshold, s.settings.gap_threshold) if x is not None), self.gate.threshold
         )
-        job = Job(iter(()), submitted=handle.arrival)
+        job = Job(iter(()), submitted=handle.arrival, admit=lambda: self.sessions.admit(s, reserve))
         turn = Turn(
             req, params, prompt, candidates, s, persistent, handle, job,
             _Emitter(self, handle, params, tool_plan), params.generator(self.backend.info.device), threshold,
@@ -636,8 +638,7 @@ class Engine:
             if not self.book.valid(s, rp):
                 s.ready.pop(key)
                 self.book.discard(rp)
-        if t.persistent:
-            self.sessions.release(s)
+        self.sessions.release(s)
         if t.persistent and not t.req.ephemeral:
             self.schedule_pre_position(s)
         elif t.persistent:

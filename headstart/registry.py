@@ -69,6 +69,7 @@ class SessionRegistry:
         self.evictions = EvictionCounts()
         self.peak_resident = 0  # the most KV ever held at once, checked against the budget
         self._sessions: dict[str, Session] = {}
+        self._oneoff: set[Session] = set()  # sessionless requests being served: their KV counts too
         self._lock = threading.Lock()
         if store is not None:
             for stored in store.load_all():
@@ -83,6 +84,16 @@ class SessionRegistry:
     def all(self) -> list[Session]:
         with self._lock:
             return list(self._sessions.values())
+
+    def _holding_kv(self) -> list[Session]:
+        """Every session whose KV counts against the budget, one-off requests included."""
+        with self._lock:
+            return [*self._sessions.values(), *self._oneoff]
+
+    def one_off(self, s: Session) -> None:
+        """Count a sessionless request's KV while it is served."""
+        with self._lock:
+            self._oneoff.add(s)
 
     def visible(self, owner: str | None) -> list[Session]:
         return [s for s in self.all() if s.owner is None or s.owner == owner]
@@ -141,7 +152,9 @@ class SessionRegistry:
 
     def release(self, s: Session) -> None:
         with self._lock:
+            self._oneoff.discard(s)
             s.busy = False
+            s.reserved = 0
             s.last_used = time.time()
 
     def _check_room(self) -> None:
@@ -195,19 +208,42 @@ class SessionRegistry:
     # -- memory ------------------------------------------------------------------------
 
     def resident_bytes(self) -> int:
-        return self.budget.resident(self.all())
+        return self.budget.resident(self._holding_kv())
+
+    def admit(self, s: Session, reserve: int) -> bool:
+        """Reserve room for a request on ``s`` before it starts; False: it must wait.
+
+        Called on the model thread by the scheduler. Room comes from evicting sessions
+        no request is computing; a queued request's session may lose its KV here (its
+        request then recomputes, or reloads it from the spill folder).
+        """
+        sessions = self._holding_kv()
+        counted = sum(self.budget.session_bytes(x) for x in sessions if x is not s)
+        own = self.budget.actual_bytes(s)
+        over = counted + max(own, reserve) - self.budget.limit
+        plan: list[Eviction] = []
+        if over > 0:
+            for ev in self.budget.candidates(sessions, s, background=False):
+                plan.append(ev)
+                over -= ev.frees
+                if over <= 0:
+                    break
+            else:
+                return False
+        for ev in plan:
+            self.evict(ev)
+        s.reserved = reserve
+        return True
 
     def make_room(self, keep: Session, need: int, background: bool) -> bool:
         """Evict until ``need`` more bytes fit; background work gets room only from other
         sessions' ready positions. Runs on the model thread."""
-        sessions = self.all()
-        if keep not in sessions:
-            sessions.append(keep)  # a one-off request's KV counts too
+        sessions = self._holding_kv()
         plan = self.budget.plan(sessions, need, keep, background)
         if plan is None:
             if background:
                 return False
-            # A foreground request fits alone (checked at submit): clear all that may go.
+            # Within its reservation a request always fits; past it (it cannot be) clear all.
             plan = list(self.budget.candidates(sessions, keep, background))
         for ev in plan:
             self.evict(ev)

@@ -30,6 +30,9 @@ class Job:
     on_error: Callable[[BaseException], None] | None = None
     # Called (outside the scheduler's lock) when cancel_background drops this job.
     on_cancel: Callable[[], None] | None = None
+    # Asked before the first step; False keeps the job queued (a request waiting for room
+    # in the KV budget) while later ones go ahead.
+    admit: Callable[[], bool] | None = None
     started: float | None = None
     background_wait: float = 0.0
     cancelled: bool = False
@@ -121,17 +124,38 @@ class Scheduler:
             except Exception:
                 log.exception("closing a cancelled job failed")
 
-    def _next(self) -> tuple[Job, bool] | None:
+    def _admitted(self) -> Job | None:
+        """The first foreground job that has started or may start now, taken off the queue.
+
+        Admission runs outside the lock (it may evict, which cancels background work);
+        only this thread removes foreground jobs, so the queue cannot shrink meanwhile.
+        """
         with self._cond:
-            while self._running:
-                if self._foreground:
-                    return self._foreground.popleft(), True
+            queued = list(self._foreground)
+        for job in queued:
+            if job.started is not None or job.admit is None or job.admit():
+                with self._cond:
+                    self._foreground.remove(job)
+                return job
+        return None
+
+    def _next(self) -> tuple[Job, bool] | None:
+        while True:
+            job = self._admitted()
+            if job is not None:
+                return job, True
+            with self._cond:
+                if not self._running:
+                    return None
+                if self._foreground and not self._background:
+                    # Every queued request waits for room that only a running one frees.
+                    self._cond.wait(0.01)
+                    continue
                 if self._background:
-                    key, job = self._background.popitem(last=False)
-                    self._background[key] = job  # round-robin: back of the line
-                    return job, False
+                    key, bg = self._background.popitem(last=False)
+                    self._background[key] = bg  # round-robin: back of the line
+                    return bg, False
                 self._cond.wait()
-            return None
 
     def _observe_wait(self, seconds: float) -> None:
         self.background_wait_ms.append(seconds * 1000)

@@ -88,6 +88,9 @@ class Session:
         self.entry_len: int | None = None
         self.ready: dict[str, ReadyPosition] = {}
         self.busy = False
+        # Bytes of KV the request being computed may grow to (0 when none runs): the
+        # budget keeps this room for it and never evicts the session meanwhile.
+        self.reserved = 0
         self.turns = 0
         self.paths: Counter[str] = Counter()
         self.pre_positioning = False

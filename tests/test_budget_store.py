@@ -24,20 +24,23 @@ def _turn(engine: Engine, sid: str, question: str, params: SamplingParams = SHOR
 
 
 def _tokens(engine: Engine, question: str, params: SamplingParams = SHORT) -> int:
-    return len(engine.template.render([{"role": "user", "content": question}])) + params.max_tokens
+    """The KV a one-turn session on ``question`` reserves while its request runs."""
+    prompt = engine.template.render([{"role": "user", "content": question}])
+    return len(prompt) + params.max_tokens + engine.config.forced_cap
 
 
 def test_lru_sessions_are_evicted_and_the_budget_holds(tiny: HFBackend, tmp_path: Path) -> None:
     probe = Engine(tiny, config=EngineConfig(pre_position=False))
     per_session = _tokens(probe, QUESTIONS[0]) * tiny.info.kv_bytes_per_token
-    budget = int(per_session * 3.5)
+    budget = int(per_session * 2.5)
     engine = Engine(tiny, config=EngineConfig(pre_position=False, kv_budget=budget, spill=False)).start()
     try:
         for i in range(5):
             _turn(engine, f"s{i}", QUESTIONS[0])
         evicted = [s.id for s in engine.list_sessions() if s.evicted]
-        assert evicted == ["s0", "s1"]  # least recently used first
-        assert all(engine.get_session(f"s{i}").kv_ids for i in (2, 3, 4))
+        assert len(evicted) >= 2
+        assert evicted == [f"s{i}" for i in range(len(evicted))]  # least recently used first
+        assert engine.get_session("s4").kv_ids and engine.get_session("s3").kv_ids
         assert engine.sessions.peak_resident <= budget
         assert engine.sessions.resident_bytes() <= budget
         # an evicted session keeps its transcript and answers, rebuilt cold
@@ -147,3 +150,22 @@ def test_context_limit_names_both_lengths(tiny: HFBackend, make_engine: Callable
     engine = make_engine(tiny, max_context=64)
     with pytest.raises(ContextTooLong, match="64"):
         engine.submit(Request(messages=[{"role": "user", "content": "word " * 80}], session_id="long"))
+
+
+def test_a_request_waits_for_room_rather_than_break_the_budget(tiny: HFBackend) -> None:
+    probe = Engine(tiny, config=EngineConfig(pre_position=False))
+    params = SamplingParams(max_tokens=40)
+    reserve = _tokens(probe, QUESTIONS[0], params) * tiny.info.kv_bytes_per_token
+    budget = int(reserve * 1.5)  # one request at a time fits, two do not
+    engine = Engine(tiny, config=EngineConfig(pre_position=False, kv_budget=budget, spill=False)).start()
+    try:
+        messages = [{"role": "user", "content": QUESTIONS[0]}]
+        first = engine.submit(Request(messages=messages, params=params, session_id="a"))
+        second = engine.submit(Request(messages=messages, params=params, session_id="b"))
+        a, b = first.result(), second.result()
+        assert a.token_ids == b.token_ids
+        # b was admitted only once a had finished and released its reservation
+        assert b.foreground_wait_ms >= a.e2e_ms - 50
+        assert engine.sessions.peak_resident <= budget
+    finally:
+        engine.stop()

@@ -140,3 +140,42 @@ def test_a_slow_reader_does_not_stall_other_sessions(live: LiveServer) -> None:
         assert time.monotonic() - started < 60
         rest = [line for line in lines if line]
     assert rest[-1] == "data: [DONE]"
+
+
+def test_bounded_load_loses_nothing_and_stays_in_budget(real: HFBackend) -> None:
+    """A few clients over several sessions for a fixed time, with a KV budget small enough
+    that sessions are evicted and spilled while they run."""
+    import asyncio
+
+    from headstart.loadtest import run_load
+
+    def rss() -> int:
+        status = Path("/proc/self/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS"))) * 1024
+
+    budget = 300 * real.info.kv_bytes_per_token  # fewer tokens than the six sessions will hold
+    config = EngineConfig(kv_budget=budget, spill=True)
+    spill = Path(os.environ.get("TMPDIR", "/tmp")) / f"headstart-load-{os.getpid()}"
+    app = create_app(ServerConfig(), factory=lambda: Engine(real, config=config, spill_dir=str(spill)))
+    with LiveServer(app) as server:
+        engine = server.server.config.app.state.headstart.engine
+        warmup = asyncio.run(run_load(server.url, clients=3, sessions_per_client=2, seconds=12, max_tokens=6,
+                                      think_s=0.3, seed=1))
+        rss_before = rss()
+        report = asyncio.run(run_load(server.url, clients=3, sessions_per_client=2, seconds=15, max_tokens=6,
+                                      think_s=0.3, seed=2))
+        rss_after = rss()
+        metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
+    summary = report.summary()
+    print(summary)
+    assert report.completed >= 3 and report.server_errors == 0 and report.transport_errors == 0
+    assert report.lost_turns == 0 and set(report.server_turns) == set(report.acknowledged)
+    assert report.status.get(409, 0) == 0  # each session has one client: never busy
+    assert summary["ttft_ms_p50"] is not None and summary["ttft_ms_p99"] >= summary["ttft_ms_p50"]
+    peak = float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("headstart_kv_peak_bytes")))
+    limit = float(next(line.split()[-1] for line in metrics.splitlines()
+                       if line.startswith("headstart_kv_budget_bytes")))
+    assert limit == budget and peak <= budget
+    assert engine.sessions.evictions.kv > 0  # the budget was really in play
+    assert warmup.ok
+    assert rss_after - rss_before < 200 * 1024 * 1024  # the same traffic again: memory does not keep growing

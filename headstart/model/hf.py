@@ -177,5 +177,9 @@ def load(
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype).to(target)
+    backend = HFBackend(model, tokenizer, source.name)
+    # Weights are memory-mapped: page them in (and let kernels initialise) now, not on a
+    # user's first request.
+    backend.forward(backend.new_state(), list(range(1, 17)))
     log.info("loaded %s on %s in %.1f s", source.name, target, time.perf_counter() - started)
-    return HFBackend(model, tokenizer, source.name)
+    return backend
