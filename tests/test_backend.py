@@ -91,3 +91,15 @@ def test_a_model_loaded_from_its_folder_matches_the_default(real: HFBackend) -> 
     again = load(str(local_folder(resolve(None))))
     ids = _prompt(real)
     assert torch.equal(again.forward(again.new_state(), ids), real.forward(real.new_state(), ids))
+
+
+def test_first_load_converts_the_gguf_once_into_a_cache(tmp_path, real: HFBackend) -> None:
+    """The conversion a fresh machine runs: GGUF -> safetensors folder, same logits."""
+    from headstart.model import load
+
+    converted = load(cache_dir=str(tmp_path))
+    folders = list((tmp_path / "converted").iterdir())
+    assert len(folders) == 1 and (folders[0] / "model.safetensors").is_file()
+    assert (folders[0] / "tokenizer.json").is_file()
+    ids = _prompt(real)
+    assert torch.equal(converted.forward(converted.new_state(), ids), real.forward(real.new_state(), ids))

@@ -128,7 +128,9 @@ def _convert(source: ModelSource, target: Path) -> None:
     plain.load_state_dict(gguf_model.state_dict(), strict=True, assign=True)
     if getattr(config, "tie_word_embeddings", False):
         plain.tie_weights()
-    still_meta = [name for name, t in (*plain.named_parameters(), *plain.named_buffers()) if t.is_meta]
+    # What gets saved must all be real; non-persistent buffers (rotary frequencies) are
+    # not saved and are recomputed when the folder is loaded.
+    still_meta = [name for name, t in plain.state_dict().items() if t.is_meta]
     if still_meta:
         raise RuntimeError(f"converting {source.name}: no weights for {still_meta[:5]}")
     plain.generation_config = gguf_model.generation_config
