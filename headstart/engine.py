@@ -24,6 +24,7 @@ from headstart.gate import Gate
 from headstart.handle import Completion, Delta, Handle
 from headstart.kvbook import KVBook
 from headstart.model.backend import Backend
+from headstart.prefixcache import PrefixCache
 from headstart.prepos import PREDICTORS, PreposConfig, pre_position
 from headstart.sampling import SamplingParams, accept, candidate_gap, pick, top_gap
 from headstart.scheduler import Job, Scheduler
@@ -96,6 +97,10 @@ class EngineConfig:
     background_chunk: int = 16
     continuation_cap: int = 32
     forced_cap: int = 16
+    # A block-granular prefix cache shared by one-off requests (the vLLM-style baseline the
+    # benchmark compares with): capacity in blocks, 0 for none.
+    prefix_cache_blocks: int = 0
+    prefix_block: int = 16
 
     def prepos(self) -> PreposConfig:
         if self.predictor not in PREDICTORS:
@@ -178,6 +183,11 @@ class Engine:
         self.book = KVBook(backend, self.stats)
         self.scheduler = Scheduler()
         self.sessions: dict[str, Session] = {}
+        self.prefix_cache = (
+            PrefixCache(backend, self.config.prefix_block, self.config.prefix_cache_blocks)
+            if self.config.prefix_cache_blocks
+            else None
+        )
         self._lock = threading.Lock()
         self.started = time.time()
 
@@ -287,6 +297,7 @@ class Engine:
             self.scheduler.cancel_background(s.id)
         steps = self._serve(req, params, prompt, candidates, s, persistent, handle)
         job = Job(steps, submitted=handle.arrival)
+        handle.job = job
         job.on_error = lambda exc: self._fail(s, handle, exc)
         self.scheduler.submit(job)
         return handle
@@ -347,6 +358,9 @@ class Engine:
         speculative = False
         verified: bool | None = None
         chosen: int | None = None
+        shadow: dict[str, Any] | None = None
+        if self.prefix_cache is not None and not persistent:
+            self.prefix_cache.attach(s, prompt)
 
         exact = next((rp for rp in s.ready.values() if rp.ids == prompt and self.book.valid(s, rp)), None)
         nxt = s.ready.get("next")
@@ -404,6 +418,8 @@ class Engine:
                 path = "cold"
             elif s.entry_len is not None and lcp >= s.entry_len:
                 path = "entry"
+            elif not persistent:
+                path = "prefix"
             else:
                 path = "session"
             logits = yield from self.book.advance(s, prompt, background=False, chunk=len(prompt))
@@ -414,6 +430,7 @@ class Engine:
                     candidate_gap(logits, candidates[1])[0] if candidates is not None else int(logits.argmax())
                 )
                 self.gate.record(sig_gap, sig_choice == real_choice, fired=False)
+                shadow = {"gap": sig_gap, "agree": sig_choice == real_choice, "choice": sig_choice}
                 if self._gate_on(req, s):
                     self.gate.decline()
             if candidates is not None:
@@ -422,7 +439,9 @@ class Engine:
             else:
                 gap = top_gap(logits)[1]
                 yield from self._decode(s, logits, em, generator, [], [])
-        self._finish(req, s, persistent, handle, em, path, prompt, cached, started, gap, speculative, chosen, verified)
+        self._finish(
+            req, s, persistent, handle, em, path, prompt, cached, started, gap, speculative, chosen, verified, shadow
+        )
         self._after(req, s, persistent, prompt)
 
     def _signal(
@@ -483,8 +502,10 @@ class Engine:
         speculative: bool,
         chosen: int | None,
         verified: bool | None = None,
+        shadow: dict[str, Any] | None = None,
     ) -> None:
-        """Send the completion and record the request."""
+        """Send the completion and record the request. ``shadow`` is what the gate would
+        have answered on an exact path that had a ready position (for calibration)."""
         text = em.close()
         now = time.perf_counter()
         first = em.first_at or now
@@ -500,11 +521,12 @@ class Engine:
             decided_ms=((em.decided_at or first) - handle.arrival) * 1000,
             e2e_ms=(now - handle.arrival) * 1000,
             foreground_wait_ms=(started - handle.arrival) * 1000,
+            background_wait_ms=handle.job.background_wait * 1000 if handle.job is not None else 0.0,
             logit_gap=gap,
             speculative=speculative,
             verified=verified,
             candidate=chosen,
-            extra={"forwards_before_first_token": em.forwards_before_first},
+            extra={"forwards_before_first_token": em.forwards_before_first, **({"shadow": shadow} if shadow else {})},
         )
         self.stats.record_request(
             path,
@@ -526,6 +548,8 @@ class Engine:
 
     def _after(self, req: Request, s: Session, persistent: bool, prompt: list[int]) -> None:
         """Tidy the session once its request is answered, and queue its idle-time work."""
+        if self.prefix_cache is not None and not persistent:
+            self.prefix_cache.store(s)
         if req.ephemeral and persistent:
             # Leave only the session's own context: the question was a one-off.
             own = self.template.entry(s.messages, "user", tools=s.tools) if s.messages else []
