@@ -9,6 +9,7 @@ outputs token for token; the run fails loudly when one does not.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shlex
 import sys
@@ -32,6 +33,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=None, help="answer length cap")
     p.add_argument("--clients", type=int, default=None, help="sessions in flight at once (default 2)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rounds", type=int, default=None,
+                   help="run every mode on one group of sessions before the next group; default: groups of "
+                        "--clients sessions, so a slow spell of a shared machine hits all modes alike")
     p.add_argument("--gaps", default=None,
                    help="idle gaps: long (default; 2-5 s and the session's idle work finished), short "
                         "(0.05-0.3 s, work in flight gets cancelled), fixed:S, uniform:A:B, exp:MEAN, "
@@ -82,7 +86,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
     from headstart.bench.plots import write_plots
     from headstart.bench.report import build_report, failures, markdown
-    from headstart.bench.runner import ModeRun, run_mode, warm_up
+    from headstart.bench.runner import ModeRun, merge, run_mode, warm_up
     from headstart.model import load
     from headstart.model.loader import resolve
     from headstart.template import ChatTemplate
@@ -127,41 +131,53 @@ def run_bench(args: argparse.Namespace) -> int:
     legs = len(specs) + (1 if args.peer and not peer_reason else 0)
     bar = tqdm(total=workload.requests * legs, unit="req", disable=args.no_progress, file=sys.stderr,
                dynamic_ncols=True)
+
+    def calibrated(spec: modes_mod.ModeSpec, runs: dict[str, ModeRun]) -> modes_mod.ModeSpec:
+        """With ``--gap-threshold auto``, the gate at the threshold the prepositioned run
+        calibrates to ``--target`` (in-sample; no threshold reaching it: the gate never fires)."""
+        if not (auto and spec.name == "gate"):
+            return spec
+        from headstart.bench.report import calibration_figures, shadow_pairs
+
+        pre = runs["prepositioned"]
+        hits = sum(r.path == "ready_exact" for r in pre.records)
+        cal = calibration_figures(shadow_pairs(pre), args.target, hits, len(pre.records))
+        chosen = cal["threshold"] if cal["threshold"] is not None else float("inf")
+        notes.append(
+            f"gate threshold calibrated on this run's prepositioned mode (in-sample) to precision "
+            f"{args.target:g}: {chosen:g}, resting on {cal['rests_on']} requests"
+        )
+        description = spec.description.replace(f"{threshold:g}", f"{chosen:g}")
+        return replace(spec, config=replace(spec.config, gap_threshold=chosen), description=description)
+
+    # Calibrating in-run needs the whole prepositioned run before the gate: one round then.
+    rounds = 1 if auto else (args.rounds or -(-len(workload.sessions) // clients))
+    parts = workload.split(rounds)
     runs: dict[str, ModeRun] = {}
     started = time.perf_counter()
-    try:
-        for spec in specs:
-            if auto and spec.name == "gate":
-                from headstart.bench.report import calibration_figures, shadow_pairs
-
-                pre = runs["prepositioned"]
-                hits = sum(r.path == "ready_exact" for r in pre.records)
-                cal = calibration_figures(shadow_pairs(pre), args.target, hits, len(pre.records))
-                chosen = cal["threshold"] if cal["threshold"] is not None else float("inf")
-                notes.append(
-                    f"gate threshold calibrated on this run's prepositioned mode (in-sample) to precision "
-                    f"{args.target:g}: {chosen:g}, resting on {cal['rests_on']} requests"
-                )
-                cfg = replace(spec.config, gap_threshold=chosen)
-                spec = replace(spec, config=cfg, description=spec.description.replace(f"{threshold:g}", f"{chosen:g}"))
-            bar.set_description(spec.name)
-            runs[spec.name] = run_mode(backend, spec, workload, clients, bar.update)
-            r = runs[spec.name]
-            bar.write(f"{spec.name}: {len(r.records)} requests in {r.wall_s:.0f} s")
+    with contextlib.ExitStack() as stack:
+        stack.callback(bar.close)
+        peer = None
         if args.peer and not peer_reason:
             from headstart.bench import peer_llamacpp
 
             source = resolve(args.model, args.cache_dir)
-            if not source.is_gguf:
-                notes.append("skipping the llamacpp peer: the model is not a GGUF file")
-            else:
-                bar.set_description(peer_llamacpp.NAME)
+            if source.is_gguf:
                 gguf = source.path / str(source.gguf_file)
-                runs[peer_llamacpp.NAME] = peer_llamacpp.run_peer(
-                    workload, template, gguf, clients, args.peer_python, bar.update
-                )
-    finally:
-        bar.close()
+                peer = stack.enter_context(peer_llamacpp.LlamaCppServer(gguf, args.peer_python))
+            else:
+                notes.append("skipping the llamacpp peer: the model is not a GGUF file")
+        for number, part in enumerate(parts, start=1):
+            for spec in specs:
+                tag = f"{spec.name} [{number}/{len(parts)}]" if len(parts) > 1 else spec.name
+                bar.set_description(tag)
+                run = run_mode(backend, calibrated(spec, runs), part, clients, bar.update)
+                runs[spec.name] = merge(runs.get(spec.name), run)
+                bar.write(f"{tag}: {len(run.records)} requests in {run.wall_s:.0f} s")
+            if peer is not None:
+                bar.set_description(f"{peer_llamacpp.NAME} [{number}/{len(parts)}]")
+                run = peer_llamacpp.run_peer(peer, part, template, clients, bar.update)
+                runs[run.name] = merge(runs.get(run.name), run)
     elapsed = time.perf_counter() - started
     model = {"name": backend.info.name, "device": backend.info.device, "dtype": backend.info.dtype}
     command = "headstart " + " ".join(shlex.quote(a) for a in (args.argv or []))

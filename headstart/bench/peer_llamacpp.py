@@ -87,6 +87,9 @@ class LlamaCppServer:
             "--verbose", "False",
         ]
         self.proc: subprocess.Popen[bytes] | None = None
+        self.description = (
+            f"llama.cpp server (llama-cpp-python {version(python)}) over HTTP, same GGUF, RAM prompt cache"
+        )
         self.log = Path(os.environ.get("TMPDIR", "/tmp")) / f"headstart-llamacpp-{self.port}.log"
 
     def __enter__(self) -> LlamaCppServer:
@@ -99,12 +102,17 @@ class LlamaCppServer:
                 raise RuntimeError(f"llama.cpp server exited ({self.proc.returncode}); see {self.log}")
             try:
                 if httpx.get(f"{self.url}/v1/models", timeout=2).status_code == 200:
-                    return self
+                    break
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
-        self.__exit__()
-        raise RuntimeError(f"llama.cpp server did not come up; see {self.log}")
+        else:
+            self.__exit__()
+            raise RuntimeError(f"llama.cpp server did not come up; see {self.log}")
+        # One request outside every timed part, as the in-process modes are warmed up.
+        with httpx.Client() as c:
+            _ask(c, self.url, {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4, "temperature": 0})
+        return self
 
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -143,55 +151,47 @@ def _ask(client: Any, url: str, body: dict[str, Any]) -> tuple[str, float, float
 
 
 def run_peer(
+    server: LlamaCppServer,
     workload: Workload,
     template: ChatTemplate,
-    gguf: Path,
     clients: int,
-    python: str = sys.executable,
     progress: Progress | None = None,
 ) -> ModeRun:
     """The workload against llama.cpp's server, as one more mode."""
     import httpx
 
-    with LlamaCppServer(gguf, python) as server:
-        # Warm the server once, outside the timed part, as the in-process modes are.
-        with httpx.Client() as c:
-            _ask(c, server.url, {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4,
-                                 "temperature": 0})
-        t0 = time.perf_counter()
+    t0 = time.perf_counter()
 
-        def drive(script: Script, sink: list[Record], lock: threading.Lock) -> None:
-            messages: list[dict[str, Any]] = [{"role": "system", "content": script.system}] if script.system else []
-            with httpx.Client() as client:
-                for i, step in enumerate(script.steps):
-                    time.sleep(step.gap_s)
-                    messages.extend(step.messages)
-                    body: dict[str, Any] = {"messages": messages, "max_tokens": step.max_tokens, "temperature": 0}
-                    if step.fast_answer:
-                        firsts = {template.encode(c)[0] for c in step.fast_answer}
-                        body.update(max_tokens=1, logit_bias={str(t): 100.0 for t in firsts})
-                    arrival = time.perf_counter() - t0
-                    text, ttft, e2e = _ask(client, server.url, body)
-                    answer = None
-                    if step.fast_answer:
-                        answer = next((c for c in step.fast_answer if c.startswith(text) and text), None)
-                        text = answer or text
-                    messages.append({"role": "assistant", "content": text})
-                    tokens = template.encode(text) if text else []
-                    rec = Record(
-                        mode=NAME, session=script.id, step=i, kind=step.kind, path=NAME,
-                        ttft_ms=ttft, decided_ms=ttft, e2e_ms=e2e, queue_ms=0.0, background_wait_ms=0.0,
-                        prompt_tokens=len(template.render(messages[:-1])), cached_tokens=0,
-                        tokens=tokens, text=text, finish_reason="stop", gap_s=step.gap_s, settle_ms=0.0,
-                        arrival_s=arrival, answer=answer, truth=step.truth,
-                    )
-                    with lock:
-                        sink.append(rec)
-                    if progress is not None:
-                        progress(1)
+    def drive(script: Script, sink: list[Record], lock: threading.Lock) -> None:
+        messages: list[dict[str, Any]] = [{"role": "system", "content": script.system}] if script.system else []
+        with httpx.Client() as client:
+            for i, step in enumerate(script.steps):
+                time.sleep(step.gap_s)
+                messages.extend(step.messages)
+                body: dict[str, Any] = {"messages": messages, "max_tokens": step.max_tokens, "temperature": 0}
+                if step.fast_answer:
+                    firsts = {template.encode(c)[0] for c in step.fast_answer}
+                    body.update(max_tokens=1, logit_bias={str(t): 100.0 for t in firsts})
+                arrival = time.perf_counter() - t0
+                text, ttft, e2e = _ask(client, server.url, body)
+                answer = None
+                if step.fast_answer:
+                    answer = next((c for c in step.fast_answer if text and c.startswith(text)), None)
+                    text = answer or text
+                messages.append({"role": "assistant", "content": text})
+                rec = Record(
+                    mode=NAME, session=script.id, step=i, kind=step.kind, path=NAME,
+                    ttft_ms=ttft, decided_ms=ttft, e2e_ms=e2e, queue_ms=0.0, background_wait_ms=0.0,
+                    prompt_tokens=len(template.render(messages[:-1])), cached_tokens=0,
+                    tokens=template.encode(text) if text else [], text=text, finish_reason="stop",
+                    gap_s=step.gap_s, settle_ms=0.0, arrival_s=arrival, answer=answer, truth=step.truth,
+                )
+                with lock:
+                    sink.append(rec)
+                if progress is not None:
+                    progress(1)
 
-        records, wall = run_clients(workload, clients, drive)
-    description = f"llama.cpp server {version(python)} over HTTP, same GGUF, RAM prompt cache"
+    records, wall = run_clients(workload, clients, drive)
     empty = {"computed": 0, "reused": 0, "wasted": 0}
     gate = {"enabled": False, "threshold": None, "fires": 0, "verified": 0, "false_accepts": 0, "declined": 0}
-    return ModeRun(NAME, description, False, records, wall, empty, gate, [], {"server": " ".join(server.cmd)})
+    return ModeRun(NAME, server.description, False, records, wall, empty, gate, [], {})

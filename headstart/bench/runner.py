@@ -89,6 +89,30 @@ class ModeRun:
 Progress = Callable[[int], None]
 
 
+def merge(a: ModeRun | None, b: ModeRun) -> ModeRun:
+    """One mode's runs over several rounds of sessions, as one run."""
+    if a is None:
+        return b
+
+    def add(x: dict[str, Any], y: dict[str, Any]) -> dict[str, Any]:
+        out = dict(x)
+        for k, v in y.items():
+            if isinstance(v, dict) and isinstance(out.get(k), dict):
+                out[k] = add(out[k], v)
+            elif isinstance(v, (int, float)) and not isinstance(v, bool) and k in out and k not in _KEEP:
+                out[k] = out[k] + v
+            else:
+                out[k] = v
+        return out
+
+    records = sorted(a.records + b.records, key=lambda r: (r.session, r.step))
+    return ModeRun(a.name, a.description, a.exact, records, a.wall_s + b.wall_s, add(a.background, b.background),
+                   add(a.gate, b.gate), a.pairs + b.pairs, add(a.extra, b.extra))
+
+
+_KEEP = {"threshold", "capacity"}  # settings, not counts: never summed
+
+
 def _wait_for_session(engine: Engine, session_id: str, settle: bool, timeout: float = 600.0) -> None:
     """Until the session takes requests (its last answer's tail work is done) and, with
     ``settle``, until its idle-time work is finished too. Seen calm twice in a row, so a

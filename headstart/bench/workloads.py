@@ -142,6 +142,13 @@ class Workload:
     def requests(self) -> int:
         return sum(len(s.steps) for s in self.sessions)
 
+    def split(self, rounds: int) -> list[Workload]:
+        """The sessions in ``rounds`` consecutive groups (a benchmark runs every mode on one
+        group before the next, so slow spells of a shared machine hit all modes alike)."""
+        rounds = max(1, min(rounds, len(self.sessions)))
+        size = -(-len(self.sessions) // rounds)
+        return [replace(self, sessions=self.sessions[i : i + size]) for i in range(0, len(self.sessions), size)]
+
     def describe(self) -> dict[str, Any]:
         return {
             "name": self.name,
