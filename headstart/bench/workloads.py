@@ -334,7 +334,12 @@ def agent_script(seed: int, index: int, turns: int, max_tokens: int, gaps: GapSp
     steps = [Step(({"role": "user", "content": task},), gr.next(), max_tokens, kind="task")]
     for turn in range(turns - 1):
         steps.append(
-            Step(({"role": "tool", "content": _tool_result(rng, turn, module, test)},), gr.next(), max_tokens, "tool")
+            Step(
+                ({"role": "tool", "tool_call_id": f"call_{turn}", "content": _tool_result(rng, turn, module, test)},),
+                gr.next(),
+                max_tokens,
+                "tool",
+            )
         )
     return Script(f"agent-{seed}-{index}", system, tuple(steps))
 
@@ -436,7 +441,7 @@ def chat_script(seed: int, index: int, turns: int, max_tokens: int, gaps: GapSpe
 
 # (sessions, turns, max_tokens) for the full and the quick setting
 SIZES = {
-    "agent": {"full": (4, 9, 24), "quick": (2, 3, 8)},
+    "agent": {"full": (4, 9, 16), "quick": (2, 3, 8)},
     "stream": {"full": (4, 12, 1), "quick": (2, 4, 1)},
     "chat": {"full": (4, 6, 32), "quick": (2, 3, 8)},
 }
