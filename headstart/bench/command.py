@@ -12,7 +12,9 @@ import argparse
 import contextlib
 import json
 import shlex
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -57,6 +59,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="write PNG plots into this folder")
     p.add_argument("--records", default=None, help="write every request's record here (JSONL)")
     p.add_argument("--trace-out", default=None, help="write the workload as a JSONL trace here")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch and for the peer (default: torch's choice); 1 is steadier on a "
+                        "machine shared with other jobs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -73,6 +78,12 @@ def _workload(args: argparse.Namespace) -> Workload:
         max_tokens=args.max_tokens,
         gaps=args.gaps,
     )
+
+
+def backend_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _record_json(r: Any) -> dict[str, Any]:
@@ -123,6 +134,13 @@ def run_bench(args: argparse.Namespace) -> int:
             print(f"headstart bench: {msg}", file=sys.stderr)
             notes.append(msg)
 
+    if threads := args.threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    if threading.current_thread() is threading.main_thread():
+        # A plain `kill` unwinds like Ctrl-C, so the peer's server process is stopped too.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     print(f"loading the model... ({workload.requests} requests x {len(specs)} modes, {clients} clients)",
           file=sys.stderr)
     backend = load(args.model, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir)
@@ -164,7 +182,9 @@ def run_bench(args: argparse.Namespace) -> int:
             source = resolve(args.model, args.cache_dir)
             if source.is_gguf:
                 gguf = source.path / str(source.gguf_file)
-                peer = stack.enter_context(peer_llamacpp.LlamaCppServer(gguf, args.peer_python))
+                peer = stack.enter_context(
+                    peer_llamacpp.LlamaCppServer(gguf, args.peer_python, threads=backend_threads())
+                )
             else:
                 notes.append("skipping the llamacpp peer: the model is not a GGUF file")
         for number, part in enumerate(parts, start=1):

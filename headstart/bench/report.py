@@ -339,7 +339,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"**{w['name']}** workload, seed {w['seed']}: {w['sessions']} sessions, {w['requests']} requests, "
         f"{report['clients']} concurrent clients, gaps {w['gaps']}; model {report['model']['name']} on "
-        f"{report['machine']['cpu']} ({report['machine']['cores']} cores, {report['model'].get('device', '?')}).",
+        f"{report['machine']['cpu']} ({report['machine']['cores']} cores, {report['model'].get('device', '?')}, "
+        f"{report['machine']['torch_threads']} torch threads).",
         "",
         "| mode | TTFT p50 | p90 | p99 | mean | decided p50 | e2e p50 | e2e mean | paths | mismatches "
         "| bg tokens/req computed / reused / wasted | wait behind bg p50 / p99 |",
