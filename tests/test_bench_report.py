@@ -130,3 +130,21 @@ def test_ratios_put_each_mode_over_the_baselines() -> None:
     assert r["ttft_p50_over_stateless"] == 0.005
     assert r["ttft_p50_over_prefix_cache"] == 0.01
     assert r["e2e_p50_over_prefix_cache"] == 0.5
+
+
+def test_predicted_deltas_are_compared_by_coverage_at_the_target_and_cost() -> None:
+    runs = _runs()
+    runs["prepositioned:empty"] = run("prepositioned:empty", [
+        rec("prepositioned:empty", "s", 0, "cold", 1000, [10]),
+        rec("prepositioned:empty", "s", 1, "entry", 200, [11], shadow={"gap": 3.0, "agree": True, "choice": 11}),
+        rec("prepositioned:empty", "s", 2, "entry", 200, [12], shadow={"gap": 3.0, "agree": True, "choice": 12}),
+        rec("prepositioned:empty", "s", 3, "entry", 200, [13], shadow={"gap": 0.5, "agree": False, "choice": 1}),
+    ], bg={"computed": 8, "reused": 8, "wasted": 0})
+    report = build_report({"name": "t", "seed": 0, "sessions": 1, "requests": 4, "gaps": "x"},
+                          {"name": "m"}, runs, target=0.9, clients=1)
+    preds = report["predictors"]
+    assert set(preds) == {"continuation", "empty"}
+    assert preds["continuation"]["coverage_at_target"] == 0.5  # one exact hit, one gate answer
+    assert preds["empty"]["coverage_at_target"] == 0.5 and preds["empty"]["threshold"] == 3.0
+    assert preds["empty"]["background_tokens_per_request"]["computed"] == 2.0
+    assert "| empty |" in markdown(report)

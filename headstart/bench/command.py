@@ -202,7 +202,8 @@ def run_bench(args: argparse.Namespace) -> int:
     model = {"name": backend.info.name, "device": backend.info.device, "dtype": backend.info.dtype}
     command = "headstart " + " ".join(shlex.quote(a) for a in (args.argv or []))
     report = build_report(
-        workload.describe(), model, runs, target=args.target, clients=clients, command=command, notes=notes
+        workload.describe(), model, runs, target=args.target, clients=clients, command=command, notes=notes,
+        predictor=args.predictor,
     )
     report["elapsed_s"] = round(elapsed, 1)
     print(markdown(report))

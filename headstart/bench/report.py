@@ -248,13 +248,14 @@ def correctness(runs: dict[str, ModeRun], reference: ModeRun) -> dict[str, Any]:
     return out
 
 
-def predictor_report(runs: dict[str, ModeRun], target: float) -> dict[str, Any]:
-    """Coverage at the target precision per predicted delta (``prepositioned:PREDICTOR`` runs)."""
+def predictor_report(runs: dict[str, ModeRun], target: float, default: str = "continuation") -> dict[str, Any]:
+    """Coverage at the target precision per predicted delta (``prepositioned:PREDICTOR`` runs),
+    with the background tokens each costs per request."""
     out = {}
     for name, run in runs.items():
         if not name.startswith("prepositioned"):
             continue
-        predictor = name.partition(":")[2] or "default"
+        predictor = name.partition(":")[2] or default
         exact_hits = sum(r.path == "ready_exact" for r in run.records)
         cal = calibration_figures(shadow_pairs(run), target, exact_hits, len(run.records))
         out[predictor] = {
@@ -264,6 +265,7 @@ def predictor_report(runs: dict[str, ModeRun], target: float) -> dict[str, Any]:
             "precision": cal["precision"],
             "rests_on": cal["rests_on"],
             "ttft_p50_ms": percentile([r.ttft_ms for r in run.records], 50),
+            "background_tokens_per_request": background(run)["per_request"],
         }
     return out
 
@@ -291,6 +293,7 @@ def build_report(
     clients: int,
     command: str | None = None,
     notes: list[str] | None = None,
+    predictor: str = "continuation",
 ) -> dict[str, Any]:
     reference = runs.get(REFERENCE)
     modes = {name: mode_report(run, reference if name != REFERENCE else None) for name, run in runs.items()}
@@ -305,7 +308,7 @@ def build_report(
         "gate": gate_report(runs, target),
         "notes": notes or [],
     }
-    preds = predictor_report(runs, target)
+    preds = predictor_report(runs, target, predictor)
     if len(preds) > 1:
         report["predictors"] = preds
     return report
@@ -414,11 +417,19 @@ def markdown(report: dict[str, Any]) -> str:
             )
     preds = report.get("predictors")
     if preds:
-        lines += ["", "| predicted delta | ready_exact | threshold at target | coverage at target | rests on |",
-                  "| --- | ---: | ---: | ---: | ---: |"]
+        lines += [
+            "",
+            "| predicted delta | ready_exact | threshold at target | coverage at target | rests on "
+            "| TTFT p50 | bg tokens/req computed / wasted |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
         for p, v in preds.items():
             thr = "-" if v["threshold"] is None else f"{v['threshold']:.2f}"
-            lines.append(f"| {p} | {v['ready_exact']} | {thr} | {_pct(v['coverage_at_target'])} | {v['rests_on']} |")
+            bg = v["background_tokens_per_request"]
+            lines.append(
+                f"| {p} | {v['ready_exact']} | {thr} | {_pct(v['coverage_at_target'])} | {v['rests_on']} "
+                f"| {_ms(v['ttft_p50_ms'])} | {bg['computed']} / {bg['wasted']} |"
+            )
     for note in report.get("notes", []):
         lines.append(f"\nNote: {note}")
     return "\n".join(lines) + "\n"
