@@ -198,6 +198,7 @@ def run_bench(args: argparse.Namespace) -> int:
                 bar.set_description(f"{peer_llamacpp.NAME} [{number}/{len(parts)}]")
                 run = peer_llamacpp.run_peer(peer, part, template, clients, bar.update)
                 runs[run.name] = merge(runs.get(run.name), run)
+                bar.write(f"{run.name} [{number}/{len(parts)}]: {len(run.records)} requests in {run.wall_s:.0f} s")
     elapsed = time.perf_counter() - started
     model = {"name": backend.info.name, "device": backend.info.device, "dtype": backend.info.dtype}
     command = "headstart " + " ".join(shlex.quote(a) for a in (args.argv or []))

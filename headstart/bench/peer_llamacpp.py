@@ -85,6 +85,9 @@ class LlamaCppServer:
             "--n_threads", str(threads or os.cpu_count() or 1),
             "--cache", "True", "--cache_type", "ram", "--cache_size", str(cache_bytes),
             "--verbose", "False",
+            # One request at a time, as the in-process engine; by default a new request cuts off the one
+            # being streamed, which leaves concurrent sessions with empty answers.
+            "--interrupt_requests", "False",
         ]
         self.proc: subprocess.Popen[bytes] | None = None
         self.description = (
