@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from headstart.bench.report import (
+    add_correctness,
     build_report,
     failures,
     markdown,
@@ -148,3 +149,16 @@ def test_predicted_deltas_are_compared_by_coverage_at_the_target_and_cost() -> N
     assert preds["empty"]["coverage_at_target"] == 0.5 and preds["empty"]["threshold"] == 3.0
     assert preds["empty"]["background_tokens_per_request"]["computed"] == 2.0
     assert "| empty |" in markdown(report)
+
+
+def test_the_curve_says_how_often_gate_answers_are_right_by_the_rule() -> None:
+    yn = ["Yes", "No"]
+    records = [
+        rec("prepositioned", "s", 1, "entry", 1, [], truth="Yes", candidates=yn, answer="Yes",
+            shadow={"gap": 3.0, "agree": True, "choice": 0}),
+        rec("prepositioned", "s", 2, "entry", 1, [], truth="Yes", candidates=yn, answer="No",
+            shadow={"gap": 1.0, "agree": True, "choice": 1}),
+    ]
+    curve = [{"threshold": 1.0}, {"threshold": 3.0}, {"threshold": 5.0}]
+    add_correctness(curve, records)
+    assert [p["correct"] for p in curve] == [0.5, 1.0, None]

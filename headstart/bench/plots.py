@@ -59,10 +59,15 @@ def gate_curve(gate: dict[str, Any], title: str, path: Path) -> Path:
     if curve:
         xs = [p["coverage"] for p in curve]
         ys = [p["precision"] for p in curve]
-        ax.plot(xs, ys, marker=".", color=COLORS["gate"], label=f"thresholds ({cal.get('rests_on', 0)} requests)")
+        label = f"precision: agrees with the full computation ({cal.get('rests_on', 0)} requests)"
+        ax.plot(xs, ys, marker=".", color=COLORS["gate"], label=label)
         for p in curve[:: max(1, len(curve) // 8)]:
             ax.annotate(f"{p['threshold']:.1f}", (p["coverage"], p["precision"]), fontsize=7, alpha=0.7,
                         textcoords="offset points", xytext=(3, 3))
+        right = [p for p in curve if p.get("correct") is not None]
+        if right:
+            ax.plot([p["coverage"] for p in right], [p["correct"] for p in right], marker=".", linestyle="--",
+                    color="#2ca02c", label="gate answers right by the workload's rule")
         ax.axhline(cal["target"], color="k", linestyle="--", linewidth=0.8, label=f"target {cal['target']:g}")
     else:
         ax.text(0.5, 0.5, "no request had a ready position to judge", ha="center", va="center",
@@ -71,7 +76,7 @@ def gate_curve(gate: dict[str, Any], title: str, path: Path) -> Path:
         ax.plot([gate["coverage"]], [gate["precision"]], "o", color="k",
                 label=f"gate mode at {gate['threshold']:g} (measured)")
     ax.set_xlabel("coverage (share of requests answered from a ready position)")
-    ax.set_ylabel("precision of gate answers (first token)")
+    ax.set_ylabel("share of gate answers")
     ax.set_xlim(0, 1.02)
     ax.set_ylim(0, 1.02)
     ax.grid(True, alpha=0.3)

@@ -169,6 +169,22 @@ def shadow_pairs(run: ModeRun, repeat: dict[tuple[str, int], bool] | None = None
     return out
 
 
+def add_correctness(curve: list[dict[str, Any]], records: list[Record]) -> None:
+    """Where the workload has a rule: at each threshold, the share of the gate's answers that
+    are right by it (precision only says the model agreed with itself)."""
+    judged = []
+    for r in records:
+        gap = r.logit_gap if r.path == "gate" else (r.shadow or {}).get("gap")
+        answer = r.gate_answer()
+        if r.truth is not None and gap is not None and answer is not None:
+            judged.append((float(gap), answer == r.truth))
+    if not judged:
+        return
+    for point in curve:
+        fired = [ok for gap, ok in judged if gap >= point["threshold"]]
+        point["correct"] = _share(sum(fired), len(fired))
+
+
 def gate_report(runs: dict[str, ModeRun], target: float) -> dict[str, Any] | None:
     """The gate at its operating threshold, and where calibration would put it.
 
@@ -211,6 +227,7 @@ def gate_report(runs: dict[str, ModeRun], target: float) -> dict[str, Any] | Non
         exact_hits = sum(r.path == "ready_exact" for r in cal_run.records)
         n = len(cal_run.records)
         cal = calibration_figures(shadow_pairs(cal_run), target, exact_hits, n)
+        add_correctness(cal["curve"], cal_run.records)
         out["calibration"] = {"source": cal_run.name, **cal}
         fresh_pairs = shadow_pairs(cal_run, rep)
         out["calibration_without_repeats"] = {

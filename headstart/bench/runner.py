@@ -52,6 +52,7 @@ class Record:
     verified: bool | None = None
     answer: str | None = None  # the chosen candidate of a fast_answer request
     truth: str | None = None
+    candidates: list[str] | None = None
     shadow: dict[str, Any] | None = None
     completion: Completion | None = field(default=None, repr=False)
 
@@ -64,6 +65,14 @@ class Record:
         if self.answer is not None:
             return self.answer
         return self.tokens[0] if self.tokens else None
+
+    def gate_answer(self) -> str | None:
+        """The candidate the gate gave (gate path) or would have given (a shadow verdict)."""
+        if self.path == "gate":
+            return self.answer
+        if self.shadow is not None and self.candidates:
+            return self.candidates[int(self.shadow["choice"])]
+        return None
 
     def refresh(self) -> None:
         """Pick up what the engine set after the answer went out (a candidate gate's check)."""
@@ -180,6 +189,7 @@ def _drive(
             verified=c.verified,
             answer=step.fast_answer[c.candidate] if step.fast_answer and c.candidate is not None else None,
             truth=step.truth,
+            candidates=list(step.fast_answer) if step.fast_answer else None,
             shadow=c.extra.get("shadow"),
             completion=c,
         )
