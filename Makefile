@@ -42,6 +42,10 @@ serve: $(VENV)/.installed
 test: $(VENV)/.dev
 	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests ran"; rc=0; fi; exit $$rc
 
+# `make bench ARGS="--workload stream"`: every mode side by side (see README, Benchmark).
+bench: $(VENV)/.installed
+	$(VENV)/bin/headstart bench $(ARGS)
+
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check headstart tests
 

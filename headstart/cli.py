@@ -128,6 +128,11 @@ def cmd_load(args: argparse.Namespace) -> int:
     print(json.dumps(report.summary(), indent=2))
     return 0 if report.ok else 1
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from headstart.bench.command import run_bench
+
+    return run_bench(args)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="headstart", description=__doc__)
@@ -168,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     cal = sub.add_parser("calibrate", help="find the gate threshold that reaches a target precision")
     cal.add_argument("--target", type=float, default=0.95, help="precision to reach")
     cal.add_argument("--trace", default=None, help="JSONL trace (one session per line); default: generated")
+    cal.add_argument("--workload", choices=("agent", "stream", "chat"), default="agent",
+                     help="generated workload when no trace is given")
+    cal.add_argument("--gaps", default=None, help="idle gaps (default: none, but each turn waits for idle work)")
+    cal.add_argument("--clients", type=int, default=2, help="sessions in flight at once")
     cal.add_argument("--sessions", type=int, default=6)
     cal.add_argument("--turns", type=int, default=6)
     cal.add_argument("--seed", type=int, default=0)
@@ -186,11 +195,19 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--api-key", default=None)
     load.add_argument("--seed", type=int, default=0)
     load.set_defaults(func=cmd_load)
+
+    from headstart.bench.command import add_bench_arguments
+
+    bench = sub.add_parser("bench", help="every mode side by side on one workload: TTFT, cost, precision")
+    add_bench_arguments(bench)
+    add_model_flags(bench)
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return args.func(args)
 

@@ -33,6 +33,7 @@ from headstart.gate import Gate
 from headstart.handle import Completion, Delta, Handle
 from headstart.kvbook import KVBook
 from headstart.model.backend import Backend
+from headstart.prefixcache import PrefixCache
 from headstart.prepos import PREDICTORS, PreposConfig
 from headstart.registry import Limits, SessionRegistry
 from headstart.sampling import SamplingParams, accept, candidate_gap, pick, top_gap
@@ -99,6 +100,10 @@ class EngineConfig:
     max_pending: int = 1024
     max_queries: int = 16
     context_reserve: int = 512
+    # A block-granular prefix cache shared by one-off requests (the vLLM-style baseline the
+    # benchmark compares with): capacity in blocks, 0 for none.
+    prefix_cache_blocks: int = 0
+    prefix_block: int = 16
 
     def prepos(self) -> PreposConfig:
         if self.predictor not in PREDICTORS:
@@ -211,6 +216,7 @@ class Turn:
     chosen: int | None = None
     verify: Callable[[], None] | None = None
     reloaded: int = 0
+    shadow: dict[str, Any] | None = None  # what the gate would have said on an exact path
 
 
 class Engine:
@@ -241,6 +247,11 @@ class Engine:
         self.sessions = SessionRegistry(backend, self.book, self.scheduler, self.budget, limits, store, spill)
         self.book.make_room = self.sessions.make_room
         self.context_limit = min(info.context_length, self.config.max_context or info.context_length)
+        self.prefix_cache = (
+            PrefixCache(backend, self.config.prefix_block, self.config.prefix_cache_blocks)
+            if self.config.prefix_cache_blocks
+            else None
+        )
         self.started = time.time()
         self._reaper_stop = threading.Event()
         self.stream_stats = StreamStats()
@@ -427,6 +438,8 @@ class Engine:
         s, prompt = t.session, t.prompt
         if t.persistent:
             t.reloaded = self.sessions.reload(s)
+        if self.prefix_cache is not None and not t.persistent:
+            self.prefix_cache.attach(s, prompt)
         exact = next((rp for rp in s.ready.values() if rp.ids == prompt and self.book.valid(s, rp)), None)
         nxt = s.ready.get("next")
         if nxt is not None and (
@@ -511,6 +524,8 @@ class Engine:
             t.path = "cold"
         elif s.entry_len is not None and lcp >= s.entry_len:
             t.path = "entry"
+        elif not t.persistent:
+            t.path = "prefix"  # a one-off request that found blocks in the shared prefix cache
         else:
             t.path = "session"
         logits = yield from self.book.advance(s, prompt, background=False, chunk=len(prompt))
@@ -519,6 +534,7 @@ class Engine:
             choice, gap = self._signal(rp, t.candidates)
             real = candidate_gap(logits, t.candidates[1])[0] if t.candidates is not None else int(logits.argmax())
             self.gate.record(gap, choice == real, fired=False)
+            t.shadow = {"gap": gap, "agree": choice == real, "choice": choice}
             if self._gate_on(t):
                 self.gate.decline()
         if t.candidates is not None:
@@ -596,7 +612,11 @@ class Engine:
             speculative=t.speculative,
             verified=t.verified,
             candidate=t.chosen,
-            extra={"forwards_before_first_token": em.forwards_before_first, "reloaded_tokens": t.reloaded},
+            extra={
+                "forwards_before_first_token": em.forwards_before_first,
+                "reloaded_tokens": t.reloaded,
+                **({"shadow": t.shadow} if t.shadow else {}),
+            },
             tool_calls=answer.calls or None,
         )
         self.stats.record_request(
@@ -630,6 +650,8 @@ class Engine:
     def _after(self, t: Turn) -> None:
         """Tidy the session once its request is answered, and queue its idle-time work."""
         s = t.session
+        if self.prefix_cache is not None and not t.persistent:
+            self.prefix_cache.store(s)
         if t.req.ephemeral and t.persistent:
             # Leave only the session's own context: the question was a one-off.
             own = self.template.entry(s.messages, "user", tools=s.tools) if s.messages else []

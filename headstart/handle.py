@@ -41,7 +41,7 @@ class Completion:
     decided_ms: float
     e2e_ms: float
     foreground_wait_ms: float
-    background_wait_ms: float = 0.0
+    background_wait_ms: float = 0.0  # of foreground_wait_ms, the time spent behind background chunks
     logit_gap: float | None = None
     speculative: bool = False
     verified: bool | None = None
@@ -64,6 +64,7 @@ class Handle:
         self.arrival = time.perf_counter()
         self.cancelled = False
         self.completion: Completion | None = None
+        self.job: Any = None  # the scheduler's job, set by the engine (its background wait)
         self._loop = loop
         self._async: asyncio.Queue[Any] | None = asyncio.Queue() if loop is not None else None
         self._sync: queue.Queue[Any] = queue.Queue()

@@ -33,9 +33,13 @@ class PreposConfig:
 
 
 def next_role(messages: list[Message]) -> str:
-    """``tool`` after an answer that called tools, else ``user``."""
-    if messages and messages[-1].get("role") == "assistant" and messages[-1].get("tool_calls"):
-        return "tool"
+    """``tool`` after an answer that called tools, or in a loop that answered a tool result
+    last time (an agent whose model writes its calls as plain text); else ``user``."""
+    if messages and messages[-1].get("role") == "assistant":
+        if messages[-1].get("tool_calls"):
+            return "tool"
+        if len(messages) >= 2 and messages[-2].get("role") == "tool":
+            return "tool"
     return "user"
 
 

@@ -10,7 +10,7 @@ from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-PATHS = ("ready_exact", "gate", "entry", "session", "cold")
+PATHS = ("ready_exact", "gate", "entry", "session", "prefix", "cold")
 WINDOW = 10_000
 
 

@@ -1,0 +1,231 @@
+"""``headstart bench``: every mode side by side on one workload, in one run.
+
+The model is loaded once; each mode gets a fresh engine on it and the same sessions,
+requests and gaps, one mode after another, so the machine is the same for all and its
+noise largely cancels in the ratios. Exact modes must reproduce the ``stateless``
+outputs token for token; the run fails loudly when one does not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import shlex
+import signal
+import sys
+import threading
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+from headstart.bench import modes as modes_mod
+from headstart.bench.workloads import WORKLOADS, Workload, load_trace, make_workload, parse_gaps
+from headstart.gate import DEFAULT_THRESHOLD
+from headstart.prepos import PREDICTORS
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workload", choices=WORKLOADS, default="agent", help="traffic to generate (default agent)")
+    p.add_argument("--trace", default=None, help="replay a JSONL trace instead of generating a workload")
+    p.add_argument("--quick", action="store_true", help="a small version of the workload: a smoke test")
+    p.add_argument("--sessions", type=int, default=None, help="sessions in the workload")
+    p.add_argument("--turns", type=int, default=None, help="requests per session")
+    p.add_argument("--max-tokens", type=int, default=None, help="answer length cap")
+    p.add_argument("--clients", type=int, default=None, help="sessions in flight at once (default 2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rounds", type=int, default=None,
+                   help="run every mode on one group of sessions before the next group; default: groups of "
+                        "--clients sessions, so a slow spell of a shared machine hits all modes alike")
+    p.add_argument("--gaps", default=None,
+                   help="idle gaps: long (default; 2-5 s and the session's idle work finished), short "
+                        "(0.05-0.3 s, work in flight gets cancelled), fixed:S, uniform:A:B, exp:MEAN, "
+                        "lognormal:MEDIAN:SIGMA; +settle / -settle to add or drop the wait for idle work")
+    p.add_argument("--modes", default=",".join(modes_mod.BASE_MODES),
+                   help="comma-separated; also prepositioned:PREDICTOR to compare predicted deltas "
+                        f"({', '.join(PREDICTORS)})")
+    p.add_argument("--gap-threshold", default=str(DEFAULT_THRESHOLD),
+                   help="the gate's logit-gap threshold, or 'auto': calibrated on this run's prepositioned "
+                        "mode to --target (in-sample)")
+    p.add_argument("--target", type=float, default=0.95, help="precision the calibration aims for")
+    p.add_argument("--predictor", choices=PREDICTORS, default="continuation", help="predicted next message")
+    p.add_argument("--prefix-blocks", type=int, default=1024, help="prefix_cache capacity in blocks")
+    p.add_argument("--prefix-block", type=int, default=16, help="prefix_cache block size in tokens")
+    p.add_argument("--peer", choices=modes_mod.PEERS, default=None, help="also run a real peer over HTTP")
+    p.add_argument("--peer-python", default=sys.executable,
+                   help="interpreter with llama-cpp-python[server] for the peer (default: this one)")
+    p.add_argument("--json", default=None, help="write the JSON report here")
+    p.add_argument("--out", default=None, help="write PNG plots into this folder")
+    p.add_argument("--records", default=None, help="write every request's record here (JSONL)")
+    p.add_argument("--trace-out", default=None, help="write the workload as a JSONL trace here")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch and for the peer (default: torch's choice); 1 is steadier on a "
+                        "machine shared with other jobs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _workload(args: argparse.Namespace) -> Workload:
+    if args.trace:
+        gaps = parse_gaps(args.gaps) if args.gaps else None
+        return load_trace(args.trace, gaps)
+    return make_workload(
+        args.workload,
+        seed=args.seed,
+        quick=args.quick,
+        sessions=args.sessions,
+        turns=args.turns,
+        max_tokens=args.max_tokens,
+        gaps=args.gaps,
+    )
+
+
+def backend_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _record_json(r: Any) -> dict[str, Any]:
+    d = asdict(r)
+    d.pop("completion", None)
+    return d
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from headstart.bench.plots import write_plots
+    from headstart.bench.report import build_report, failures, markdown
+    from headstart.bench.runner import ModeRun, merge, run_mode, warm_up
+    from headstart.model import load
+    from headstart.model.loader import resolve
+    from headstart.template import ChatTemplate
+
+    try:
+        workload = _workload(args)
+        auto = args.gap_threshold == "auto"
+        threshold = DEFAULT_THRESHOLD if auto else float(args.gap_threshold)
+        names = [m.strip() for m in args.modes.split(",") if m.strip()]
+        specs = modes_mod.mode_specs(
+            names,
+            gap_threshold=threshold,
+            predictor=args.predictor,
+            prefix_blocks=args.prefix_blocks,
+            prefix_block=args.prefix_block,
+        )
+    except (ValueError, OSError) as exc:
+        print(f"headstart bench: {exc}", file=sys.stderr)
+        return 2
+    if auto and "gate" in names and "prepositioned" not in names[: names.index("gate")]:
+        print("headstart bench: --gap-threshold auto needs the prepositioned mode before gate", file=sys.stderr)
+        return 2
+    clients = args.clients or (1 if len(workload.sessions) == 1 else 2)
+    if args.trace_out:
+        workload.to_jsonl(args.trace_out)
+    notes: list[str] = []
+    peer_reason = None
+    if args.peer:
+        from headstart.bench import peer_llamacpp
+
+        peer_reason = peer_llamacpp.unavailable(args.peer_python)
+        if peer_reason:
+            msg = f"skipping the llamacpp peer: {peer_reason}. To run it: {peer_llamacpp.INSTALL_HINT}"
+            print(f"headstart bench: {msg}", file=sys.stderr)
+            notes.append(msg)
+
+    if threads := args.threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    if threading.current_thread() is threading.main_thread():
+        # A plain `kill` unwinds like Ctrl-C, so the peer's server process is stopped too.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    print(f"loading the model... ({workload.requests} requests x {len(specs)} modes, {clients} clients)",
+          file=sys.stderr)
+    backend = load(args.model, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir)
+    template = ChatTemplate(backend.tokenizer)  # type: ignore[attr-defined]
+    warm_up(backend)
+    legs = len(specs) + (1 if args.peer and not peer_reason else 0)
+    bar = tqdm(total=workload.requests * legs, unit="req", disable=args.no_progress, file=sys.stderr,
+               dynamic_ncols=True)
+
+    def calibrated(spec: modes_mod.ModeSpec, runs: dict[str, ModeRun]) -> modes_mod.ModeSpec:
+        """With ``--gap-threshold auto``, the gate at the threshold the prepositioned run
+        calibrates to ``--target`` (in-sample; no threshold reaching it: the gate never fires)."""
+        if not (auto and spec.name == "gate"):
+            return spec
+        from headstart.bench.report import calibration_figures, shadow_pairs
+
+        pre = runs["prepositioned"]
+        hits = sum(r.path == "ready_exact" for r in pre.records)
+        cal = calibration_figures(shadow_pairs(pre), args.target, hits, len(pre.records))
+        chosen = cal["threshold"] if cal["threshold"] is not None else float("inf")
+        notes.append(
+            f"gate threshold calibrated on this run's prepositioned mode (in-sample) to precision "
+            f"{args.target:g}: {chosen:g}, resting on {cal['rests_on']} requests"
+        )
+        description = spec.description.replace(f"{threshold:g}", f"{chosen:g}")
+        return replace(spec, config=replace(spec.config, gap_threshold=chosen), description=description)
+
+    # Calibrating in-run needs the whole prepositioned run before the gate: one round then.
+    rounds = 1 if auto else (args.rounds or -(-len(workload.sessions) // clients))
+    parts = workload.split(rounds)
+    runs: dict[str, ModeRun] = {}
+    started = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        stack.callback(bar.close)
+        peer = None
+        if args.peer and not peer_reason:
+            from headstart.bench import peer_llamacpp
+
+            source = resolve(args.model, args.cache_dir)
+            if source.is_gguf:
+                gguf = source.path / str(source.gguf_file)
+                peer = stack.enter_context(
+                    peer_llamacpp.LlamaCppServer(gguf, args.peer_python, threads=backend_threads())
+                )
+            else:
+                notes.append("skipping the llamacpp peer: the model is not a GGUF file")
+        for number, part in enumerate(parts, start=1):
+            for spec in specs:
+                tag = f"{spec.name} [{number}/{len(parts)}]" if len(parts) > 1 else spec.name
+                bar.set_description(tag)
+                run = run_mode(backend, calibrated(spec, runs), part, clients, bar.update)
+                runs[spec.name] = merge(runs.get(spec.name), run)
+                bar.write(f"{tag}: {len(run.records)} requests in {run.wall_s:.0f} s")
+            if peer is not None:
+                bar.set_description(f"{peer_llamacpp.NAME} [{number}/{len(parts)}]")
+                run = peer_llamacpp.run_peer(peer, part, template, clients, bar.update)
+                runs[run.name] = merge(runs.get(run.name), run)
+                bar.write(f"{run.name} [{number}/{len(parts)}]: {len(run.records)} requests in {run.wall_s:.0f} s")
+    elapsed = time.perf_counter() - started
+    model = {"name": backend.info.name, "device": backend.info.device, "dtype": backend.info.dtype}
+    command = "headstart " + " ".join(shlex.quote(a) for a in (args.argv or []))
+    report = build_report(
+        workload.describe(), model, runs, target=args.target, clients=clients, command=command, notes=notes,
+        predictor=args.predictor,
+    )
+    report["elapsed_s"] = round(elapsed, 1)
+    print(markdown(report))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+        print(f"report: {args.json}", file=sys.stderr)
+    if args.records:
+        with open(args.records, "w") as f:
+            for run in runs.values():
+                for rec in run.records:
+                    f.write(json.dumps(_record_json(rec)) + "\n")
+    if args.out:
+        for path in write_plots(runs, report, args.out):
+            print(f"plot: {path}", file=sys.stderr)
+    bad = failures(report)
+    if bad:
+        print("\n" + "!" * 72, file=sys.stderr)
+        print("EXACTNESS FAILURE: exact modes gave outputs different from stateless:", file=sys.stderr)
+        for line in bad:
+            print(f"  {line}", file=sys.stderr)
+        print("!" * 72, file=sys.stderr)
+        return 1
+    return 0
