@@ -98,3 +98,35 @@ def test_a_workload_survives_a_trace_round_trip(tmp_path: Path) -> None:
     path.write_text('{"id": "x"}\n')
     with pytest.raises(ValueError, match="not a session line"):
         load_trace(path)
+
+
+def test_agent_with_real_tools_sends_tools_instead_of_schemas_in_the_prompt(tmp_path) -> None:
+    from headstart.bench.workloads import TOOL_CALL_TOKENS, load_trace, make_workload
+
+    plain = make_workload("agent", quick=True)
+    real = make_workload("agent", quick=True, real_tools=True)
+    assert all(s.tools is None and "JSON schema" in s.system for s in plain.sessions)
+    for s in real.sessions:
+        assert s.tools and all(t["type"] == "function" and t["function"]["name"] for t in s.tools)
+        assert "JSON schema" not in s.system
+        assert all(step.max_tokens >= TOOL_CALL_TOKENS for step in s.steps)
+    # the same content otherwise: only how the tools travel differs
+    assert [st.messages for st in plain.sessions[0].steps] == [st.messages for st in real.sessions[0].steps]
+    real.to_jsonl(tmp_path / "t.jsonl")
+    assert load_trace(tmp_path / "t.jsonl").sessions[0].tools == real.sessions[0].tools
+
+
+def test_tool_results_answer_the_calls_the_model_made() -> None:
+    from headstart.bench.runner import answered, reply
+    from headstart.handle import Completion
+    from headstart.tools import ToolCall
+
+    call = ToolCall("read_file", {"path": "x.py"}, id="call_abc")
+    c = Completion(text="", token_ids=[1], finish_reason="tool_calls", path="cold", session_id=None,
+                   prompt_tokens=1, cached_tokens=0, ttft_ms=1, decided_ms=1, e2e_ms=1, foreground_wait_ms=0,
+                   tool_calls=[call])
+    message = reply(c)
+    assert message["tool_calls"][0]["id"] == "call_abc"
+    step = ({"role": "tool", "tool_call_id": "call_0", "content": "ok"},)
+    assert answered(step, ["call_abc"])[0]["tool_call_id"] == "call_abc"
+    assert answered(step, [])[0]["tool_call_id"] == "call_0"

@@ -65,7 +65,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _workload(args: argparse.Namespace) -> Workload:
+def _workload(args: argparse.Namespace, real_tools: bool = False) -> Workload:
     if args.trace:
         gaps = parse_gaps(args.gaps) if args.gaps else None
         return load_trace(args.trace, gaps)
@@ -77,6 +77,7 @@ def _workload(args: argparse.Namespace) -> Workload:
         turns=args.turns,
         max_tokens=args.max_tokens,
         gaps=args.gaps,
+        real_tools=real_tools,
     )
 
 
@@ -145,6 +146,10 @@ def run_bench(args: argparse.Namespace) -> int:
           file=sys.stderr)
     backend = load(args.model, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir)
     template = ChatTemplate(backend.tokenizer)  # type: ignore[attr-defined]
+    if template.supports_tools and not args.trace and args.workload == "agent":
+        # A tool-capable model gets the agent loop as agents send it: `tools` and real calls.
+        workload = _workload(args, real_tools=True)
+        notes.append("agent workload with real tools: `tools` in each request, tool calls and tool messages")
     warm_up(backend)
     legs = len(specs) + (1 if args.peer and not peer_reason else 0)
     bar = tqdm(total=workload.requests * legs, unit="req", disable=args.no_progress, file=sys.stderr,
@@ -180,7 +185,9 @@ def run_bench(args: argparse.Namespace) -> int:
             from headstart.bench import peer_llamacpp
 
             source = resolve(args.model, args.cache_dir)
-            if source.is_gguf:
+            if any(script.tools for script in workload.sessions):
+                notes.append("skipping the llamacpp peer: the workload sends tools, which the peer is not set up for")
+            elif source.is_gguf:
                 gguf = source.path / str(source.gguf_file)
                 peer = stack.enter_context(
                     peer_llamacpp.LlamaCppServer(gguf, args.peer_python, threads=backend_threads())

@@ -141,7 +141,26 @@ def request_for(spec: ModeSpec, script: Script, step: Step, messages: list[Messa
         params=SamplingParams(max_tokens=step.max_tokens),
         session_id=script.id if spec.sessions else None,
         fast_answer=list(step.fast_answer) if step.fast_answer else None,
+        tools=list(script.tools) if script.tools else None,
     )
+
+
+def answered(step_messages: tuple[Message, ...], call_ids: list[str]) -> list[Message]:
+    """A step's messages with tool results tied to the calls the last answer made."""
+    out = []
+    for m in step_messages:
+        if m.get("role") == "tool" and call_ids:
+            m = {**m, "tool_call_id": call_ids[0]}
+        out.append(m)
+    return out
+
+
+def reply(c: Completion) -> Message:
+    """The answer as the next request sends it back: with its tool calls, if it made any."""
+    message: Message = {"role": "assistant", "content": c.text}
+    if c.tool_calls:
+        message["tool_calls"] = [call.message() for call in c.tool_calls]
+    return message
 
 
 def _drive(
@@ -155,16 +174,18 @@ def _drive(
     progress: Progress | None,
 ) -> None:
     messages: list[Message] = [{"role": "system", "content": script.system}] if script.system else []
+    call_ids: list[str] = []
     for i, step in enumerate(script.steps):
         time.sleep(step.gap_s)
         waited = time.perf_counter()
         if spec.sessions:
             _wait_for_session(engine, script.id, settle=workload.gaps.settle and spec.pre_positions)
         settle_ms = (time.perf_counter() - waited) * 1000
-        messages.extend(step.messages)
+        messages.extend(answered(step.messages, call_ids))
         arrival = time.perf_counter() - t0
         c = engine.submit(request_for(spec, script, step, messages)).result()
-        messages.append({"role": "assistant", "content": c.text})
+        messages.append(reply(c))
+        call_ids = [call.id for call in c.tool_calls or []]
         rec = Record(
             mode=spec.name,
             session=script.id,

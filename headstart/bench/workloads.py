@@ -129,6 +129,7 @@ class Script:
     system: str | None
     steps: tuple[Step, ...]
     query: str | None = None
+    tools: tuple[dict[str, Any], ...] | None = None  # sent as the request's `tools` (OpenAI form)
 
 
 @dataclass(frozen=True)
@@ -189,7 +190,8 @@ def load_trace(path: str | Path, gaps: GapSpec | None = None) -> Workload:
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{path}:{n}: not a session line ({exc})") from None
         name = raw.get("workload", name)
-        sessions.append(Script(str(raw.get("id", f"s{n}")), raw.get("system"), steps, raw.get("query")))
+        tools = tuple(raw["tools"]) if raw.get("tools") else None
+        sessions.append(Script(str(raw.get("id", f"s{n}")), raw.get("system"), steps, raw.get("query"), tools))
     if not sessions:
         raise ValueError(f"{path}: no sessions")
     return Workload(name, 0, tuple(sessions), gaps or GapSpec("fixed", 0.0, 0.0, settle=True))
@@ -265,6 +267,15 @@ _AGENT_SYSTEM = (
 )
 
 
+_AGENT_SYSTEM_TOOLS = (
+    "You are CodeFix, an autonomous software engineering agent working in the Python repository "
+    "`{repo}`. You solve the user's task step by step by calling the tools you are given; you "
+    "cannot see the repository except through them. Call exactly one tool per message. Read the "
+    "code before editing it, run the failing test after every edit, keep edits minimal, and "
+    "call finish when the test passes."
+)
+
+
 def _code_lines(rng: random.Random, n: int) -> list[str]:
     lines = []
     fn = _ident(rng)
@@ -317,7 +328,12 @@ def _tool_result(rng: random.Random, turn: int, module: str, test: str) -> str:
     )
 
 
-def agent_script(seed: int, index: int, turns: int, max_tokens: int, gaps: GapSpec) -> Script:
+def agent_script(
+    seed: int, index: int, turns: int, max_tokens: int, gaps: GapSpec, real_tools: bool = False
+) -> Script:
+    """An agent session. With ``real_tools`` (a model whose template renders tools) the
+    schemas go in the request's ``tools`` and the model answers with real tool calls;
+    otherwise they are written into the system prompt, as one does for such a model."""
     rng = random.Random(f"agent:{seed}:{index}")
     gr = _Gaps(seed, "agent", index, gaps)
     repo = f"{rng.choice(_WORDS)}-{rng.choice(_WORDS)}"
@@ -325,8 +341,13 @@ def agent_script(seed: int, index: int, turns: int, max_tokens: int, gaps: GapSp
     test = f"tests/test_{module}.py::test_{_ident(rng)}"
     err, msg = rng.choice(_ERRORS)
     msg = msg.format(w=rng.choice(_WORDS), n=rng.randrange(10), m=rng.randrange(10, 20))
-    tools = "\n".join(json.dumps(t) for t in rng.sample(_TOOLS, len(_TOOLS)))
-    system = _AGENT_SYSTEM.format(repo=repo, tools=tools)
+    schemas = rng.sample(_TOOLS, len(_TOOLS))
+    if real_tools:
+        system = _AGENT_SYSTEM_TOOLS.format(repo=repo)
+        tools: tuple[dict[str, Any], ...] | None = tuple({"type": "function", "function": t} for t in schemas)
+    else:
+        system = _AGENT_SYSTEM.format(repo=repo, tools="\n".join(json.dumps(t) for t in schemas))
+        tools = None
     task = (
         f"Task: the test `{test}` fails with `{err}: {msg}` since the last change to the "
         f"`{module}` package. Find the cause and fix it without breaking the other tests."
@@ -341,7 +362,7 @@ def agent_script(seed: int, index: int, turns: int, max_tokens: int, gaps: GapSp
                 "tool",
             )
         )
-    return Script(f"agent-{seed}-{index}", system, tuple(steps))
+    return Script(f"agent-{seed}-{index}", system, tuple(steps), tools=tools)
 
 
 # -- stream ----------------------------------------------------------------------------
@@ -439,6 +460,8 @@ def chat_script(seed: int, index: int, turns: int, max_tokens: int, gaps: GapSpe
 
 # -- the entry point -------------------------------------------------------------------
 
+TOOL_CALL_TOKENS = 48  # a whole JSON call of these tools; a call cut short is plain content
+
 # (sessions, turns, max_tokens) for the full and the quick setting
 SIZES = {
     "agent": {"full": (4, 9, 16), "quick": (2, 3, 8)},
@@ -456,11 +479,15 @@ def make_workload(
     turns: int | None = None,
     max_tokens: int | None = None,
     gaps: GapSpec | str | None = None,
+    real_tools: bool = False,
 ) -> Workload:
-    """The named workload; ``quick`` shrinks it to a smoke test, the others override sizes."""
+    """The named workload; ``quick`` shrinks it to a smoke test, the others override sizes.
+    ``real_tools``: the agent sends ``tools`` and its answers need room for a whole call."""
     if name not in WORKLOADS:
         raise ValueError(f"workload must be one of {WORKLOADS}")
     n, t, mt = SIZES[name]["quick" if quick else "full"]
+    if name == "agent" and real_tools:
+        mt = max(mt, TOOL_CALL_TOKENS)
     n, t, mt = sessions or n, turns or t, max_tokens or mt
     if n < 1 or t < 1 or mt < 1:
         raise ValueError("sessions, turns and max_tokens must be positive")
@@ -468,7 +495,7 @@ def make_workload(
         gaps = "quick" if quick else "long"
     gap = parse_gaps(gaps) if isinstance(gaps, str) else gaps
     if name == "agent":
-        scripts = [agent_script(seed, i, t, mt, gap) for i in range(n)]
+        scripts = [agent_script(seed, i, t, mt, gap, real_tools) for i in range(n)]
     elif name == "stream":
         scripts = [stream_script(seed, i, t, gap) for i in range(n)]
     else:
