@@ -162,3 +162,16 @@ def test_the_curve_says_how_often_gate_answers_are_right_by_the_rule() -> None:
     curve = [{"threshold": 1.0}, {"threshold": 3.0}, {"threshold": 5.0}]
     add_correctness(curve, records)
     assert [p["correct"] for p in curve] == [0.5, 1.0, None]
+
+
+def test_requests_that_shared_the_model_with_another_session_are_flagged() -> None:
+    from headstart.bench.runner import mark_overlaps
+
+    records = [
+        rec("m", "a", 0, "cold", 1, [], arrival_s=0.0, e2e_ms=1000),
+        rec("m", "b", 0, "cold", 1, [], arrival_s=0.5, e2e_ms=1000),  # overlaps a/0
+        rec("m", "a", 1, "cold", 1, [], arrival_s=1.6, e2e_ms=100),  # after b/0 ended at 1.5 s
+        rec("m", "a", 2, "cold", 1, [], arrival_s=3.0, e2e_ms=100),
+    ]
+    mark_overlaps(records)
+    assert [r.overlapped for r in records] == [True, True, False, False]

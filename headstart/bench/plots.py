@@ -98,3 +98,22 @@ def write_plots(runs: dict[str, ModeRun], report: dict[str, Any], out: str | Pat
         paths.append(gate_curve(report["gate"], f"Gate precision vs coverage: {name}, {model}",
                                 folder / f"{name}-gate-curve.png"))
     return paths
+
+
+def replot(report_path: str | Path, records_path: str | Path, out: str | Path) -> list[Path]:
+    """Draw the plots again from a saved report (``--json``) and its records (``--records``)."""
+    import json
+
+    from headstart.bench.runner import Record
+
+    report = json.loads(Path(report_path).read_text())
+    by_mode: dict[str, list[Record]] = {}
+    fields = set(Record.__dataclass_fields__)
+    for line in Path(records_path).read_text().splitlines():
+        raw = json.loads(line)
+        by_mode.setdefault(raw["mode"], []).append(Record(**{k: v for k, v in raw.items() if k in fields}))
+    runs = {
+        name: ModeRun(name, "", False, by_mode.get(name, []), 0.0, {}, {}, [])
+        for name in report["modes"]
+    }
+    return write_plots(runs, report, out)

@@ -54,6 +54,7 @@ class Record:
     truth: str | None = None
     candidates: list[str] | None = None
     shadow: dict[str, Any] | None = None
+    overlapped: bool = False  # in flight while another session's request was
     completion: Completion | None = field(default=None, repr=False)
 
     @property
@@ -249,7 +250,20 @@ def run_clients(
     if errors:
         raise errors[0]
     records.sort(key=lambda r: (r.session, r.step))
+    mark_overlaps(records)
     return records, wall
+
+
+def mark_overlaps(records: list[Record]) -> None:
+    """Flag requests that shared the model with another session's request: they take turns
+    step by step, so their times grow for reasons that are not their mode's."""
+    spans = sorted((r.arrival_s, r.arrival_s + r.e2e_ms / 1000, i) for i, r in enumerate(records))
+    for a, (_, end, i) in enumerate(spans):
+        for start2, _, j in spans[a + 1 :]:
+            if start2 >= end:
+                break
+            if records[i].session != records[j].session:
+                records[i].overlapped = records[j].overlapped = True
 
 
 def warm_up(backend: Backend) -> None:
