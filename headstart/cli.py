@@ -9,7 +9,7 @@ import sys
 
 from headstart.engine import EngineConfig
 from headstart.gate import DEFAULT_THRESHOLD
-from headstart.prepos import PREDICTORS
+from headstart.prepos import DEFAULT_PREDICTOR, PREDICTORS
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -24,7 +24,7 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-pre-position", action="store_true", help="no idle-time work")
     p.add_argument("--no-gate", action="store_true", help="exact paths only")
     p.add_argument("--gap-threshold", type=float, default=DEFAULT_THRESHOLD, help="gate threshold (logit gap)")
-    p.add_argument("--predictor", choices=PREDICTORS, default="continuation",
+    p.add_argument("--predictor", choices=PREDICTORS, default=DEFAULT_PREDICTOR,
                    help="what pre-positioning assumes the next message is")
     p.add_argument("--background-chunk", type=int, default=16, help="tokens per background chunk")
     p.add_argument("--kv-budget", type=parse_bytes, default=None,

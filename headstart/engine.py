@@ -34,7 +34,7 @@ from headstart.handle import Completion, Delta, Handle
 from headstart.kvbook import KVBook
 from headstart.model.backend import Backend
 from headstart.prefixcache import PrefixCache
-from headstart.prepos import PREDICTORS, PreposConfig
+from headstart.prepos import DEFAULT_PREDICTOR, PREDICTORS, PreposConfig
 from headstart.registry import Limits, SessionRegistry
 from headstart.sampling import SamplingParams, accept, candidate_gap, pick, top_gap
 from headstart.scheduler import Job, Scheduler
@@ -86,7 +86,7 @@ class EngineConfig:
     pre_position: bool = True
     gate: bool = True
     gap_threshold: float = 2.0
-    predictor: str = "continuation"
+    predictor: str = DEFAULT_PREDICTOR
     background_chunk: int = 16
     continuation_cap: int = 32
     forced_cap: int = 16

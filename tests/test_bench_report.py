@@ -142,7 +142,7 @@ def test_predicted_deltas_are_compared_by_coverage_at_the_target_and_cost() -> N
         rec("prepositioned:empty", "s", 3, "entry", 200, [13], shadow={"gap": 0.5, "agree": False, "choice": 1}),
     ], bg={"computed": 8, "reused": 8, "wasted": 0})
     report = build_report({"name": "t", "seed": 0, "sessions": 1, "requests": 4, "gaps": "x"},
-                          {"name": "m"}, runs, target=0.9, clients=1)
+                          {"name": "m"}, runs, target=0.9, clients=1, predictor="continuation")
     preds = report["predictors"]
     assert set(preds) == {"continuation", "empty"}
     assert preds["continuation"]["coverage_at_target"] == 0.5  # one exact hit, one gate answer

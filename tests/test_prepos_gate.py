@@ -110,7 +110,9 @@ def test_foreground_request_preempts_background_within_one_chunk(
     real: HFBackend, make_engine: Callable[..., Engine]
 ) -> None:
     # A long predicted message gives the background plenty of chunks to interrupt.
-    engine = make_engine(real, gate=False, continuation_cap=400, forced_cap=64, background_chunk=8)
+    engine = make_engine(
+        real, gate=False, predictor="continuation", continuation_cap=400, forced_cap=64, background_chunk=8
+    )
     history = _after_idle(engine, "long", n_turns=1)
     other = _after_idle(engine, "other", n_turns=1)
     session = engine.get_session("long")

@@ -23,7 +23,7 @@ from typing import Any
 from headstart.bench import modes as modes_mod
 from headstart.bench.workloads import WORKLOADS, Workload, load_trace, make_workload, parse_gaps
 from headstart.gate import DEFAULT_THRESHOLD
-from headstart.prepos import PREDICTORS
+from headstart.prepos import DEFAULT_PREDICTOR, PREDICTORS
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
@@ -49,7 +49,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="the gate's logit-gap threshold, or 'auto': calibrated on this run's prepositioned "
                         "mode to --target (in-sample)")
     p.add_argument("--target", type=float, default=0.95, help="precision the calibration aims for")
-    p.add_argument("--predictor", choices=PREDICTORS, default="continuation", help="predicted next message")
+    p.add_argument("--predictor", choices=PREDICTORS, default=DEFAULT_PREDICTOR, help="predicted next message")
     p.add_argument("--prefix-blocks", type=int, default=1024, help="prefix_cache capacity in blocks")
     p.add_argument("--prefix-block", type=int, default=16, help="prefix_cache block size in tokens")
     p.add_argument("--peer", choices=modes_mod.PEERS, default=None, help="also run a real peer over HTTP")

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 from headstart.engine import EngineConfig
 from headstart.gate import DEFAULT_THRESHOLD
-from headstart.prepos import PREDICTORS
+from headstart.prepos import DEFAULT_PREDICTOR, PREDICTORS
 
 BASE_MODES = ("stateless", "prefix_cache", "session", "prepositioned", "gate")
 PEERS = ("llamacpp",)
@@ -44,7 +44,7 @@ def mode_specs(
     names: list[str],
     *,
     gap_threshold: float = DEFAULT_THRESHOLD,
-    predictor: str = "continuation",
+    predictor: str = DEFAULT_PREDICTOR,
     prefix_blocks: int = 1024,
     prefix_block: int = 16,
     background_chunk: int = 16,

@@ -14,6 +14,7 @@ from typing import Any
 
 from headstart.bench.runner import ModeRun, Record
 from headstart.gate import calibrate
+from headstart.prepos import DEFAULT_PREDICTOR
 from headstart.stats import PATHS, percentile, summary
 
 REFERENCE = "stateless"
@@ -267,7 +268,7 @@ def correctness(runs: dict[str, ModeRun], reference: ModeRun) -> dict[str, Any]:
     return out
 
 
-def predictor_report(runs: dict[str, ModeRun], target: float, default: str = "continuation") -> dict[str, Any]:
+def predictor_report(runs: dict[str, ModeRun], target: float, default: str = DEFAULT_PREDICTOR) -> dict[str, Any]:
     """Coverage at the target precision per predicted delta (``prepositioned:PREDICTOR`` runs),
     with the background tokens each costs per request."""
     out = {}
@@ -312,7 +313,7 @@ def build_report(
     clients: int,
     command: str | None = None,
     notes: list[str] | None = None,
-    predictor: str = "continuation",
+    predictor: str = DEFAULT_PREDICTOR,
 ) -> dict[str, Any]:
     reference = runs.get(REFERENCE)
     modes = {name: mode_report(run, reference if name != REFERENCE else None) for name, run in runs.items()}
