@@ -182,6 +182,9 @@ def _drive(
         if spec.sessions:
             _wait_for_session(engine, script.id, settle=workload.gaps.settle and spec.pre_positions)
         settle_ms = (time.perf_counter() - waited) * 1000
+        # A stream step's readings (all but its last message) travel with its question here;
+        # with the sessions API they would be pushed as they arrive and taken in while idle,
+        # and the registered question (the session hint set in run_mode) re-evaluated.
         messages.extend(answered(step.messages, call_ids))
         arrival = time.perf_counter() - t0
         c = engine.submit(request_for(spec, script, step, messages)).result()
