@@ -82,7 +82,10 @@ class LlamaCppServer:
             "--model", str(gguf),
             "--host", "127.0.0.1", "--port", str(self.port),
             "--n_ctx", str(n_ctx),
+            # Both thread counts: prompt processing otherwise takes every core, which collapses
+            # when the machine is shared.
             "--n_threads", str(threads or os.cpu_count() or 1),
+            "--n_threads_batch", str(threads or os.cpu_count() or 1),
             "--cache", "True", "--cache_type", "ram", "--cache_size", str(cache_bytes),
             "--verbose", "False",
             # One request at a time, as the in-process engine; by default a new request cuts off the one
