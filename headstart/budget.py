@@ -56,10 +56,13 @@ class Budget:
         """Bytes actually held (what the budget promises to bound)."""
         return sum(self.actual_bytes(s) for s in sessions)
 
-    def plan(self, sessions: list[Session], need: int, keep: Session, background: bool) -> list[Eviction] | None:
-        """Evictions after which ``keep`` may add ``need`` bytes, or None if there are none."""
+    def plan(
+        self, sessions: list[Session], need: int, keep: Session, background: bool, reserve: int = 0
+    ) -> list[Eviction] | None:
+        """Evictions after which ``keep`` may add ``need`` bytes (or, with ``reserve``, hold a
+        reservation of that many), or None if there are none."""
         counted = sum(self.session_bytes(s) for s in sessions if s is not keep)
-        over = counted + self.session_bytes(keep, need) - self.limit
+        over = counted + max(self.session_bytes(keep, need), reserve) - self.limit
         if over <= 0:
             return []
         plan: list[Eviction] = []

@@ -217,19 +217,9 @@ class SessionRegistry:
         no request is computing; a queued request's session may lose its KV here (its
         request then recomputes, or reloads it from the spill folder).
         """
-        sessions = self._holding_kv()
-        counted = sum(self.budget.session_bytes(x) for x in sessions if x is not s)
-        own = self.budget.actual_bytes(s)
-        over = counted + max(own, reserve) - self.budget.limit
-        plan: list[Eviction] = []
-        if over > 0:
-            for ev in self.budget.candidates(sessions, s, background=False):
-                plan.append(ev)
-                over -= ev.frees
-                if over <= 0:
-                    break
-            else:
-                return False
+        plan = self.budget.plan(self._holding_kv(), 0, s, background=False, reserve=reserve)
+        if plan is None:
+            return False
         for ev in plan:
             self.evict(ev)
         s.reserved = reserve
