@@ -1,0 +1,97 @@
+"""One sequence's KV: a block table into the pool and the token ids whose rows it holds.
+
+A session's KV, a ready position and a one-off request's KV are all ``KVSeq``s. ``fork``
+shares every block, ``crop`` and ``adopt`` move table entries, ``release`` gives blocks
+back; none touches a tensor. The one copy is *copy on write*: appending to a sequence
+whose partly filled last block another sequence also holds first copies that block's
+used rows (at most ``block_size - 1`` rows), so the other sequence's rows never change.
+"""
+
+from __future__ import annotations
+
+from headstart.kv.pool import BlockPool, Reservation
+
+
+class KVSeq:
+    """A block table plus ``ids``: exactly the tokens whose KV rows are written."""
+
+    def __init__(self, pool: BlockPool) -> None:
+        self.pool = pool
+        self.blocks: list[int] = []
+        self.ids: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __del__(self) -> None:
+        # A sequence dropped without release (a discarded one-off request) gives its blocks back.
+        if self.blocks:
+            self.pool.decref(self.blocks)
+
+    def nbytes(self) -> int:
+        """Bytes of the blocks this table references (shared ones included)."""
+        return len(self.blocks) * self.pool.block_bytes
+
+    def _shared_tail(self) -> bool:
+        """Whether the next row lands in a partly filled block another sequence holds."""
+        return len(self.ids) % self.pool.block_size != 0 and self.pool.refs[self.blocks[-1]] > 1
+
+    def blocks_needed(self, tokens: int) -> int:
+        """Blocks that appending ``tokens`` rows would allocate (copy on write included)."""
+        fresh = self.pool.blocks_for(len(self.ids) + tokens) - len(self.blocks)
+        return fresh + (1 if tokens and self._shared_tail() else 0)
+
+    def append(self, ids: list[int], reservation: Reservation | None = None) -> int:
+        """Make room for ``ids``' rows and record them; returns the position of the first.
+
+        The caller writes the rows (a forward); if it fails it crops back to the result.
+        """
+        pool = self.pool
+        start = len(self.ids)
+        if ids and self._shared_tail():
+            old = self.blocks[-1]
+            new = pool.alloc(reservation)
+            pool.copy_rows(old, new, start % pool.block_size)
+            pool.decref([old])
+            self.blocks[-1] = new
+        while len(self.blocks) < pool.blocks_for(start + len(ids)):
+            self.blocks.append(pool.alloc(reservation, near=self.blocks[-1] if self.blocks else None))
+        self.ids.extend(ids)
+        return start
+
+    def slots(self, start: int, count: int) -> list[int]:
+        """Pool rows (block * block_size + offset) of positions ``start .. start+count``."""
+        bs, blocks = self.pool.block_size, self.blocks
+        return [blocks[p // bs] * bs + p % bs for p in range(start, start + count)]
+
+    def crop(self, length: int) -> None:
+        """Keep the first ``length`` rows; whole blocks past them go back to the pool."""
+        if length < 0 or length > len(self.ids):
+            raise ValueError(f"cannot crop a sequence of {len(self.ids)} to {length}")
+        keep = self.pool.blocks_for(length)
+        if keep < len(self.blocks):
+            self.pool.decref(self.blocks[keep:])
+            del self.blocks[keep:]
+        del self.ids[length:]
+
+    def fork(self) -> KVSeq:
+        """A second sequence sharing every block of this one."""
+        other = KVSeq(self.pool)
+        self.pool.incref(self.blocks)
+        other.blocks, other.ids = list(self.blocks), list(self.ids)
+        return other
+
+    def adopt(self, other: KVSeq) -> None:
+        """Take ``other``'s table and ids (``other`` is left empty): a move, no copy."""
+        if other is self:
+            return
+        self.release()
+        self.blocks, other.blocks = other.blocks, []
+        self.ids, other.ids = other.ids, []
+
+    def release(self) -> None:
+        """Give every block back; the sequence is empty afterwards."""
+        blocks, self.blocks = self.blocks, []
+        self.ids = []
+        if blocks:
+            self.pool.decref(blocks)

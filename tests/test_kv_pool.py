@@ -1,0 +1,128 @@
+"""The paged KV pool: forks, crops, adoption and copy on write are bookkeeping, and the
+free-block count is the budget."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from headstart.kv import BlockPool, KVSeq, NoBlocks
+
+
+def _pool(blocks: int = 8, block_size: int = 4) -> BlockPool:
+    per_block = 2 * 2 * 1 * 2 * 4 * block_size  # 2 layers, 1 kv head, head_dim 2, fp32
+    return BlockPool(2, 1, 2, block_size=block_size, budget_bytes=blocks * per_block)
+
+
+def _write(pool: BlockPool, seq: KVSeq, start: int, value: float) -> None:
+    """Fill the rows ``start..`` of ``seq`` with ``value`` + position in every layer."""
+    for p, slot in enumerate(seq.slots(start, len(seq) - start), start):
+        for t in (*pool.k, *pool.v):
+            t.view(-1, 1, 2)[slot] = value + p
+
+
+def _rows(pool: BlockPool, seq: KVSeq) -> torch.Tensor:
+    return pool.read(seq.blocks, len(seq))[0][0][:, 0, 0]
+
+
+def test_fork_shares_blocks_and_crop_gives_whole_blocks_back() -> None:
+    pool = _pool()
+    a = KVSeq(pool)
+    a.append(list(range(10)))  # 3 blocks of 4
+    assert pool.used == 3 and pool.available() == 5
+    b = a.fork()
+    assert b.blocks == a.blocks and pool.used == 3  # no copy
+    assert all(pool.refs[x] == 2 for x in a.blocks)
+    a.crop(5)
+    assert len(a.blocks) == 2 and pool.used == 3  # b still holds the third block
+    b.release()
+    assert pool.used == 2 and pool.available() == 6
+    a.crop(0)
+    assert pool.used == 0 and a.blocks == [] and pool.available() == 8
+
+
+def test_copy_on_write_copies_only_the_shared_partial_block() -> None:
+    pool = _pool()
+    a = KVSeq(pool)
+    a.append(list(range(6)))  # one full block, one with 2 of 4 rows
+    _write(pool, a, 0, 100.0)
+    position = a.fork()
+    a.crop(6)
+    before = list(a.blocks)
+    assert a.blocks_needed(1) == 1  # the shared tail is copied first
+    start = a.append([50])
+    _write(pool, a, start, 500.0)
+    assert a.blocks[0] == before[0] and a.blocks[1] != before[1]  # full block still shared
+    assert pool.refs[before[0]] == 2 and pool.refs[before[1]] == 1
+    assert _rows(pool, a).tolist() == [100, 101, 102, 103, 104, 105, 506]  # copied rows kept
+    assert _rows(pool, position).tolist() == [100, 101, 102, 103, 104, 105]  # the fork untouched
+    # appending to a block nobody else holds copies nothing
+    blocks = list(a.blocks)
+    a.append([51])
+    assert a.blocks == blocks
+
+
+def test_adopt_moves_the_table() -> None:
+    pool = _pool()
+    session = KVSeq(pool)
+    session.append(list(range(5)))
+    position = session.fork()
+    position.append([7, 8, 9, 10])  # copy on write of block 2, then a new block
+    session.crop(4)
+    used = pool.used
+    session.adopt(position)
+    assert session.ids == [0, 1, 2, 3, 4, 7, 8, 9, 10] and position.blocks == [] and len(position) == 0
+    assert pool.used == used  # nothing allocated or freed beyond the old tail
+    assert all(pool.refs[b] == 1 for b in session.blocks)
+
+
+def test_the_budget_is_the_free_block_count_with_reservations() -> None:
+    pool = _pool(blocks=4)
+    r = pool.reserve(3)
+    assert pool.available() == 1
+    idle = KVSeq(pool)
+    idle.append([1, 2, 3, 4])  # takes the one unreserved block
+    with pytest.raises(NoBlocks):
+        idle.append([5])
+    req = KVSeq(pool)
+    req.append(list(range(12)), r)  # drawn from the reservation
+    assert r.left == 0 and pool.reserved == 0 and pool.used == 4
+    with pytest.raises(NoBlocks):
+        req.append([1], r)
+    req.release()
+    idle.release()
+    assert pool.used == 0 and pool.available() == 4
+    r2 = pool.reserve(2)
+    r2.release()
+    assert pool.reserved == 0 and pool.available() == 4
+
+
+def test_charges_count_against_the_budget_and_peak() -> None:
+    pool = _pool(blocks=4)
+    blocks = pool.charge(pool.block_bytes + 1)
+    assert blocks == 2 and pool.available() == 2 and pool.peak == 2
+    pool.uncharge(blocks)
+    assert pool.available() == 4
+
+
+def test_read_write_round_trip_is_bitwise() -> None:
+    pool = _pool()
+    a = KVSeq(pool)
+    a.append(list(range(7)))
+    for t in (*pool.k, *pool.v):
+        t.normal_()
+    rows = pool.read(a.blocks, 7)
+    b = KVSeq(pool)
+    b.append(list(range(7)))
+    pool.write(b.blocks, rows)
+    again = pool.read(b.blocks, 7)
+    assert all(torch.equal(x, y) and torch.equal(u, w) for (x, u), (y, w) in zip(rows, again, strict=True))
+
+
+def test_a_dropped_sequence_gives_its_blocks_back() -> None:
+    pool = _pool()
+    a = KVSeq(pool)
+    a.append(list(range(9)))
+    assert pool.used == 3
+    del a
+    assert pool.used == 0
