@@ -71,6 +71,10 @@ class BlockPool:
         self.refs = [0] * blocks
         self.refs[SCRATCH] = 1
         self._free = set(range(1, blocks))
+        # Masked rows still enter products (times zero), so every block must hold finite
+        # values: zero each one the first time it is handed out (untouched pages stay free).
+        self._never_used = set(range(blocks))
+        self._zero(SCRATCH)
         self.used = 0  # blocks referenced by some sequence
         self.charged = 0  # blocks' worth of memory held beside the tensors (ready logits)
         self.reserved = 0  # promised to reservations, not drawn yet
@@ -127,10 +131,17 @@ class BlockPool:
                 raise NoBlocks("every physical KV block is in use")
             b = near + 1 if near is not None and near + 1 in self._free else self._free.pop()
             self._free.discard(b)
+            if b in self._never_used:
+                self._zero(b)
             self.refs[b] = 1
             self.used += 1
             self._note_peak()
             return b
+
+    def _zero(self, b: int) -> None:
+        self._never_used.discard(b)
+        for t in (*self.k, *self.v):
+            t[b].zero_()
 
     def incref(self, blocks: list[int]) -> None:
         with self.lock:

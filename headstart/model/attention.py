@@ -1,0 +1,93 @@
+"""Attention over the paged pool for a flattened batch of sequences, batch- and chunk-invariant.
+
+Keys are read in *tiles*: the pool's blocks, aligned to absolute positions. Each tile gives
+a softmax partial (its max, its sum and its weighted values) and the partials are combined
+over tiles. A tile past a query's causal limit contributes exactly zero (weight
+``exp(-inf) = 0``, times finite rows), and every product has a fixed inner length (the head
+dim, or the tile), so a query row gets the same bits however many tiles, queries or other
+sequences the step holds: a prompt prefilled in chunks equals it prefilled at once, and a
+sequence in a batch equals it alone. That is what lets every sequence of a step share one
+set of tensor ops per layer (padded to the longest table, with the scratch block), where a
+stock kernel (SDPA) gives other bits for other query counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from headstart.kv.pool import SCRATCH, BlockPool
+
+# Query rows per product at least this many (G query heads per KV head times rows): the
+# CPU GEMM gives other bits for 1 and for 2-3 rows than for 4 or more (see runner.py).
+MIN_PRODUCT_ROWS = 4
+
+
+@dataclass
+class AttnMeta:
+    """Where every sequence of one forward sits, built once per forward."""
+
+    gather: torch.Tensor  # (B, qmax) flattened query rows per sequence (pads repeat a real row)
+    tables: torch.Tensor  # (B, tiles) block numbers, padded with the scratch block
+    blocked: torch.Tensor  # (B, 1, tiles, 1, qmax, tile) True where a query must not look
+    scatter_from: torch.Tensor  # rows of the (B * qmax) output that are real queries
+    scatter_to: torch.Tensor  # their flattened rows
+
+
+def build_meta(
+    spans: list[tuple[int, int, list[int], int]], block_size: int, group: int, device: torch.device
+) -> AttnMeta:
+    """``spans``: per sequence (first flattened row, query rows, block table, kv length)."""
+    qmin = -(-MIN_PRODUCT_ROWS // group)
+    qmax = max(qmin, *(q for _, q, _, _ in spans))
+    tiles = max(-(-kv // block_size) for _, _, _, kv in spans)
+    gather, tables, limits, src, dst = [], [], [], [], []
+    for b, (start, q, blocks, kv) in enumerate(spans):
+        n = -(-kv // block_size)
+        gather.append([start + min(i, q - 1) for i in range(qmax)])
+        tables.append(blocks[:n] + [SCRATCH] * (tiles - n))
+        # query i sits at position kv - q + i and sees keys up to it (pads: as the last row)
+        limits.append([kv - q + min(i, q - 1) for i in range(qmax)])
+        src += range(b * qmax, b * qmax + q)
+        dst += range(start, start + q)
+    keys = torch.arange(tiles * block_size, device=device).view(tiles, 1, block_size)
+    lim = torch.tensor(limits, device=device)  # (B, qmax)
+    blocked = keys[None] > lim[:, None, :, None]  # (B, tiles, qmax, tile)
+    as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
+    return AttnMeta(
+        gather=as_long(gather),
+        tables=as_long(tables),
+        blocked=blocked[:, None, :, None],
+        scatter_from=as_long(src),
+        scatter_to=as_long(dst),
+    )
+
+
+def paged_attention(q: torch.Tensor, pool: BlockPool, layer: int, meta: AttnMeta, out: torch.Tensor) -> None:
+    """``q``: (T, heads, dim) queries, already scaled; writes (T, heads * dim) into ``out``."""
+    heads, dim = q.shape[1], q.shape[2]
+    kvh = pool.kv_heads
+    g = heads // kvh
+    bsz, qmax = meta.gather.shape
+    tiles = meta.tables.shape[1]
+    tile = pool.block_size
+    qs = q[meta.gather].view(bsz, qmax, kvh, g, dim).permute(0, 2, 3, 1, 4).reshape(bsz, kvh, 1, g * qmax, dim)
+    k = pool.k[layer][meta.tables].permute(0, 3, 1, 4, 2)  # (B, kvh, tiles, dim, tile)
+    # Values with a column of ones: one product gives each tile's weighted rows and its
+    # softmax sum, so both are summed over tiles in the same order (a separate sum of a
+    # narrow tensor was reduced in another order for another tile count).
+    v = torch.empty(bsz, kvh, tiles, tile, dim + 1, dtype=q.dtype, device=q.device)
+    v[..., dim] = 1.0
+    v[..., :dim] = pool.v[layer][meta.tables].permute(0, 3, 1, 2, 4)
+    s = torch.matmul(qs, k).view(bsz, kvh, tiles, g, qmax, tile).masked_fill_(meta.blocked, float("-inf"))
+    tmax = s.amax(-1, keepdim=True)
+    p = torch.exp(s - tmax.clamp(min=torch.finfo(s.dtype).min))
+    pv = torch.matmul(p.view(bsz, kvh, tiles, g * qmax, tile), v).view(bsz, kvh, tiles, g, qmax, dim + 1)
+    w = torch.exp(tmax - tmax.amax(2, keepdim=True))
+    # A running sum over tiles, in tile order: trailing all-zero tiles (another chunking,
+    # another batch's padding) leave it exactly as it was; ``sum`` reorders by length.
+    acc = torch.cumsum(pv * w, 2)[:, :, -1]  # (B, kvh, g, qmax, dim + 1)
+    o = acc[..., :dim] / acc[..., dim:]
+    o = o.permute(0, 3, 1, 2, 4).reshape(bsz * qmax, heads * dim)
+    out.index_copy_(0, meta.scatter_to, o.index_select(0, meta.scatter_from))

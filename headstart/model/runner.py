@@ -1,0 +1,97 @@
+"""Many sequences, one forward: feeds -> flattened tensors -> the logits each feed asked for.
+
+A *feed* is a sequence, the ids to append to it and how many of its last rows' logits
+are wanted. The runner allocates the rows in the pool, builds the flattened ids,
+positions, slot mapping and per-sequence spans, and runs the model once.
+
+Batch invariance on the CPU: a matrix product's row results depend on how many rows the
+product has, in classes (measured here with torch 2.13's CPU GEMM: 1 row, 2-3 rows, and
+4 or more rows each give other bits). Every product therefore runs on at least
+``MIN_ROWS`` rows; the padding rows write their K/V to the pool's scratch block and are
+never read. With that, a sequence's logits are the same bits whether it runs alone or
+beside others (tests/test_runner.py proves it on both real models).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from headstart.kv.pool import SCRATCH, BlockPool, Reservation
+from headstart.kv.seq import KVSeq
+from headstart.model.attention import build_meta
+from headstart.model.llama import Llama
+
+MIN_ROWS = 4
+
+
+@dataclass
+class Feed:
+    """What one sequence needs computed: ``ids`` appended, logits of its last ``keep`` rows."""
+
+    seq: KVSeq
+    ids: list[int]
+    keep: int = 1
+    reservation: Reservation | None = None
+
+
+class Runner:
+    """The own forward bound to its pool."""
+
+    def __init__(self, model: Llama, pool: BlockPool) -> None:
+        self.model = model
+        self.pool = pool
+        self.forwards = 0
+
+    def forward(self, feeds: list[Feed]) -> list[torch.Tensor]:
+        """Append every feed's ids to its sequence and return, per feed, ``(keep, vocab)`` logits."""
+        if not feeds or any(not f.ids for f in feeds):
+            raise ValueError("every feed needs at least one token")
+        starts: list[int] = []
+        try:
+            for f in feeds:
+                starts.append(f.seq.append(f.ids, f.reservation))
+            return self._run(feeds, starts)
+        except BaseException:
+            for f, start in zip(feeds, starts, strict=False):
+                f.seq.crop(start)
+            raise
+
+    def _run(self, feeds: list[Feed], starts: list[int]) -> list[torch.Tensor]:
+        pool, device = self.pool, self.model.device
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        spans: list[tuple[int, int, list[int], int]] = []
+        rows: list[int] = []
+        for f, start in zip(feeds, starts, strict=True):
+            n = len(f.ids)
+            q = len(ids)
+            ids += f.ids
+            positions += range(start, start + n)
+            slots += f.seq.slots(start, n)
+            spans.append((q, n, f.seq.blocks, start + n))
+            keep = min(f.keep, n)
+            rows += range(q + n - keep, q + n)
+        pad = MIN_ROWS - len(ids)
+        if pad > 0:
+            ids += [0] * pad
+            positions += [0] * pad
+            slots += [SCRATCH * pool.block_size + i % pool.block_size for i in range(pad)]
+        out_rows = len(rows)
+        if out_rows < MIN_ROWS:
+            rows += [rows[-1]] * (MIN_ROWS - out_rows)
+        meta = build_meta(spans, pool.block_size, self.model.arch.heads // self.model.arch.kv_heads, device)
+        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
+        logits = self.model.forward(
+            as_tensor(ids), as_tensor(positions), as_tensor(slots), meta, as_tensor(rows), pool
+        )
+        self.forwards += 1
+        out: list[torch.Tensor] = []
+        at = 0
+        for f in feeds:
+            keep = min(f.keep, len(f.ids))
+            out.append(logits[at : at + keep])
+            at += keep
+        return out
