@@ -1,23 +1,27 @@
 """The KV memory budget: what to evict, in which order, to make room.
 
-Resident KV is every session's own rows plus its parked ready positions. Over budget,
-the least recently used go first: ready positions (speculation, cheap to redo) before
-session KV (real state), and never a session whose request is being computed. Such a
-session holds a *reservation*, the most its request can grow to (prompt plus answer),
-taken when the request is admitted; a request waits in the queue until its reservation
-fits, so the budget holds however many requests are in flight. Background work may only
-push out other ready positions: idle-time speculation never evicts a session's real
-state and never takes room reserved for a request.
+The budget is the block pool's count of blocks that may be in use (``--kv-budget`` over
+the block size); resident KV is the blocks in use plus the blocks' worth that ready
+positions' logits take. While the pool has room, checking costs O(1); only a shortage
+plans evictions. Over budget, the least recently used go first: ready positions
+(speculation, cheap to redo) before session KV (real state), and never a session whose
+request is being computed. Such a session holds a *reservation*, the most its request
+can grow to (prompt plus answer plus the sure tail, less what it already holds), taken
+when the request is admitted; a request waits in the queue until its reservation fits.
+Background work may only push out other ready positions: idle-time speculation never
+evicts a session's real state and never takes room reserved for a request.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
+from headstart.kv import BlockPool, KVSeq
 from headstart.session import Session
 
 
@@ -36,51 +40,75 @@ class Eviction:
 
     session: Session
     kind: str  # "ready" or "kv"
-    frees: int
 
 
-@dataclass
+def _seqs(ev: Eviction) -> list[KVSeq]:
+    """The sequences an eviction drops (every ready eviction comes before any KV one)."""
+    s = ev.session
+    if ev.kind == "kv":
+        return [s.kv]
+    return [rp.seq for rp in list(s.ready.values()) if rp.seq is not None]
+
+
 class Budget:
-    limit: int
-    bytes_per_token: int
+    """The pool's block count seen as bytes, and the eviction planner."""
 
-    def actual_bytes(self, s: Session) -> int:
-        return len(s.kv_ids) * self.bytes_per_token + s.ready_bytes()
+    def __init__(self, pool: BlockPool, bytes_per_token: int) -> None:
+        self.pool = pool
+        self.bytes_per_token = bytes_per_token
 
-    def session_bytes(self, s: Session, extra: int = 0) -> int:
-        """What ``s`` counts against the budget: its bytes (plus ``extra`` about to be
-        added), or its reservation while its request runs, whichever is larger."""
-        return max(self.actual_bytes(s) + extra, s.reserved)
+    @property
+    def limit(self) -> int:
+        """The budget in bytes (a whole number of blocks)."""
+        return self.pool.limit * self.pool.block_bytes
 
-    def resident(self, sessions: Iterable[Session]) -> int:
+    @limit.setter
+    def limit(self, nbytes: int) -> None:
+        self.pool.limit = nbytes // self.pool.block_bytes
+
+    def resident(self) -> int:
         """Bytes actually held (what the budget promises to bound)."""
-        return sum(self.actual_bytes(s) for s in sessions)
+        return (self.pool.used + self.pool.charged) * self.pool.block_bytes
 
-    def plan(
-        self, sessions: list[Session], need: int, keep: Session, background: bool, reserve: int = 0
-    ) -> list[Eviction] | None:
-        """Evictions after which ``keep`` may add ``need`` bytes (or, with ``reserve``, hold a
-        reservation of that many), or None if there are none."""
-        counted = sum(self.session_bytes(s) for s in sessions if s is not keep)
-        over = counted + max(self.session_bytes(keep, need), reserve) - self.limit
-        if over <= 0:
+    def peak(self) -> int:
+        return self.pool.peak * self.pool.block_bytes
+
+    def held_blocks(self, s: Session) -> int:
+        """Blocks ``s`` holds: its own sequence's and what its ready positions add."""
+        return len(s.kv.blocks) + s.ready_bytes() // self.pool.block_bytes
+
+    def plan(self, sessions: list[Session], short: int, keep: Session, background: bool) -> list[Eviction] | None:
+        """Evictions that free at least ``short`` blocks for ``keep``, or None if there are none.
+
+        Blocks shared between sequences are freed only when every holder goes, so the plan
+        counts each block once its last reference is in the plan.
+        """
+        if short <= 0:
             return []
+        refs = self.pool.refs
+        dropped: Counter[int] = Counter()
         plan: list[Eviction] = []
         for ev in self.candidates(sessions, keep, background):
             plan.append(ev)
-            over -= ev.frees
-            if over <= 0:
+            for seq in _seqs(ev):
+                for b in seq.blocks:
+                    dropped[b] += 1
+                    if dropped[b] == refs[b]:
+                        short -= 1
+            if ev.kind == "ready":
+                short -= sum(rp.charge for rp in list(ev.session.ready.values()))
+            if short <= 0:
                 return plan
         return None
 
     def candidates(self, sessions: list[Session], keep: Session, background: bool) -> Iterator[Eviction]:
         """Everything that may be evicted for ``keep``, in eviction order."""
-        others = sorted((s for s in sessions if s is not keep and not s.reserved), key=lambda s: s.last_used)
+        others = sorted((s for s in sessions if s is not keep and s.reserved is None), key=lambda s: s.last_used)
         for s in others:
             if s.ready:
-                yield Eviction(s, "ready", s.ready_bytes())
+                yield Eviction(s, "ready")
         if background:
             return
         for s in others:
             if s.kv_ids:
-                yield Eviction(s, "kv", len(s.kv_ids) * self.bytes_per_token)
+                yield Eviction(s, "kv")

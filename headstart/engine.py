@@ -33,6 +33,7 @@ from headstart.gate import Gate
 from headstart.handle import Completion, Delta, Handle
 from headstart.kvbook import KVBook
 from headstart.model.backend import Backend
+from headstart.model.runner import from_backend
 from headstart.prefixcache import PrefixCache
 from headstart.prepos import DEFAULT_PREDICTOR, PREDICTORS, PreposConfig
 from headstart.registry import Limits, SessionRegistry
@@ -101,9 +102,9 @@ class EngineConfig:
     max_queries: int = 16
     context_reserve: int = 512
     # A block-granular prefix cache shared by one-off requests (the vLLM-style baseline the
-    # benchmark compares with): capacity in blocks, 0 for none.
+    # benchmark compares with): capacity in pool blocks, 0 for none.
     prefix_cache_blocks: int = 0
-    prefix_block: int = 16
+    kv_block: int = 16  # tokens per KV pool block
 
     def prepos(self) -> PreposConfig:
         if self.predictor not in PREDICTORS:
@@ -237,20 +238,26 @@ class Engine:
         self.prepos_config = self.config.prepos()
         self.stats = EngineStats()
         self.gate = Gate(threshold=self.config.gap_threshold, enabled=self.config.gate)
-        self.book = KVBook(backend, self.stats)
         self.scheduler = Scheduler()
         info = backend.info
-        self.budget = Budget(self.config.kv_budget or default_budget(info.device), info.kv_bytes_per_token)
+        machine = default_budget(info.device)
+        self.runner = from_backend(
+            backend,  # type: ignore[arg-type]
+            kv_budget=self.config.kv_budget or machine,
+            block_size=self.config.kv_block,
+            physical_bytes=machine,
+        )
+        self.pool = self.runner.pool
+        self.book = KVBook(backend, self.runner, self.stats)
+        self.budget = Budget(self.pool, info.kv_bytes_per_token)
         spill_on = self.config.spill if self.config.spill is not None else info.device == "cpu"
-        spill = Spill(spill_dir, backend, 4 * self.budget.limit) if spill_on and spill_dir else None
+        spill = Spill(spill_dir, self.pool, 4 * self.budget.limit) if spill_on and spill_dir else None
         limits = Limits(self.config.max_sessions, self.config.idle_expiry_s)
-        self.sessions = SessionRegistry(backend, self.book, self.scheduler, self.budget, limits, store, spill)
+        self.sessions = SessionRegistry(self.pool, self.book, self.scheduler, self.budget, limits, store, spill)
         self.book.make_room = self.sessions.make_room
         self.context_limit = min(info.context_length, self.config.max_context or info.context_length)
         self.prefix_cache = (
-            PrefixCache(backend, self.config.prefix_block, self.config.prefix_cache_blocks)
-            if self.config.prefix_cache_blocks
-            else None
+            PrefixCache(self.pool, self.config.prefix_cache_blocks) if self.config.prefix_cache_blocks else None
         )
         self.started = time.time()
         self._reaper_stop = threading.Event()
@@ -370,7 +377,8 @@ class Engine:
                 stop=params.stop,
             )
         # The most KV this request can hold: its prompt, its answer, a ready position's sure tail.
-        reserve = (len(prompt) + params.max_tokens + self.config.forced_cap) * self.budget.bytes_per_token
+        reserve_tokens = len(prompt) + params.max_tokens + self.config.forced_cap
+        reserve = reserve_tokens * self.budget.bytes_per_token
         if reserve > self.budget.limit:
             raise BadRequest(
                 f"this request may need {reserve} bytes of KV but the server's budget is {self.budget.limit}",
@@ -379,7 +387,7 @@ class Engine:
         candidates = self._candidates(req.fast_answer)
         handle = Handle(loop)
         if req.session_id is None:
-            s = Session(f"oneoff-{uuid.uuid4().hex[:12]}", self.backend, req.owner)
+            s = Session(f"oneoff-{uuid.uuid4().hex[:12]}", self.pool, req.owner)
             self.sessions.one_off(s)
             persistent = False
         else:
@@ -388,7 +396,7 @@ class Engine:
         threshold = next(
             (x for x in (req.gap_threshold, s.settings.gap_threshold) if x is not None), self.gate.threshold
         )
-        job = Job(iter(()), submitted=handle.arrival, admit=lambda: self.sessions.admit(s, reserve))
+        job = Job(iter(()), submitted=handle.arrival, admit=lambda: self.sessions.admit(s, reserve_tokens))
         turn = Turn(
             req, params, prompt, candidates, s, persistent, handle, job,
             _Emitter(self, handle, params, tool_plan), params.generator(self.backend.info.device), threshold,
@@ -471,7 +479,7 @@ class Engine:
     def _serve_ready(self, t: Turn, rp: ReadyPosition) -> Generator[None, None, None]:
         """``ready_exact``: the prompt is the ready position's; its KV and logits are the real ones."""
         t.path, t.cached, t.gap = "ready_exact", len(t.prompt), rp.gap
-        self.book.restore(t.session, rp)
+        self.book.restore(t.session, rp, keep=t.req.ephemeral)
         if not t.req.ephemeral:
             t.session.ready.pop(rp.key, None)
         if t.candidates is not None:
@@ -650,8 +658,10 @@ class Engine:
     def _after(self, t: Turn) -> None:
         """Tidy the session once its request is answered, and queue its idle-time work."""
         s = t.session
-        if self.prefix_cache is not None and not t.persistent:
-            self.prefix_cache.store(s)
+        if not t.persistent:
+            if self.prefix_cache is not None:
+                self.prefix_cache.store(s)
+            s.kv.release()  # a one-off request's KV goes with it
         if t.req.ephemeral and t.persistent:
             # Leave only the session's own context: the question was a one-off.
             own = self.template.entry(s.messages, "user", tools=s.tools) if s.messages else []

@@ -1,18 +1,17 @@
 """A block-granular prefix cache shared by all requests: what vLLM or llama.cpp do.
 
 This is the baseline a stateful session has to beat, so it is emulated honestly rather
-than approximated by a session: KV is kept in fixed blocks of ``block`` tokens, keyed by
-a hash chain over the token ids (a block is found only when every token before it
-matches too), shared across all requests whatever session they belong to, and evicted
-least-recently-used once ``capacity`` blocks are held. A request reuses the longest run
-of cached full blocks that its prompt starts with, so the reusable prefix is rounded
-down to a block multiple, and computes the rest; afterwards every full block of its
-prompt and answer is offered to the cache, as vLLM does with full decode blocks. There
-is no idle-time work.
+than approximated by a session: KV is kept in the pool's fixed blocks, keyed by a hash
+chain over the token ids (a block is found only when every token before it matches too),
+shared across all requests whatever session they belong to, and evicted least-recently-
+used once ``capacity`` blocks are held. A request reuses the longest run of cached full
+blocks that its prompt starts with, so the reusable prefix is rounded down to a block
+multiple, and computes the rest; afterwards every full block of its prompt and answer is
+offered to the cache, as vLLM does with full decode blocks. There is no idle-time work.
 
-One cost the emulation adds is copying the blocks into the request's working KV
-(~6 ms for 1,000 tokens here), which a paged-attention engine does not pay: it is counted
-in the request's time, so the baseline is, if anything, slightly handicapped by it.
+The cache holds a reference to each of its pool blocks and a request's sequence starts
+on them directly: attaching copies nothing, as in a paged-attention engine. The same
+mechanism lets sessions with one long system prompt share its blocks.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from headstart.model.backend import Backend, KVSuffix
+from headstart.kv import BlockPool
 from headstart.session import Session
 
 
@@ -29,28 +28,17 @@ from headstart.session import Session
 class _Block:
     parent: int | None
     tokens: tuple[int, ...]
-    rows: KVSuffix
-
-
-def _split(suffix: KVSuffix, start: int, length: int) -> KVSuffix:
-    """Rows ``start..start+length`` (absolute positions) of ``suffix`` as their own copy."""
-    from headstart.model.hf import HFSuffix
-
-    if not isinstance(suffix, HFSuffix):
-        raise TypeError("the prefix cache knows how to slice transformers KV only")
-    a = start - suffix.start
-    rows = [(k[..., a : a + length, :].clone(), v[..., a : a + length, :].clone()) for k, v in suffix.rows]
-    return HFSuffix(start, length, rows)
+    block: int  # the pool block; the cache holds one reference to it
 
 
 class PrefixCache:
     """Cached KV blocks by hash chain, LRU, with counters."""
 
-    def __init__(self, backend: Backend, block: int = 16, capacity: int = 1024) -> None:
-        if block < 1 or capacity < 1:
-            raise ValueError("block and capacity must be positive")
-        self.backend = backend
-        self.block = block
+    def __init__(self, pool: BlockPool, capacity: int = 1024) -> None:
+        if capacity < 1:
+            raise ValueError("capacity must be positive")
+        self.pool = pool
+        self.block = pool.block_size
         self.capacity = capacity
         self._blocks: OrderedDict[int, _Block] = OrderedDict()
         self._lock = threading.Lock()
@@ -73,7 +61,7 @@ class PrefixCache:
         return out
 
     def attach(self, s: Session, prompt: list[int]) -> int:
-        """Fill the empty session ``s`` with the cached blocks ``prompt`` starts with.
+        """Start the empty session ``s`` on the cached blocks ``prompt`` starts with.
 
         Returns the number of tokens placed; the engine computes the rest as usual.
         """
@@ -92,30 +80,25 @@ class PrefixCache:
                 self._blocks.move_to_end(key)
             self.lookups += 1
             self.hit_tokens += len(found) * self.block
-        for _, b in found:
-            self.backend.extend(s.kv, b.rows)
-            s.kv_ids.extend(b.tokens)
-            s.kv_background.extend([False] * len(b.tokens))
-        return len(found) * self.block
+            s.kv.share([b.block for _, b in found], [t for _, b in found for t in b.tokens])
+        s.kv_background.extend([False] * len(s.kv_ids))
+        return len(s.kv_ids)
 
     def store(self, s: Session) -> int:
         """Offer every full block of ``s``'s KV to the cache; returns how many were new."""
         keys = self._keys(s.kv_ids)
-        with self._lock:
-            new = [i for i, (key, _, _) in enumerate(keys) if key not in self._blocks]
-        if not new:
-            return 0
-        first = new[0] * self.block
-        tail = self.backend.suffix(s.kv, first)
-        blocks = {i: _split(tail, i * self.block, self.block) for i in new}
+        new = 0
         with self._lock:
             for i in reversed(range(len(keys))):
                 key, parent, tokens = keys[i]
-                if i in blocks and key not in self._blocks:
-                    self._blocks[key] = _Block(parent, tokens, blocks[i])
-                if key in self._blocks:
-                    self._blocks.move_to_end(key)
+                if key not in self._blocks:
+                    block = s.kv.blocks[i]
+                    self.pool.incref([block])
+                    self._blocks[key] = _Block(parent, tokens, block)
+                    new += 1
+                self._blocks.move_to_end(key)
             while len(self._blocks) > self.capacity:
-                self._blocks.popitem(last=False)
+                _, dropped = self._blocks.popitem(last=False)
+                self.pool.decref([dropped.block])
                 self.evicted += 1
-        return len(blocks)
+        return new

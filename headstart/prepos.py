@@ -115,7 +115,6 @@ def ready_position(
         source=source,
         ids=list(prompt),
         base=base,
-        suffix=book.backend.suffix(s.kv, base),
         logits=seq,
         forced=forced,
         token=token,

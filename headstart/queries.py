@@ -168,7 +168,6 @@ def evaluate(
         source="query",
         ids=list(prompt),
         base=base,
-        suffix=book.backend.suffix(s.kv, base),
         logits=seq,
         forced=forced,
         token=top_gap(seq[0])[0],

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 from headstart.budget import Budget, Eviction
 from headstart.errors import BadRequest, SessionBusy, SessionExists, SessionNotFound, TooManySessions
+from headstart.kv import BlockPool
 from headstart.kvbook import KVBook
-from headstart.model.backend import Backend
 from headstart.scheduler import Scheduler
 from headstart.session import Session
 from headstart.spill import Spill
@@ -51,7 +51,7 @@ class SessionRegistry:
 
     def __init__(
         self,
-        backend: Backend,
+        pool: BlockPool,
         book: KVBook,
         scheduler: Scheduler,
         budget: Budget,
@@ -59,7 +59,7 @@ class SessionRegistry:
         store: SessionStore | None = None,
         spill: Spill | None = None,
     ) -> None:
-        self.backend = backend
+        self.pool = pool
         self.book = book
         self.scheduler = scheduler
         self.budget = budget
@@ -67,13 +67,12 @@ class SessionRegistry:
         self.store = store
         self.spill = spill
         self.evictions = EvictionCounts()
-        self.peak_resident = 0  # the most KV ever held at once, checked against the budget
         self._sessions: dict[str, Session] = {}
         self._oneoff: set[Session] = set()  # sessionless requests being served: their KV counts too
         self._lock = threading.Lock()
         if store is not None:
             for stored in store.load_all():
-                self._sessions[stored.id] = Session.from_stored(stored, backend)
+                self._sessions[stored.id] = Session.from_stored(stored, pool)
 
     # -- finding and making ------------------------------------------------------------
 
@@ -110,7 +109,7 @@ class SessionRegistry:
             if session_id in self._sessions:
                 raise SessionExists(f"session {session_id!r} already exists")
             self._check_room()
-            s = Session(session_id, self.backend, owner)
+            s = Session(session_id, self.pool, owner)
             if setup is not None:
                 setup(s)
             self._sessions[session_id] = s
@@ -138,7 +137,7 @@ class SessionRegistry:
                 if not create:
                     raise SessionNotFound(f"no session {session_id!r}")
                 self._check_room()
-                s = Session(session_id, self.backend, owner)
+                s = Session(session_id, self.pool, owner)
                 self._sessions[session_id] = s
             assert s is not None
             if s.busy:
@@ -154,7 +153,9 @@ class SessionRegistry:
         with self._lock:
             self._oneoff.discard(s)
             s.busy = False
-            s.reserved = 0
+            if s.reserved is not None:
+                s.reserved.release()
+                s.reserved = None
             s.last_used = time.time()
 
     def _check_room(self) -> None:
@@ -187,6 +188,7 @@ class SessionRegistry:
         for rp in list(s.ready.values()):  # a copy: the model thread may still be ending a chunk
             self.book.discard(rp)
         s.ready.clear()
+        s.kv.release()
         with s.data.lock:
             s.queries.clear()
         s.events.close()
@@ -208,28 +210,38 @@ class SessionRegistry:
     # -- memory ------------------------------------------------------------------------
 
     def resident_bytes(self) -> int:
-        return self.budget.resident(self._holding_kv())
+        return self.budget.resident()
 
-    def admit(self, s: Session, reserve: int) -> bool:
+    @property
+    def peak_resident(self) -> int:
+        """The most KV ever held at once, checked against the budget."""
+        return self.budget.peak()
+
+    def admit(self, s: Session, reserve_tokens: int) -> bool:
         """Reserve room for a request on ``s`` before it starts; False: it must wait.
 
-        Called on the model thread by the scheduler. Room comes from evicting sessions
-        no request is computing; a queued request's session may lose its KV here (its
-        request then recomputes, or reloads it from the spill folder).
+        Called on the model thread by the scheduler. The reservation is the blocks the
+        request may grow to, less those the session holds already. Room comes from
+        evicting sessions no request is computing; a queued request's session may lose
+        its KV here (its request then recomputes, or reloads it from the spill folder).
         """
-        plan = self.budget.plan(self._holding_kv(), 0, s, background=False, reserve=reserve)
+        need = max(0, self.pool.blocks_for(reserve_tokens) + 1 - self.budget.held_blocks(s))  # +1: copy on write
+        plan = self.budget.plan(self._holding_kv(), need - self.pool.available(), s, background=False)
         if plan is None:
             return False
         for ev in plan:
             self.evict(ev)
-        s.reserved = reserve
+        s.reserved = self.pool.reserve(need)
         return True
 
     def make_room(self, keep: Session, need: int, background: bool) -> bool:
-        """Evict until ``need`` more bytes fit; background work gets room only from other
-        sessions' ready positions. Runs on the model thread."""
+        """Evict until ``need`` more blocks fit; background work gets room only from other
+        sessions' ready positions. Runs on the model thread, only when the pool is short."""
         sessions = self._holding_kv()
-        plan = self.budget.plan(sessions, need, keep, background)
+        room = self.pool.available()
+        if not background and keep.reserved is not None:
+            room += keep.reserved.left
+        plan = self.budget.plan(sessions, need - room, keep, background)
         if plan is None:
             if background:
                 return False
@@ -237,7 +249,6 @@ class SessionRegistry:
             plan = list(self.budget.candidates(sessions, keep, background))
         for ev in plan:
             self.evict(ev)
-        self.peak_resident = max(self.peak_resident, self.budget.resident(sessions) + need)
         return True
 
     def evict(self, ev: Eviction) -> None:
@@ -250,7 +261,7 @@ class SessionRegistry:
             return
         self.scheduler.cancel_background(s.id)
         if self.spill is not None and s.kv_ids:
-            self.spill.save(s.id, s.kv_ids, s.kv)
+            self.spill.save(s.id, s.kv)
             self.evictions.spilled += 1
         self.book.reset(s)
         s.evicted = True
@@ -263,8 +274,13 @@ class SessionRegistry:
         spilled = self.spill.take(s.id)
         if spilled is None:
             return 0
-        ids, state = spilled
-        self.make_room(s, len(ids) * self.budget.bytes_per_token, background=False)
-        s.kv, s.kv_ids, s.kv_background = state, list(ids), [False] * len(ids)
+        ids, rows = spilled
+        need = s.kv.blocks_needed(len(ids))
+        room = self.pool.available() + (s.reserved.left if s.reserved is not None else 0)
+        if need > room:
+            self.make_room(s, need, background=False)
+        s.kv.append(ids, s.reserved)
+        self.pool.write(s.kv.blocks, rows)
+        s.kv_background = [False] * len(ids)
         self.evictions.reloaded += 1
         return len(ids)

@@ -1,7 +1,8 @@
 """A session: what a conversation holds on the server between its requests.
 
-The KV state always covers a prefix of the tokens the session last saw, and ``kv_ids``
-says exactly which tokens those are. Nothing here assumes how the next request will
+The KV (a sequence in the model's block pool) always covers a prefix of the tokens the
+session last saw, and ``kv_ids`` (the sequence's own ids) says exactly which tokens
+those are. Nothing here assumes how the next request will
 look: the engine compares ids and crops.
 """
 
@@ -17,7 +18,7 @@ import torch
 
 from headstart.events import EventHub
 from headstart.ingest import DataFeed
-from headstart.model.backend import Backend, KVState, KVSuffix
+from headstart.kv import BlockPool, KVSeq, Reservation
 from headstart.store import StoredSession
 from headstart.template import Message
 
@@ -31,27 +32,32 @@ class ReadyPosition:
     ``ids`` is the predicted prompt, ending where the answer starts. ``forced`` are answer
     tokens the model was sure of past that point, and ``logits[i]`` is the distribution
     after ``ids + forced[:i]``: the first is the cached distribution the gate judges, the
-    last is at the decision point. ``suffix`` holds the KV rows from ``base`` to the end.
+    last is at the decision point. ``seq`` is a fork of the session's KV that goes on to
+    the end of ``ids + forced``: it shares every block up to ``base`` with the session.
+    ``charge`` is the blocks' worth of budget its logits take.
     """
 
     key: str
     source: str
     ids: list[int]
     base: int
-    suffix: KVSuffix
     logits: list[torch.Tensor]
     forced: list[int]
     token: int
     gap: float
-    background: list[bool] = field(default_factory=list)  # which suffix rows idle work computed
-    created: float = field(default_factory=time.time)
+    background: list[bool] = field(default_factory=list)  # which rows past base idle work computed
+    seq: KVSeq | None = None  # set when parked
+    charge: int = 0
+
+    def logits_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.logits)
 
     def nbytes(self) -> int:
-        return self.suffix.nbytes() + sum(t.numel() * t.element_size() for t in self.logits)
-
-    @property
-    def tokens(self) -> int:
-        return self.suffix.length
+        """What the position holds beyond the session's KV: its own blocks and its logits."""
+        if self.seq is None:
+            return 0
+        pool = self.seq.pool
+        return (len(self.seq.blocks) - self.base // pool.block_size + self.charge) * pool.block_bytes
 
 
 @dataclass
@@ -73,7 +79,7 @@ class SessionSettings:
 class Session:
     """Messages, token ids and KV of one conversation, with its counters."""
 
-    def __init__(self, session_id: str, backend: Backend, owner: str | None = None) -> None:
+    def __init__(self, session_id: str, pool: BlockPool, owner: str | None = None) -> None:
         self.id = session_id
         self.owner = owner
         self.created = time.time()
@@ -81,16 +87,15 @@ class Session:
         self.settings = SessionSettings()
         self.messages: list[Message] = []
         self.tools: list[dict[str, Any]] | None = None
-        self.kv: KVState = backend.new_state()
-        self.kv_ids: list[int] = []
+        self.kv = KVSeq(pool)
         # Which KV rows background work computed and no request has used yet.
         self.kv_background: list[bool] = []
         self.entry_len: int | None = None
         self.ready: dict[str, ReadyPosition] = {}
         self.busy = False
-        # Bytes of KV the request being computed may grow to (0 when none runs): the
-        # budget keeps this room for it and never evicts the session meanwhile.
-        self.reserved = 0
+        # Blocks promised to the request being computed (None when none runs): the budget
+        # keeps this room for it and never evicts the session meanwhile.
+        self.reserved: Reservation | None = None
         self.turns = 0
         self.paths: Counter[str] = Counter()
         self.pre_positioning = False
@@ -108,6 +113,11 @@ class Session:
         self.positioned_entry: list[int] | None = None
         self.evicted = False
         self.deleted = False
+
+    @property
+    def kv_ids(self) -> list[int]:
+        """The tokens whose KV rows the session holds (its sequence's ids)."""
+        return self.kv.ids
 
     def to_stored(self) -> StoredSession:
         """The part of the session that must survive a restart."""
@@ -129,9 +139,9 @@ class Session:
         )
 
     @classmethod
-    def from_stored(cls, stored: StoredSession, backend: Backend) -> Session:
+    def from_stored(cls, stored: StoredSession, pool: BlockPool) -> Session:
         """A session as it was stored, with no KV yet (its next request rebuilds it)."""
-        s = cls(stored.id, backend, stored.owner)
+        s = cls(stored.id, pool, stored.owner)
         s.created, s.last_used, s.turns = stored.created, stored.last_used, stored.turns
         s.settings = SessionSettings.from_dict(stored.settings)
         s.messages, s.tools = stored.messages, stored.tools
@@ -151,7 +161,7 @@ class Session:
         return sum(r.nbytes() for r in list(self.ready.values()))
 
     def kv_bytes(self) -> int:
-        """Bytes of KV this session holds: its own cache and its ready positions."""
+        """Bytes of KV this session holds: its own blocks and what its ready positions add."""
         return self.kv.nbytes() + self.ready_bytes()
 
     def describe(self) -> dict[str, Any]:

@@ -15,18 +15,26 @@ import threading
 from collections import OrderedDict
 from pathlib import Path
 
-from headstart.model.backend import Backend, KVState
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from headstart.kv import BlockPool, KVSeq
 
 log = logging.getLogger("headstart.spill")
 
 
 class Spill:
-    """A folder of per-session KV files under a byte budget (oldest dropped first)."""
+    """A folder of per-session KV files under a byte budget (oldest dropped first).
 
-    def __init__(self, folder: str | os.PathLike[str], backend: Backend, limit_bytes: int) -> None:
+    A file holds a sequence's rows copied out of its blocks, per layer, and the ids they
+    cover; reloading copies them into freshly allocated blocks.
+    """
+
+    def __init__(self, folder: str | os.PathLike[str], pool: BlockPool, limit_bytes: int) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.backend = backend
+        self.pool = pool
         self.limit = limit_bytes
         self._lock = threading.Lock()
         self._files: OrderedDict[str, int] = OrderedDict()
@@ -43,12 +51,17 @@ class Spill:
         with self._lock:
             return sum(self._files.values())
 
-    def save(self, session_id: str, ids: list[int], state: KVState) -> None:
-        """Write a session's KV and the ids it covers."""
-        if not ids:
+    def save(self, session_id: str, seq: KVSeq) -> None:
+        """Write a session's KV rows and the ids they cover (atomically: a crash leaves no half file)."""
+        if not seq.ids:
             return
         path = self._path(session_id)
-        self.backend.save_state(state, str(path), {"ids": json.dumps(ids)})
+        tensors: dict[str, torch.Tensor] = {}
+        for i, (k, v) in enumerate(self.pool.read(seq.blocks, len(seq))):
+            tensors[f"k{i}"], tensors[f"v{i}"] = k.cpu(), v.cpu()
+        tmp = f"{path}.tmp"
+        save_file(tensors, tmp, metadata={"ids": json.dumps(seq.ids)})
+        os.replace(tmp, path)
         with self._lock:
             self._files[session_id] = path.stat().st_size
             self._files.move_to_end(session_id)
@@ -56,23 +69,24 @@ class Spill:
                 oldest, _ = self._files.popitem(last=False)
                 self._path(oldest).unlink(missing_ok=True)
 
-    def take(self, session_id: str) -> tuple[list[int], KVState] | None:
-        """The spilled KV of a session (and forget the file), or None."""
+    def take(self, session_id: str) -> tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]] | None:
+        """The spilled ids and per-layer rows of a session (and forget the file), or None."""
         with self._lock:
             if self._files.pop(session_id, None) is None:
                 return None
         path = self._path(session_id)
         try:
-            state, metadata = self.backend.load_state(str(path))
-            ids = json.loads(metadata["ids"])
+            with safe_open(str(path), framework="pt") as f:
+                ids = json.loads((f.metadata() or {})["ids"])
+                rows = [(f.get_tensor(f"k{i}"), f.get_tensor(f"v{i}")) for i in range(len(self.pool.k))]
         except Exception:  # a damaged file is only a lost cache
             log.warning("could not reload spilled KV of %s; recomputing", session_id, exc_info=True)
             return None
         finally:
             path.unlink(missing_ok=True)
-        if len(ids) != len(state):
+        if any(k.shape[0] != len(ids) for k, _ in rows):
             return None
-        return ids, state
+        return ids, rows
 
     def drop(self, session_id: str) -> None:
         with self._lock:

@@ -199,7 +199,6 @@ def _warm(engine: Engine, s: Session, ticket: WarmTicket) -> Generator[None, Non
         source="warm",
         ids=list(ticket.prompt),
         base=base,
-        suffix=book.backend.suffix(s.kv, base),
         logits=[logits],
         forced=[],
         token=token,

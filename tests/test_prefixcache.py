@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from headstart.engine import Engine, Request
 from headstart.model import HFBackend
+from headstart.model.runner import Feed, from_backend
 from headstart.prefixcache import PrefixCache
 from headstart.sampling import SamplingParams
 from headstart.session import Session
@@ -43,15 +44,17 @@ def test_blocks_are_shared_across_sessions(tiny: HFBackend, make_engine: Callabl
 
 
 def test_eviction_is_lru_and_keeps_the_blocks_others_hang_from(tiny: HFBackend) -> None:
-    cache = PrefixCache(tiny, block=4, capacity=3)
+    runner = from_backend(tiny, kv_budget=64 * 4 * tiny.info.kv_bytes_per_token, block_size=4)
+    pool = runner.pool
+    cache = PrefixCache(pool, capacity=3)
     ids = list(range(100, 122))  # 5 full blocks and 2 tokens
-    s = Session("a", tiny)
-    tiny.forward(s.kv, ids)
-    s.kv_ids, s.kv_background = list(ids), [False] * len(ids)
+    s = Session("a", pool)
+    runner.forward([Feed(s.kv, ids)])
+    s.kv_background = [False] * len(ids)
     assert cache.store(s) == 5
     assert len(cache) == 3 and cache.evicted == 2
-    fresh = Session("b", tiny)
+    fresh = Session("b", pool)
     assert cache.attach(fresh, ids) == 12  # the first three blocks: a prefix is still usable
     assert fresh.kv_ids == ids[:12] and len(fresh.kv) == 12
-    other = Session("c", tiny)
+    other = Session("c", pool)
     assert cache.attach(other, [1, 2, 3, 4, *ids]) == 0  # blocks match only at their position

@@ -63,7 +63,7 @@ def mode_specs(
             spec = ModeSpec(
                 name,
                 f"shared {prefix_block}-token block prefix cache, LRU over {prefix_blocks} blocks, no idle work",
-                replace(base, prefix_cache_blocks=prefix_blocks, prefix_block=prefix_block),
+                replace(base, prefix_cache_blocks=prefix_blocks, kv_block=prefix_block),
                 sessions=False,
                 exact=True,
             )

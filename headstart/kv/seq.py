@@ -74,6 +74,13 @@ class KVSeq:
             del self.blocks[keep:]
         del self.ids[length:]
 
+    def share(self, blocks: list[int], ids: list[int]) -> None:
+        """Start this empty sequence on full blocks other holders keep (a prefix cache)."""
+        if self.ids or len(ids) != len(blocks) * self.pool.block_size:
+            raise ValueError("share needs an empty sequence and whole blocks")
+        self.pool.incref(blocks)
+        self.blocks, self.ids = list(blocks), list(ids)
+
     def fork(self) -> KVSeq:
         """A second sequence sharing every block of this one."""
         other = KVSeq(self.pool)

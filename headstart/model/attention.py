@@ -72,14 +72,17 @@ def paged_attention(q: torch.Tensor, pool: BlockPool, layer: int, meta: AttnMeta
     bsz, qmax = meta.gather.shape
     tiles = meta.tables.shape[1]
     tile = pool.block_size
-    qs = q[meta.gather].view(bsz, qmax, kvh, g, dim).permute(0, 2, 3, 1, 4).reshape(bsz, kvh, 1, g * qmax, dim)
-    k = pool.k[layer][meta.tables].permute(0, 3, 1, 4, 2)  # (B, kvh, tiles, dim, tile)
+    qs = q.index_select(0, meta.gather.flatten()).view(bsz, qmax, kvh, g, dim)
+    qs = qs.permute(0, 2, 3, 1, 4).reshape(bsz, kvh, 1, g * qmax, dim)
+    shape = (bsz, tiles, tile, kvh, dim)
+    index = meta.tables.flatten()
+    k = pool.k[layer].index_select(0, index).view(shape).permute(0, 3, 1, 4, 2)  # (B, kvh, tiles, dim, tile)
     # Values with a column of ones: one product gives each tile's weighted rows and its
     # softmax sum, so both are summed over tiles in the same order (a separate sum of a
     # narrow tensor was reduced in another order for another tile count).
     v = torch.empty(bsz, kvh, tiles, tile, dim + 1, dtype=q.dtype, device=q.device)
     v[..., dim] = 1.0
-    v[..., :dim] = pool.v[layer][meta.tables].permute(0, 3, 1, 2, 4)
+    v[..., :dim] = pool.v[layer].index_select(0, index).view(shape).permute(0, 3, 1, 2, 4)
     s = torch.matmul(qs, k).view(bsz, kvh, tiles, g, qmax, tile).masked_fill_(meta.blocked, float("-inf"))
     tmax = s.amax(-1, keepdim=True)
     p = torch.exp(s - tmax.clamp(min=torch.finfo(s.dtype).min))

@@ -60,7 +60,8 @@ class Llama:
         h, kvh, d = a.heads, a.kv_heads, a.head_dim
         half = d // 2
         x = F.embedding(ids, w.embed)
-        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
+        cos = self.cos.index_select(0, positions)[:, None]
+        sin = self.sin.index_select(0, positions)[:, None]
         attn = torch.zeros(t, h * d, dtype=x.dtype, device=x.device)
         for layer, lw in enumerate(w.layers):
             hn = F.rms_norm(x, (a.dim,), lw.attn_norm, a.rms_eps)

@@ -15,13 +15,17 @@ beside others (tests/test_runner.py proves it on both real models).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from weakref import WeakKeyDictionary
 
 import torch
 
 from headstart.kv.pool import SCRATCH, BlockPool, Reservation
 from headstart.kv.seq import KVSeq
+from headstart.model.arch import ArchConfig
 from headstart.model.attention import build_meta
+from headstart.model.hf import HFBackend
 from headstart.model.llama import Llama
+from headstart.model.weights import from_module
 
 MIN_ROWS = 4
 
@@ -39,8 +43,9 @@ class Feed:
 class Runner:
     """The own forward bound to its pool."""
 
-    def __init__(self, model: Llama, pool: BlockPool) -> None:
+    def __init__(self, model: Llama, pool: BlockPool, min_rows: int = MIN_ROWS) -> None:
         self.model = model
+        self.min_rows = min_rows
         self.pool = pool
         self.forwards = 0
 
@@ -74,14 +79,14 @@ class Runner:
             spans.append((q, n, f.seq.blocks, start + n))
             keep = min(f.keep, n)
             rows += range(q + n - keep, q + n)
-        pad = MIN_ROWS - len(ids)
+        pad = self.min_rows - len(ids)
         if pad > 0:
             ids += [0] * pad
             positions += [0] * pad
             slots += [SCRATCH * pool.block_size + i % pool.block_size for i in range(pad)]
         out_rows = len(rows)
-        if out_rows < MIN_ROWS:
-            rows += [rows[-1]] * (MIN_ROWS - out_rows)
+        if out_rows < self.min_rows:
+            rows += [rows[-1]] * (self.min_rows - out_rows)
         meta = build_meta(spans, pool.block_size, self.model.arch.heads // self.model.arch.kv_heads, device)
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
         logits = self.model.forward(
@@ -95,3 +100,35 @@ class Runner:
             out.append(logits[at : at + keep])
             at += keep
         return out
+
+
+_models: WeakKeyDictionary[HFBackend, Llama] = WeakKeyDictionary()
+
+
+def from_backend(
+    backend: HFBackend,
+    *,
+    kv_budget: int,
+    block_size: int = 16,
+    min_rows: int = MIN_ROWS,
+    physical_bytes: int | None = None,
+) -> Runner:
+    """The own forward for ``backend``'s model (llama or qwen2), sharing its weights, with a
+    pool of ``kv_budget`` bytes (at most ``physical_bytes`` allocated); ValueError for
+    another architecture. The fused weights are built once per backend."""
+    model = _models.get(backend)
+    if model is None:
+        arch = ArchConfig.from_dict(backend.model.config.to_dict())
+        model = _models[backend] = Llama(arch, from_module(backend.model, arch))
+    arch = model.arch
+    pool = BlockPool(
+        arch.layers,
+        arch.kv_heads,
+        arch.head_dim,
+        block_size=block_size,
+        budget_bytes=kv_budget,
+        dtype=model.dtype,
+        device=model.device,
+        physical_bytes=physical_bytes,
+    )
+    return Runner(model, pool, min_rows)

@@ -1,0 +1,95 @@
+"""The own forward: transformers is the oracle; batching and chunking change no bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from headstart.kv import KVSeq
+from headstart.model import HFBackend
+from headstart.model.runner import Feed, Runner, from_backend
+from headstart.template import ChatTemplate
+
+MODELS = ["real", "qwen"]
+_runners: dict[str, Runner] = {}
+
+
+def _runner(which: str, request: pytest.FixtureRequest) -> tuple[HFBackend, Runner]:
+    backend: HFBackend = request.getfixturevalue(which)
+    if which not in _runners:  # one runner per model for the whole module (weights are shared)
+        _runners[which] = from_backend(backend, kv_budget=8192 * backend.info.kv_bytes_per_token)
+    return backend, _runners[which]
+
+
+def _prompt(backend: HFBackend, text: str = "Tell me three facts about the sea, and why it is salty.") -> list[int]:
+    return ChatTemplate(backend.tokenizer).render([{"role": "user", "content": text}])
+
+
+@pytest.mark.parametrize("which", MODELS)
+def test_logits_match_transformers(which: str, request: pytest.FixtureRequest) -> None:
+    backend, runner = _runner(which, request)
+    ids = _prompt(backend)
+    state = backend.new_state()
+    want = backend.forward(state, ids, keep=len(ids))
+    seq = KVSeq(runner.pool)
+    got = runner.forward([Feed(seq, ids, keep=len(ids))])[0]
+    assert got.shape == want.shape
+    assert (got - want).abs().max().item() < 1e-4
+    for token in [int(want[-1].argmax()), 13, 42]:  # decode steps on the kept KV
+        want = backend.forward(state, [token])
+        got = runner.forward([Feed(seq, [token])])[0]
+        assert (got - want).abs().max().item() < 1e-4
+    seq.release()
+
+
+@pytest.mark.parametrize("which", MODELS)
+def test_a_sequence_alone_equals_it_among_others(which: str, request: pytest.FixtureRequest) -> None:
+    backend, runner = _runner(which, request)
+    ids = _prompt(backend)
+    others = [_prompt(backend, t) for t in ("Hi.", "Write a long poem about the moon and its phases, please.", "2+2?")]
+    alone = KVSeq(runner.pool)
+    prefill_alone = runner.forward([Feed(alone, ids, keep=3)])[0]
+    decode_alone = runner.forward([Feed(alone, [7])])[0]
+    seqs = [KVSeq(runner.pool) for _ in range(4)]
+    batch = runner.forward([Feed(seqs[0], others[0]), Feed(seqs[1], ids, keep=3), Feed(seqs[2], others[1], keep=2),
+                            Feed(seqs[3], others[2])])
+    assert torch.equal(batch[1], prefill_alone)
+    # decoding beside a sequence that is still prefilling, and beside other decodes
+    mixed = runner.forward([Feed(seqs[0], [5]), Feed(seqs[1], [7]), Feed(seqs[3], others[0])])
+    assert torch.equal(mixed[1], decode_alone)
+    for s in [alone, *seqs]:
+        s.release()
+
+
+@pytest.mark.parametrize("which", MODELS)
+def test_chunked_prefill_is_bitwise_the_whole_prefill(which: str, request: pytest.FixtureRequest) -> None:
+    backend, runner = _runner(which, request)
+    ids = _prompt(backend, "Explain, step by step and with an example, how a hash table resolves collisions.")
+    assert len(ids) > 64 and len(ids) % 16 != 0
+    whole = KVSeq(runner.pool)
+    want = runner.forward([Feed(whole, ids)])[0]
+    after = runner.forward([Feed(whole, [11])])[0]
+    for chunk in (16, 64):
+        seq = KVSeq(runner.pool)
+        for start in range(0, len(ids), chunk):
+            got = runner.forward([Feed(seq, ids[start : start + chunk])])[0]
+        assert torch.equal(got, want), chunk
+        assert torch.equal(runner.forward([Feed(seq, [11])])[0], after), chunk  # its KV rows too
+        seq.release()
+    whole.release()
+
+
+def test_a_fork_decodes_as_the_original_and_copy_on_write_keeps_it(real: HFBackend,
+                                                                   request: pytest.FixtureRequest) -> None:
+    _, runner = _runner("real", request)
+    ids = _prompt(real)
+    seq = KVSeq(runner.pool)
+    runner.forward([Feed(seq, ids)])
+    fork = seq.fork()
+    a = runner.forward([Feed(seq, [9])])[0]  # copies the shared partial block
+    b = runner.forward([Feed(fork, [9])])[0]
+    assert torch.equal(a, b) and seq.blocks[-1] != fork.blocks[-1]
+    seq.crop(len(ids))
+    seq.adopt(fork)
+    assert torch.equal(runner.forward([Feed(seq, [4])])[0], runner.forward([Feed(KVSeq(runner.pool), [*ids, 9, 4])])[0])
+    seq.release()
