@@ -10,7 +10,7 @@ PORT ?= 8000
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: serve test lint bench clean qwen
+.PHONY: serve test lint bench clean qwen gpu-check
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -51,3 +51,8 @@ lint: $(VENV)/.dev
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# On a machine with CUDA: exactness, TTFT per path, decode and batched decode (default model
+# and a random 7B-class llama), in one script of under five minutes.
+gpu-check: $(VENV)/.dev
+	$(PY) scripts/gpu_check.py $(ARGS)

@@ -2,8 +2,8 @@
 
 The KV (a sequence in the model's block pool) always covers a prefix of the tokens the
 session last saw, and ``kv_ids`` (the sequence's own ids) says exactly which tokens
-those are. Nothing here assumes how the next request will
-look: the engine compares ids and crops.
+those are. Nothing here assumes how the next request will look: the engine compares
+ids and crops.
 """
 
 from __future__ import annotations

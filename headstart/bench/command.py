@@ -63,6 +63,14 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="CPU threads for torch and for the peer (default: torch's choice); 1 is steadier on a "
                         "machine shared with other jobs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--model-only", action="store_true",
+                   help="no engine: the transformers backend and the own runner side by side (decode ms/token, "
+                        "prefill tok/s, batched decode tok/s)")
+    p.add_argument("--contexts", default="128,512,2048", help="--model-only: decode context lengths")
+    p.add_argument("--batches", default="1,2,4,8", help="--model-only: sequences per batched decode forward")
+    p.add_argument("--reps", type=int, default=5, help="--model-only: timed repetitions per figure (median)")
+    p.add_argument("--no-engine", action="store_true",
+                   help="--model-only: skip the engine figures (ready_exact TTFT, decode beside 1,000 idle sessions)")
 
 
 def _workload(args: argparse.Namespace, real_tools: bool = False) -> Workload:
@@ -94,6 +102,10 @@ def _record_json(r: Any) -> dict[str, Any]:
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    if args.model_only:
+        from headstart.bench.model_only import main
+
+        return main(args)
     from tqdm import tqdm
 
     from headstart.bench.plots import write_plots

@@ -8,11 +8,13 @@ decode tokens/s of B sequences in one forward. llama.cpp is reported when instal
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from headstart.kv import KVSeq
@@ -29,11 +31,6 @@ def _median_ms(fn: Callable[[], object], reps: int) -> float:
     return statistics.median(times) * 1000
 
 
-def _progress(done: int, total: int, label: str) -> None:
-    width = 30
-    filled = width * done // total
-    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label:<40}")
-    sys.stderr.flush()
 
 
 def run_model_only(
@@ -42,32 +39,35 @@ def run_model_only(
     batches: list[int],
     reps: int = 5,
     prefill_tokens: int = 256,
+    progress: bool = True,
+    block_size: int = 16,
 ) -> dict[str, Any]:
+    from tqdm import tqdm
+
     ids = (backend.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 400))
     need = max(contexts) + reps + 8
     ids = (ids * (need // len(ids) + 1))[:need]
     budget = 2 * (max(contexts) + 64) * max(batches) * backend.info.kv_bytes_per_token
     runners: dict[str, Runner] = {
-        "runner": from_backend(backend, kv_budget=budget),
-        "runner_min1": from_backend(backend, kv_budget=budget, min_rows=1),
+        "runner": from_backend(backend, kv_budget=budget, block_size=block_size),
+        "runner_min1": from_backend(backend, kv_budget=budget, block_size=block_size, min_rows=1),
     }
-    steps = len(contexts) * (1 + len(runners)) + 1 + len(batches)
-    done = 0
+    bar = tqdm(total=len(contexts) * (1 + len(runners)) + 1 + len(batches), disable=not progress, file=sys.stderr)
     decode: dict[str, dict[int, float]] = {"transformers": {}, **{k: {} for k in runners}}
     for ctx in contexts:
         state = backend.new_state()
         backend.forward(state, ids[:ctx])
         decode["transformers"][ctx] = _median_ms(lambda s=state, t=ids[ctx]: backend.forward(s, [t]), reps)
-        done += 1
-        _progress(done, steps, f"decode transformers @{ctx}")
+        bar.set_description(f"decode transformers @{ctx}")
+        bar.update()
         for name, runner in runners.items():
             seq = KVSeq(runner.pool)
             for start in range(0, ctx, 256):
                 runner.forward([Feed(seq, ids[start : min(ctx, start + 256)])])
             decode[name][ctx] = _median_ms(lambda s=seq, r=runner, t=ids[ctx]: r.forward([Feed(s, [t])]), reps)
             seq.release()
-            done += 1
-            _progress(done, steps, f"decode {name} @{ctx}")
+            bar.set_description(f"decode {name} @{ctx}")
+            bar.update()
     prompt = ids[:prefill_tokens]
     hf_prefill = _median_ms(lambda: backend.forward(backend.new_state(), prompt), 2)
     runner = runners["runner"]
@@ -78,8 +78,8 @@ def run_model_only(
         seq.release()
 
     own = _median_ms(own_prefill, 2)
-    done += 1
-    _progress(done, steps, "prefill")
+    bar.set_description("prefill")
+    bar.update()
     batched: dict[int, float] = {}
     ctx = min(contexts)
     for b in batches:
@@ -89,9 +89,9 @@ def run_model_only(
         batched[b] = b * 1000 / ms
         for s in seqs:
             s.release()
-        done += 1
-        _progress(done, steps, f"batched decode x{b}")
-    sys.stderr.write("\n")
+        bar.set_description(f"batched decode x{b}")
+        bar.update()
+    bar.close()
     return {
         "model": backend.info.name,
         "decode_ms": decode,
@@ -99,6 +99,64 @@ def run_model_only(
         "batched_decode_tok_s": batched,
         "batched_context": ctx,
         "llama_cpp": "installed" if importlib.util.find_spec("llama_cpp") else "not installed",
+    }
+
+
+def _decode_ms(engine: Any, sid: str, messages: list[dict[str, str]], tokens: int) -> float:
+    """ms per decoded token of one greedy answer (its first token excluded)."""
+    from headstart.engine import Request
+    from headstart.sampling import SamplingParams
+
+    c = engine.generate(Request(messages=messages, params=SamplingParams(max_tokens=tokens), session_id=sid))
+    return (c.e2e_ms - c.ttft_ms) / max(1, len(c.token_ids) - 1)
+
+
+def engine_figures(backend: HFBackend, context: int = 1000, idle: int = 1000) -> dict[str, Any]:
+    """In the engine: ready_exact and gate TTFT at a ``context``-token session, and one
+    session's decode ms/token with ``idle`` other sessions resident against with none."""
+    from headstart.engine import Engine, EngineConfig, Request
+    from headstart.sampling import SamplingParams
+
+    words = "The committee met on Tuesday to review the budget, the roadmap and the hiring plan. "
+    long = [{"role": "user", "content": words * (context // 18)}]
+    one = SamplingParams(max_tokens=1)
+    engine = Engine(backend, config=EngineConfig(gate=True, gap_threshold=float("inf"))).start()
+    try:
+        first = engine.generate(Request(messages=long, params=one, session_id="long"))
+        s = engine.get_session("long")
+        said = [*long, {"role": "assistant", "content": first.text}]
+        follow = [*said, {"role": "user", "content": "Thanks."}]  # what the hint predicts: ready_exact
+        other = [*said, {"role": "user", "content": "Thank you."}]  # not predicted: the gate answers
+        ttft: dict[str, list[float]] = {}
+        for _ in range(3):
+            s.settings.hint = "Thanks."
+            engine.schedule_pre_position(s)
+            engine.wait_idle(600)
+            c = engine.generate(Request(messages=follow, params=one, session_id="long", ephemeral=True))
+            ttft.setdefault(c.path, []).append(c.ttft_ms)
+            g = engine.generate(Request(messages=other, params=one, session_id="long", ephemeral=True,
+                                        gap_threshold=0.0))
+            ttft.setdefault(g.path, []).append(g.ttft_ms)
+            s.settings.hint = None
+        prompt = [{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}]
+        alone = _decode_ms(engine, "active", prompt, 32)
+        engine.wait_idle(600)
+        base = KVSeq(engine.pool)
+        engine.runner.forward([Feed(base, list(range(100, 164)))])
+        for i in range(idle):  # idle sessions holding KV (forks of one sequence: no copies)
+            resident = engine.create_session(f"idle-{i}")
+            resident.kv.adopt(base.fork())
+            resident.kv_background = [False] * len(resident.kv_ids)
+        crowded = _decode_ms(engine, "active2", prompt, 32)
+        base.release()
+    finally:
+        engine.stop()
+    return {
+        "context_tokens": first.prompt_tokens,
+        "ttft_ms": {k: statistics.median(v) for k, v in ttft.items()},
+        "decode_ms_alone": alone,
+        "decode_ms_with_idle": crowded,
+        "idle_sessions": idle,
     }
 
 
@@ -117,4 +175,60 @@ def format_table(r: dict[str, Any]) -> str:
     one = r["batched_decode_tok_s"][min(r["batched_decode_tok_s"])]
     for b, tps in r["batched_decode_tok_s"].items():
         lines.append(f"| {b} | {tps:.1f} | {tps / one:.2f}x |")
+    e = r.get("engine")
+    if e:
+        lines += ["", f"engine, a {e['context_tokens']}-token session: "
+                  + ", ".join(f"{k} TTFT {v:.2f} ms" for k, v in e["ttft_ms"].items()),
+                  f"engine decode ms/token: alone {e['decode_ms_alone']:.1f}, with {e['idle_sessions']} idle "
+                  f"sessions resident {e['decode_ms_with_idle']:.1f} "
+                  f"({e['decode_ms_with_idle'] / e['decode_ms_alone']:.2f}x)"]
     return "\n".join(lines)
+
+
+def plot(r: dict[str, Any], path: Path) -> Path:
+    """Decode ms/token against context per forward, and batched decode throughput."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
+    for name, row in r["decode_ms"].items():
+        a.plot(list(row), list(row.values()), marker="o", label=name)
+    a.set_xscale("log", base=2)
+    a.set_xlabel("context (tokens)")
+    a.set_ylabel("decode ms/token")
+    a.legend()
+    batched = r["batched_decode_tok_s"]
+    b.plot(list(batched), list(batched.values()), marker="o", color="#ff7f0e")
+    b.set_xlabel("sequences in one forward")
+    b.set_ylabel("aggregate decode tokens/s")
+    fig.suptitle(f"{r['model']}: transformers backend vs own runner")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def main(args: argparse.Namespace) -> int:
+    import json
+
+    from headstart.model import load
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    contexts = [int(x) for x in args.contexts.split(",")]
+    batches = [int(x) for x in args.batches.split(",")]
+    backend = load(args.model, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir)
+    r = run_model_only(backend, contexts, batches, reps=args.reps, progress=not args.no_progress)
+    if not args.no_engine:
+        r["engine"] = engine_figures(backend)
+    print(format_table(r))
+    if args.json:
+        Path(args.json).write_text(json.dumps(r, indent=2))
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        print(f"plot: {plot(r, Path(args.out) / 'model-only.png')}")
+    return 0

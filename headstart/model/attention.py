@@ -33,10 +33,27 @@ class AttnMeta:
     blocked: torch.Tensor  # (B, 1, tiles, 1, qmax, tile) True where a query must not look
     scatter_from: torch.Tensor  # rows of the (B * qmax) output that are real queries
     scatter_to: torch.Tensor  # their flattened rows
+    varlen: VarlenMeta | None = None  # CUDA with fp16/bf16: the paged flash kernel instead
+
+
+@dataclass
+class VarlenMeta:
+    """What ``torch.nn.attention.varlen.varlen_attn`` takes for a paged pool."""
+
+    cu_seq_q: torch.Tensor  # (B + 1,) int32
+    seqused_k: torch.Tensor  # (B,) int32
+    block_table: torch.Tensor  # (B, tiles) int32
+    max_q: int
+    max_k: int
+    rows: int  # real query rows (the flattened batch's padding comes after them)
 
 
 def build_meta(
-    spans: list[tuple[int, int, list[int], int]], block_size: int, group: int, device: torch.device
+    spans: list[tuple[int, int, list[int], int]],
+    block_size: int,
+    group: int,
+    device: torch.device,
+    use_varlen: bool = False,
 ) -> AttnMeta:
     """``spans``: per sequence (first flattened row, query rows, block table, kv length)."""
     qmin = -(-MIN_PRODUCT_ROWS // group)
@@ -55,17 +72,40 @@ def build_meta(
     lim = torch.tensor(limits, device=device)  # (B, qmax)
     blocked = keys[None] > lim[:, None, :, None]  # (B, tiles, qmax, tile)
     as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
+    varlen = None
+    if use_varlen:
+        cu = [0]
+        for _, q, _, _ in spans:
+            cu.append(cu[-1] + q)
+        as_int = lambda xs: torch.tensor(xs, dtype=torch.int32, device=device)  # noqa: E731
+        varlen = VarlenMeta(
+            cu_seq_q=as_int(cu),
+            seqused_k=as_int([kv for _, _, _, kv in spans]),
+            block_table=as_int(tables),
+            max_q=max(q for _, q, _, _ in spans),
+            max_k=max(kv for _, _, _, kv in spans),
+            rows=cu[-1],
+        )
     return AttnMeta(
         gather=as_long(gather),
         tables=as_long(tables),
         blocked=blocked[:, None, :, None],
         scatter_from=as_long(src),
         scatter_to=as_long(dst),
+        varlen=varlen,
     )
+
+
+def varlen_usable(device: torch.device, dtype: torch.dtype) -> bool:
+    """The flash kernel runs on CUDA in half precision only."""
+    return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
 
 
 def paged_attention(q: torch.Tensor, pool: BlockPool, layer: int, meta: AttnMeta, out: torch.Tensor) -> None:
     """``q``: (T, heads, dim) queries, already scaled; writes (T, heads * dim) into ``out``."""
+    if meta.varlen is not None:
+        _varlen(q, pool, layer, meta.varlen, out)
+        return
     heads, dim = q.shape[1], q.shape[2]
     kvh = pool.kv_heads
     g = heads // kvh
@@ -94,3 +134,27 @@ def paged_attention(q: torch.Tensor, pool: BlockPool, layer: int, meta: AttnMeta
     o = acc[..., :dim] / acc[..., dim:]
     o = o.permute(0, 3, 1, 2, 4).reshape(bsz * qmax, heads * dim)
     out.index_copy_(0, meta.scatter_to, o.index_select(0, meta.scatter_from))
+
+
+def _varlen(q: torch.Tensor, pool: BlockPool, layer: int, m: VarlenMeta, out: torch.Tensor) -> None:
+    """CUDA: the paged flash kernel reads the blocks in place (no gather). ``num_splits=1``
+    keeps a sequence's result independent of the rest of the batch (its documented
+    batch-invariance switch); ``window_size=(-1, 0)`` is causal, aligned bottom-right."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    o = varlen_attn(
+        q[: m.rows],
+        pool.k[layer],
+        pool.v[layer],
+        m.cu_seq_q,
+        None,
+        m.max_q,
+        m.max_k,
+        scale=1.0,  # the queries come scaled
+        window_size=(-1, 0),
+        enable_gqa=True,
+        seqused_k=m.seqused_k,
+        block_table=m.block_table,
+        num_splits=1,
+    )
+    out[: m.rows] = o.flatten(1)

@@ -22,7 +22,7 @@ import torch
 from headstart.kv.pool import SCRATCH, BlockPool, Reservation
 from headstart.kv.seq import KVSeq
 from headstart.model.arch import ArchConfig
-from headstart.model.attention import build_meta
+from headstart.model.attention import build_meta, varlen_usable
 from headstart.model.hf import HFBackend
 from headstart.model.llama import Llama
 from headstart.model.weights import from_module
@@ -87,7 +87,8 @@ class Runner:
         out_rows = len(rows)
         if out_rows < self.min_rows:
             rows += [rows[-1]] * (self.min_rows - out_rows)
-        meta = build_meta(spans, pool.block_size, self.model.arch.heads // self.model.arch.kv_heads, device)
+        group = self.model.arch.heads // self.model.arch.kv_heads
+        meta = build_meta(spans, pool.block_size, group, device, varlen_usable(device, self.model.dtype))
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
         logits = self.model.forward(
             as_tensor(ids), as_tensor(positions), as_tensor(slots), meta, as_tensor(rows), pool
