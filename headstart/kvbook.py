@@ -13,6 +13,7 @@ from collections.abc import Callable, Generator
 import torch
 
 from headstart.model.backend import Backend
+from headstart.model.hf_runner import HFRunner
 from headstart.model.runner import Feed, Runner
 from headstart.session import ReadyPosition, Session
 from headstart.stats import EngineStats
@@ -29,7 +30,7 @@ RoomMaker = Callable[[Session, int, bool], bool]
 class KVBook:
     """KV operations on sessions, with token accounting."""
 
-    def __init__(self, backend: Backend, runner: Runner, stats: EngineStats) -> None:
+    def __init__(self, backend: Backend, runner: Runner | HFRunner, stats: EngineStats) -> None:
         self.backend = backend
         self.runner = runner
         self.pool = runner.pool

@@ -52,13 +52,6 @@ class ReadyPosition:
     def logits_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.logits)
 
-    def nbytes(self) -> int:
-        """What the position holds beyond the session's KV: its own blocks and its logits."""
-        if self.seq is None:
-            return 0
-        pool = self.seq.pool
-        return (len(self.seq.blocks) - self.base // pool.block_size + self.charge) * pool.block_bytes
-
 
 @dataclass
 class SessionSettings:
@@ -157,8 +150,16 @@ class Session:
         return s
 
     def ready_bytes(self) -> int:
-        # list() takes the values in one step: the model thread may be changing the dict.
-        return sum(r.nbytes() for r in list(self.ready.values()))
+        """Bytes the ready positions add to the session's own KV: the blocks only they hold
+        (each counted once, however many positions share it) and their logits."""
+        own = set(self.kv.blocks)
+        extra: set[int] = set()
+        charge = 0
+        for rp in list(self.ready.values()):  # one step: the model thread may be changing the dict
+            if rp.seq is not None:
+                extra.update(rp.seq.blocks)
+            charge += rp.charge
+        return (len(extra - own) + charge) * self.kv.pool.block_bytes
 
     def kv_bytes(self) -> int:
         """Bytes of KV this session holds: its own blocks and what its ready positions add."""

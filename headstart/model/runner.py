@@ -24,6 +24,7 @@ from headstart.kv.seq import KVSeq
 from headstart.model.arch import ArchConfig
 from headstart.model.attention import build_meta, varlen_usable
 from headstart.model.hf import HFBackend
+from headstart.model.hf_runner import HFRunner
 from headstart.model.llama import Llama
 from headstart.model.weights import from_module
 
@@ -113,23 +114,30 @@ def from_backend(
     block_size: int = 16,
     min_rows: int = MIN_ROWS,
     physical_bytes: int | None = None,
-) -> Runner:
-    """The own forward for ``backend``'s model (llama or qwen2), sharing its weights, with a
-    pool of ``kv_budget`` bytes (at most ``physical_bytes`` allocated); ValueError for
-    another architecture. The fused weights are built once per backend."""
-    model = _models.get(backend)
-    if model is None:
-        arch = ArchConfig.from_dict(backend.model.config.to_dict())
-        model = _models[backend] = Llama(arch, from_module(backend.model, arch))
-    arch = model.arch
+) -> Runner | HFRunner:
+    """The runner for ``backend``'s model with a pool of ``kv_budget`` bytes (at most
+    ``physical_bytes`` allocated): the own forward, sharing the model's weights, for llama
+    and qwen2 (fused once per backend); transformers over the pool for anything else."""
+    config = backend.model.config.get_text_config(decoder=True)
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    param = next(backend.model.parameters())
     pool = BlockPool(
-        arch.layers,
-        arch.kv_heads,
-        arch.head_dim,
+        config.num_hidden_layers,
+        kv_heads,
+        head_dim,
         block_size=block_size,
         budget_bytes=kv_budget,
-        dtype=model.dtype,
-        device=model.device,
+        dtype=param.dtype,
+        device=param.device,
         physical_bytes=physical_bytes,
     )
+    model = _models.get(backend)
+    if model is None:
+        try:
+            arch = ArchConfig.from_dict(backend.model.config.to_dict())
+        except ValueError:  # another architecture, or a RoPE variant the own forward lacks
+            return HFRunner(backend, pool)
+        model = _models[backend] = Llama(arch, from_module(backend.model, arch))
     return Runner(model, pool, min_rows)
