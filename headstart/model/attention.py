@@ -19,9 +19,9 @@ import torch
 
 from headstart.kv.pool import SCRATCH, BlockPool
 
-# Query rows per product at least this many (G query heads per KV head times rows): the
-# CPU GEMM gives other bits for 1 and for 2-3 rows than for 4 or more (see runner.py).
-MIN_PRODUCT_ROWS = 4
+# Query rows per product (G query heads per KV head times rows) a multiple of this: the
+# CPU GEMM gives other bits to rows in a last group of fewer than four (see runner.py).
+ROW_GROUP = 4
 
 
 @dataclass
@@ -56,8 +56,9 @@ def build_meta(
     use_varlen: bool = False,
 ) -> AttnMeta:
     """``spans``: per sequence (first flattened row, query rows, block table, kv length)."""
-    qmin = -(-MIN_PRODUCT_ROWS // group)
-    qmax = max(qmin, *(q for _, q, _, _ in spans))
+    qmax = max(q for _, q, _, _ in spans)
+    while group * qmax % ROW_GROUP:
+        qmax += 1
     tiles = max(-(-kv // block_size) for _, _, _, kv in spans)
     gather, tables, limits, src, dst = [], [], [], [], []
     for b, (start, q, blocks, kv) in enumerate(spans):
