@@ -8,8 +8,9 @@ Batch invariance on the CPU: torch 2.13's CPU GEMM (MKL) computes rows in groups
 and a last group of one to three rows goes through other kernels that give other bits
 (measured here: row 4 of a 5-row product differs from row 4 of a 600-row one, rows of
 full groups never do). Every product therefore runs on a multiple of ``MIN_ROWS`` rows;
-the padding rows write their K/V to the pool's scratch block and are never read. With that, a sequence's logits are the same bits whether it runs alone or
-beside others (tests/test_runner.py proves it on both real models).
+the padding rows write their K/V to the pool's scratch block and are never read. With
+that, a sequence's logits are the same bits whether it runs alone or beside others, and
+chunked prefill equals prefill at once (tests/test_runner.py, on both real models).
 """
 
 from __future__ import annotations
