@@ -78,7 +78,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    from headstart.ownership import Claimed
     from headstart.server.app import ServerConfig, create_app
+    from headstart.store import SchemaError
 
     engine = dataclasses.replace(
         engine_config(args),
@@ -99,7 +101,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         api_keys=api_keys(args),
         heartbeat_seconds=args.heartbeat,
     )
-    uvicorn.run(create_app(config), host=args.host, port=args.port, log_level=args.log_level.lower())
+    try:
+        app = create_app(config)
+    except (Claimed, SchemaError) as exc:  # another server's data, or a newer headstart's
+        print(f"headstart serve: {exc}", file=sys.stderr)
+        return 1
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
     return 0
 
 
