@@ -264,11 +264,15 @@ class Engine:
         self.scheduler.start()
         interval = min(60.0, max(0.5, self.config.idle_expiry_s / 4))
         threading.Thread(target=self._reap_loop, args=(interval,), name="headstart-reaper", daemon=True).start()
+        for s in self.sessions.all():  # sessions restored from the store take up their idle-time work
+            self.schedule_upkeep(s)
         return self
 
     def stop(self) -> None:
         self._reaper_stop.set()
         self.scheduler.stop()
+        if self.sessions.store is not None:
+            self.sessions.store.close()  # and let the next server on it claim it
 
     def _reap_loop(self, interval: float) -> None:
         while not self._reaper_stop.wait(interval):

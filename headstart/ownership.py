@@ -14,6 +14,7 @@ import json
 import os
 import socket
 import time
+import weakref
 from pathlib import Path
 
 
@@ -22,7 +23,8 @@ class Claimed(RuntimeError):
 
 
 class Claim:
-    """An exclusive hold on ``path`` for this process's life (or until :meth:`release`)."""
+    """An exclusive hold on ``path`` until :meth:`release`, the object is collected, or the
+    process ends."""
 
     def __init__(self, path: str | os.PathLike[str], what: str) -> None:
         self.path = Path(path)
@@ -38,15 +40,13 @@ class Claim:
         except BaseException:
             os.close(fd)
             raise
-        self._fd: int | None = fd
+        self._release = weakref.finalize(self, os.close, fd)  # closing the descriptor drops the lock
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(holder).encode(), 0)
 
     def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor drops the lock
-            self._fd = None
+        self._release()
 
 
 def _read(fd: int) -> str:

@@ -74,12 +74,16 @@ class SessionStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._claim = Claim(self.path.with_name(self.path.name + ".lock"), f"the database {self.path}")
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # NORMAL is durable against a process crash in WAL mode; FULL would add an fsync
-        # per turn to survive power loss too. A process crash is what we promise.
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._migrate()
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL is durable against a process crash in WAL mode; FULL would add an fsync
+            # per turn to survive power loss too. A process crash is what we promise.
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._migrate()
+        except BaseException:
+            self._claim.release()
+            raise
 
     def _migrate(self) -> None:
         with self._lock:

@@ -24,7 +24,8 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = data / f"server-{self.port}.log"
-        env = {**os.environ, "HEADSTART_DATA": str(data), "PYTHONUNBUFFERED": "1"}
+        # One torch thread: these machines are shared, and a test may hold two servers.
+        env = {"OMP_NUM_THREADS": "1", **os.environ, "HEADSTART_DATA": str(data), "PYTHONUNBUFFERED": "1"}
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "headstart.cli", "--log-level", "WARNING", "serve", "--port", str(self.port),

@@ -78,13 +78,14 @@ def default_factory(config: ServerConfig) -> Callable[[], Engine]:
 
     data = default_data_dir()
     db = config.db if config.db is not None else str(data / "headstart.db")
-    store = SessionStore(db) if db else None
     spill_dir = config.spill_dir if config.spill_dir is not None else str(data / "spill")
-    Claim(Path(spill_dir) / "owner.lock", f"the spill folder {spill_dir}")  # held until the process ends
+    # What this server holds for as long as it lives: its database and its spill folder.
+    held = (SessionStore(db) if db else None, Claim(Path(spill_dir) / "owner.lock", f"the spill folder {spill_dir}"))
 
     def build() -> Engine:
         from headstart.model import load
 
+        store, _spill = held
         backend = load(config.model, device=config.device, dtype=config.dtype, cache_dir=config.cache_dir)
         return Engine(backend, config=config.engine, store=store, spill_dir=spill_dir)
 
