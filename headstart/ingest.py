@@ -65,10 +65,11 @@ class DataFeed:
         self.trimmed_messages = 0
 
     def push(self, entries: list[Entry]) -> PushResult:
-        """Queue ``entries``; drop the oldest waiting ones past ``max_pending``."""
+        """Queue ``entries``; drop the oldest waiting ones past ``max_pending`` (the batch in
+        flight counts too: it is pending until ingested, and is never dropped)."""
         with self.lock:
             self.pending.extend(entries)
-            over = max(0, len(self.pending) - self.max_pending)
+            over = min(len(self.pending), max(0, len(self.pending) + len(self.inflight) - self.max_pending))
             for _ in range(over):
                 self.pending.popleft()
             self.pushed += len(entries)
