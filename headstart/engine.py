@@ -27,6 +27,7 @@ from headstart.errors import (
     SessionBusy,
     SessionExists,
     SessionNotFound,
+    StoreUnavailable,
     TooManySessions,
 )
 from headstart.gate import Gate
@@ -643,12 +644,17 @@ class Engine:
             reply: Message = {"role": "assistant", "content": text}
             if answer.calls:  # as the template renders a call, so the next turn's prefix matches
                 reply["tool_calls"] = [c.message() for c in answer.calls]
+            before = s.messages, s.tools, s.turns, s.last_delta
             s.messages = [*req.messages, reply]
             s.tools = req.tools
             s.turns += 1
             last = req.messages[-1]
             s.last_delta = last.get("content") if isinstance(last.get("content"), str) else None
-            self.sessions.persist(s)  # committed before the client hears of the turn
+            try:
+                self.sessions.persist(s)  # committed before the client hears of the turn
+            except StoreUnavailable:
+                s.messages, s.tools, s.turns, s.last_delta = before  # not durable: no turn, and a 503
+                raise
         return completion
 
     def _after(self, t: Turn) -> None:

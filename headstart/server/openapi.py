@@ -109,7 +109,7 @@ def document(window_max: int | None = None) -> dict[str, Any]:
             "404": _error("no such session or question (or it belongs to another key)"),
             "409": _error("a request is in flight on the session, or the id exists"),
             "413": _error("the body is over the size limit"),
-            "503": _error("the model is still loading"),
+            "503": _error("the model is still loading, or the session store cannot be written (nothing was saved)"),
         }
         if not d.open:
             op["responses"]["401"] = _error("a valid API key is required (when the server has keys)")
