@@ -38,11 +38,12 @@ def _tensors(obj: Any) -> Iterator[torch.Tensor]:
             yield from _tensors(item)
 
 
-def held_kv_bytes(engine: Engine, also: Iterable[Any] = ()) -> int:
+def held_kv_bytes(engine: Engine, also: Iterable[Any] = (), *, pinned: bool = True) -> int:
     """Bytes of memory behind every KV tensor the engine holds: each session's (one-off
     requests' too) cache, and each ready position's rows and kept logits; ``also`` adds
-    states the engine is handling but has not attached to a session yet. Storages shared
-    by several tensors count once."""
+    states the engine is handling but has not attached to a session yet. With ``pinned``
+    each tensor counts its whole storage (shared storages once), else only its own
+    elements (what the engine's count claims to be)."""
     sessions = engine.sessions._holding_kv()
     storages: dict[int, int] = {}
     holders: list[Any] = list(also)
@@ -51,11 +52,13 @@ def held_kv_bytes(engine: Engine, also: Iterable[Any] = ()) -> int:
         for rp in list(s.ready.values()):
             holders.append(rp.suffix)
             holders.append(rp.logits)
+    own = 0
     for holder in holders:
         for t in _tensors(holder):
             storage = t.untyped_storage()
             storages[storage.data_ptr()] = storage.nbytes()
-    return sum(storages.values())
+            own += t.numel() * t.element_size()
+    return sum(storages.values()) if pinned else own
 
 
 class KVMeter:
