@@ -127,13 +127,13 @@ async def _turn(
 
 async def _client(
     client: httpx.AsyncClient, index: int, sessions: list[str], deadline: float, max_tokens: int,
-    think_s: float, report: LoadReport, seed: int, turns_per_session: int | None,
+    think_s: float, report: LoadReport, seed: int, turns_per_session: int | None, turns: int | None,
 ) -> None:
     rng = random.Random(seed + index)
     transcripts = report.transcripts
     generation = dict.fromkeys(sessions, 0)
     turn = 0
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and (turns is None or turn < turns):
         slot = sessions[turn % len(sessions)]
         sid = f"{slot}-{generation[slot]}"
         if turns_per_session is not None and report.acknowledged.get(sid, 0) >= turns_per_session:
@@ -165,8 +165,10 @@ async def run_load(
     api_key: str | None = None,
     seed: int = 0,
     turns_per_session: int | None = None,
+    turns: int | None = None,
 ) -> LoadReport:
-    """Drive the server for ``seconds``; then read each session's turn count back."""
+    """Drive the server for ``seconds`` (or until each client has sent ``turns`` turns);
+    then read each session's turn count back."""
     report = LoadReport()
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
     prefix = f"load{seed}"
@@ -178,7 +180,7 @@ async def run_load(
             *(
                 _client(
                     client, i, [f"{prefix}-c{i}-s{j}" for j in range(sessions_per_client)], deadline,
-                    max_tokens, think_s, report, seed, turns_per_session,
+                    max_tokens, think_s, report, seed, turns_per_session, turns,
                 )
                 for i in range(clients)
             )

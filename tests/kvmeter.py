@@ -2,7 +2,7 @@
 
 The budget's promise ("all sessions' KV plus their ready positions stay within
 ``--kv-budget``") is checked here without asking the planner: after every model call that
-can grow KV (``forward``, ``extend``, ``suffix``) the meter adds up the memory of every KV
+can grow KV (``forward``, ``extend``: every step) the meter adds up the memory of every KV
 tensor the engine holds, by storage, so a cropped view that still pins its whole buffer
 counts in full. :func:`held_kv_bytes` is the one place that knows where KV tensors live;
 when KV moves into a block pool, point it at the pool's tensors.
@@ -68,12 +68,13 @@ class KVMeter:
     meter is in place.
     """
 
-    GROWING = ("forward", "extend", "suffix")
+    GROWING = ("forward", "extend")
 
     def __init__(self, backend: Any, engine: Callable[[], Engine | None]) -> None:
         self.backend = backend
         self.engine = engine
         self.peak = 0
+        self.peak_at = ""  # the call after which the peak was seen
         self.samples = 0
 
     def _wrap(self, name: str) -> Callable[..., Any]:
@@ -83,11 +84,11 @@ class KVMeter:
             out = original(*args, **kwargs)
             engine = self.engine()
             if engine is not None:
-                # The state being worked on (and a suffix just copied) may not be attached yet.
-                extra = [a for a in args if hasattr(a, "cache") or hasattr(a, "rows")]
-                if name == "suffix":
-                    extra.append(out)
-                self.peak = max(self.peak, held_kv_bytes(engine, extra))
+                # The state being worked on may not be attached to a session yet (a reload).
+                extra = [a for a in args if hasattr(a, "cache")]
+                held = held_kv_bytes(engine, extra)
+                if held > self.peak:
+                    self.peak, self.peak_at = held, name
                 self.samples += 1
             return out
 
