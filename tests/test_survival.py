@@ -201,7 +201,7 @@ def test_a_slow_reader_does_not_stall_other_sessions(tiny: HFBackend) -> None:
             wait_until(lambda: any(s.id == "slow" and s.busy for s in engine.list_sessions()))
             during = [_stream_seconds(live.url, f"during{i}") for i in range(3)]
             # The long answer is finished by the engine while its client has read nothing...
-            wait_until(lambda: not engine.get_session("slow").busy, timeout=600)
+            wait_until(lambda: not engine.get_session("slow").busy, timeout=300)
             waiting = struct.unpack("i", fcntl.ioctl(slow, termios.FIONREAD, b"\0" * 4))[0]
             received = b""
             while chunk := slow.recv(1 << 16):
