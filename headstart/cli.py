@@ -130,7 +130,8 @@ def cmd_load(args: argparse.Namespace) -> int:
 
     report = asyncio.run(
         run_load(args.url, clients=args.clients, sessions_per_client=args.sessions, seconds=args.seconds,
-                 max_tokens=args.max_tokens, think_s=args.think, api_key=args.api_key, seed=args.seed)
+                 max_tokens=args.max_tokens, think_s=args.think, api_key=args.api_key, seed=args.seed,
+                 turns_per_session=args.turns_per_session)
     )
     print(json.dumps(report.summary(), indent=2))
     return 0 if report.ok else 1
@@ -201,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--think", type=float, default=0.5, help="most seconds a client waits between turns")
     load.add_argument("--api-key", default=None)
     load.add_argument("--seed", type=int, default=0)
+    load.add_argument("--turns-per-session", type=int, default=None,
+                      help="turns per conversation, then a client starts a fresh session (default: no limit)")
     load.set_defaults(func=cmd_load)
 
     from headstart.bench.command import add_bench_arguments

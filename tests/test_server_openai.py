@@ -67,14 +67,15 @@ def test_three_turns_through_a_session(server: LiveServer, stream: bool) -> None
     assert paths[0] == "cold" and cached[0] == 0
     assert cached[1] > 0 and cached[2] > cached[1]
     assert all(p in ("ready_exact", "gate", "entry", "session") for p in paths[1:])
-    # A one-off request (no session) gives the same greedy answer to the same conversation
-    # whenever the session took an exact path.
-    cold = _client(server, None).chat.completions.create(
-        model="smollm2-135m", messages=messages[:-1], temperature=0, max_tokens=12
-    )
-    assert cold.model_extra["headstart"]["path"] == "cold"
-    if paths[-1] != "gate":
-        assert cold.choices[0].message.content == texts[-1]
+    # Every turn: a one-off request (no session) gives the same greedy answer to the same
+    # conversation whenever the session took an exact path.
+    one_off = _client(server, None)
+    for turn, (path, text) in enumerate(zip(paths, texts, strict=True)):
+        prompt = messages[: 2 * turn + 1]
+        cold = one_off.chat.completions.create(model="smollm2-135m", messages=prompt, temperature=0, max_tokens=12)
+        assert cold.model_extra["headstart"]["path"] == "cold"
+        if path != "gate":
+            assert cold.choices[0].message.content == text, (turn, path)
 
 
 def test_stream_is_sse_and_ends_with_done(server: LiveServer) -> None:
@@ -155,8 +156,10 @@ def test_health_is_503_while_the_model_loads() -> None:
         chat = httpx.post(f"{live.url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
         assert chat.status_code == 503 and chat.json()["error"]["code"] == "model_loading"
         release.set()
-        time.sleep(0.3)
-        r = httpx.get(f"{live.url}/health", timeout=2)
+        deadline = time.monotonic() + 30  # until the failed load is reported
+        while (r := httpx.get(f"{live.url}/health", timeout=2)).json()["status"] == "loading":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
         assert r.status_code == 503 and r.json()["status"] == "error"
     finally:
         release.set()
