@@ -73,7 +73,7 @@ def test_qwen_every_exact_path_equals_cold(qwen: HFBackend, make_engine: Callabl
 
 def test_qwen_gate_at_threshold_zero(qwen: HFBackend, make_engine: Callable[..., Engine]) -> None:
     engine = make_engine(qwen, gap_threshold=0.0, **SMALL_IDLE)
-    outs, prompts = converse(engine, "qwen-gate", QUESTIONS[:2], params=SHORT)
+    outs, prompts = converse(engine, "qwen-gate", QUESTIONS[:2], params=SHORT, stream=True)
     c = outs[1]
     assert c.path in ("gate", "ready_exact")
     reference = cold(engine, prompts[1], params=SHORT)
