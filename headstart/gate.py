@@ -86,7 +86,7 @@ def beta_quantile(p: float, a: float, b: float) -> float:
     if not 0.0 <= p <= 1.0:
         raise ValueError("p must be in [0, 1]")
     lo, hi = 0.0, 1.0
-    for _ in range(200):
+    for _ in range(100):  # a double has 53 bits: the interval stops shrinking well before
         mid = (lo + hi) / 2
         if mid in (lo, hi):
             break
@@ -112,14 +112,26 @@ def lower_bound(successes: int, n: int, confidence: float) -> float:
     return beta_quantile(1.0 - confidence, successes, n - successes + 1)
 
 
+def reaches(successes: int, n: int, target: float, confidence: float) -> bool:
+    """``lower_bound(successes, n, confidence) >= target``, by one evaluation of the
+    incomplete beta instead of a quantile search: the bound reaches ``target`` exactly when
+    P(Binomial(n, target) >= successes) = I_target(successes, n - successes + 1) is at most
+    1 - confidence (the tail grows with p, and the bound is where it equals 1 - confidence)."""
+    if successes == 0:
+        return False
+    return betainc(successes, n - successes + 1, target) <= 1.0 - confidence
+
+
 def min_evidence(target: float, confidence: float) -> int:
     """The fewest verified answers on which the bound can reach ``target`` (all of them
     right: the bound is then (1 - confidence) ** (1 / n))."""
     if not 0.0 < target < 1.0:
         raise ValueError("a target precision must be in (0, 1): no finite evidence bounds it at 1")
     n = max(1, math.ceil(math.log(1.0 - confidence) / math.log(target)))
-    while lower_bound(n, n, confidence) < target:
+    while not reaches(n, n, target, confidence):
         n += 1
+    while n > 1 and reaches(n - 1, n - 1, target, confidence):
+        n -= 1
     return n
 
 
@@ -178,7 +190,11 @@ class Calibration:
 
 
 def calibrate(
-    pairs: Sequence[tuple[float, bool]], target: float = DEFAULT_TARGET, confidence: float = DEFAULT_CONFIDENCE
+    pairs: Sequence[tuple[float, bool]],
+    target: float = DEFAULT_TARGET,
+    confidence: float = DEFAULT_CONFIDENCE,
+    *,
+    curve_bounds: bool = False,
 ) -> Calibration:
     """The lowest threshold whose answers' precision has a lower bound of at least ``target``.
 
@@ -188,28 +204,44 @@ def calibrate(
     1 - ``confidence`` however many thresholds are looked at. Thresholds above fewer pairs
     than :func:`min_evidence` are skipped, not failed: they cannot pass whatever their
     answers, and which they are depends on the gaps alone, not on whether the answers agreed.
+    Each test is one incomplete-beta evaluation (:func:`reaches`); the bound itself is
+    computed for the deciding point, and for every point of the curve with ``curve_bounds``
+    (offline reports: it is a quantile search per point).
     """
     usable = [(g, bool(ok)) for g, ok in pairs if not math.isnan(g)]
     n = len(usable)
     ordered = sorted(usable, key=lambda p: -p[0])
     need = min_evidence(target, confidence)
-    curve: list[CalibrationPoint] = []
+    points: list[tuple[float, int, int]] = []  # (threshold, fired, agreed), descending thresholds
     ok = 0
     for i, (gap, good) in enumerate(ordered, start=1):
         ok += good
         if i < n and ordered[i][0] == gap:
             continue  # a threshold admits every pair with an equal gap
-        bound = lower_bound(ok, i, confidence) if i >= need else None
-        curve.append(CalibrationPoint(gap, i / n, ok / i, bound, i))
+        points.append((gap, i, ok))
+    decided: dict[int, CalibrationPoint] = {}  # index -> point with its bound: the chosen and the failed one
     chosen: CalibrationPoint | None = None
     failed: CalibrationPoint | None = None
-    for point in curve:  # descending thresholds
-        if point.bound is None:
+    last_pass: int | None = None
+    for idx, (gap, fired, agreed) in enumerate(points):
+        if fired < need:
             continue
-        if point.bound < target:
-            failed = point
+        if not reaches(agreed, fired, target, confidence):
+            failed = decided[idx] = CalibrationPoint(gap, fired / n, agreed / fired,
+                                                     lower_bound(agreed, fired, confidence), fired)
             break
-        chosen = point
+        last_pass = idx
+    if last_pass is not None:
+        gap, fired, agreed = points[last_pass]
+        chosen = decided[last_pass] = CalibrationPoint(gap, fired / n, agreed / fired,
+                                                       lower_bound(agreed, fired, confidence), fired)
+    curve = [
+        decided.get(idx) or CalibrationPoint(
+            gap, fired / n, agreed / fired,
+            lower_bound(agreed, fired, confidence) if curve_bounds and fired >= need else None, fired,
+        )
+        for idx, (gap, fired, agreed) in enumerate(points)
+    ]
     curve.reverse()  # ascending thresholds, for readers
     if chosen is not None:
         return Calibration(target, confidence, chosen.threshold, chosen.coverage, chosen.precision, chosen.bound,

@@ -10,7 +10,8 @@ from collections.abc import Callable
 import torch
 
 from headstart.engine import Engine, Request
-from headstart.model import HFBackend, qwen_chunks
+from headstart.model import HFBackend
+from headstart.model.qwen_chunks import QWEN05
 from headstart.model.loader import resolve
 from headstart.prepos import next_role
 from headstart.sampling import SamplingParams
@@ -41,7 +42,7 @@ def test_qwen_converted_output_layer_is_the_ggufs(qwen: HFBackend) -> None:
     from gguf.quants import dequantize
 
     assert not qwen.model.config.tie_word_embeddings
-    source = resolve(qwen_chunks.NAME)
+    source = resolve(QWEN05.name)
     tensors = {t.name: t for t in GGUFReader(source.path / str(source.gguf_file)).tensors}
     for name, weight in (("output.weight", qwen.model.lm_head.weight),
                          ("token_embd.weight", qwen.model.model.embed_tokens.weight)):

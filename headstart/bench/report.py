@@ -139,7 +139,7 @@ def calibration_figures(
     """:func:`headstart.gate.calibrate` on ``pairs`` (the guaranteed gate's own math), with
     coverage also as a share of all ``requests`` (exact hits count as covered at every
     threshold)."""
-    cal = calibrate(pairs, target, confidence)
+    cal = calibrate(pairs, target, confidence, curve_bounds=True)
     fired = cal.fired
     return {
         "target": target,
