@@ -11,8 +11,8 @@ import torch
 
 from headstart.engine import Engine, Request
 from headstart.model import HFBackend
-from headstart.model.qwen_chunks import QWEN05
 from headstart.model.loader import resolve
+from headstart.model.qwen_chunks import QWEN05
 from headstart.prepos import next_role
 from headstart.sampling import SamplingParams
 from headstart.template import ChatTemplate
