@@ -191,3 +191,30 @@ def test_engine_report_has_every_counter(tiny: HFBackend, make_engine: Callable[
     assert report["kv"]["resident_bytes"] <= report["kv"]["budget_bytes"]
     assert report["background_tokens"]["computed"] > 0
     assert report["foreground_wait_ms"]["n"] == 2
+
+
+def test_the_default_gate_starts_closed_and_opens_once_its_bound_holds(
+    tiny: HFBackend, make_engine: Callable[..., Engine]
+) -> None:
+    """The guaranteed gate (no fixed threshold) on a fresh engine: closed, saying why, while
+    the shadow checks of the exact paths accrue; open as soon as the bound over them reaches
+    the target, and from then on a streamed turn may be answered by the gate, verified."""
+    from headstart.gate import min_evidence
+
+    engine = make_engine(tiny, gate_target=0.6)
+    need = min_evidence(0.6, 0.95)
+    session = "accrue"
+    outs, _ = converse(engine, session, [f"question {i}" for i in range(need + 4)],
+                       params=SamplingParams(max_tokens=2), stream=True)
+    paths = [c.path for c in outs]
+    first_gate = paths.index("gate")
+    evidence_before = sum(1 for c in outs[:first_gate] if "shadow" in c.extra)
+    assert evidence_before >= need  # never before the bound could hold
+    assert all(c.verified is None for c in outs[:first_gate])
+    assert all(isinstance(c.verified, bool) for c in outs if c.path == "gate")
+    decision = engine.gate_decision(engine.get_session(session))
+    assert decision.threshold is not None and decision.key in ("session:accrue", "server")
+    fresh = make_engine(tiny, gate_target=0.6)
+    fresh.create_session("new")
+    closed = fresh.gate_decision(fresh.get_session("new"))
+    assert closed.threshold is None and "too little evidence" in (closed.reason or "")
