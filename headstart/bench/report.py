@@ -105,6 +105,7 @@ def mode_report(run: ModeRun, reference: ModeRun | None) -> dict[str, Any]:
         "exact": run.exact,
         "requests": len(recs),
         "ttft_ms": _times([r.ttft_ms for r in recs]),
+        "ttft_p50_by_path": {p: percentile([r.ttft_ms for r in recs if r.path == p], 50) for p in sorted(paths)},
         "decided_ms": _times([r.decided_ms for r in recs]),
         "e2e_ms": _times([r.e2e_ms for r in recs]),
         "paths": {p: paths[p] for p in [*PATHS, *sorted(set(paths) - set(PATHS))] if paths[p]},
