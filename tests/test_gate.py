@@ -155,6 +155,8 @@ def test_each_key_has_its_own_threshold_and_sparse_keys_defer_to_the_server() ->
     da, db = gate.decide((a, SERVER_KEY)), gate.decide((b, SERVER_KEY))
     assert da.key == a and da.threshold is not None and da.threshold >= 6.0
     assert db.key == b and db.threshold == 0.0
+    for _ in range(5):  # some evidence of its own, too little to decide
+        gate.record((sparse,), 9.0, True, fired=False)
     ds = gate.decide((sparse, SERVER_KEY))
     server = gate.calibration(SERVER_KEY)
     assert ds.key == SERVER_KEY and ds.threshold == server.threshold
