@@ -1,7 +1,8 @@
 """The gate study: several models side by side on the same workloads, from their bench records.
 
 Each input is the ``--records`` JSONL of one ``headstart bench --modes
-stateless,prepositioned,gate`` run. From the records alone (so every run is read with the
+[stateless,]prepositioned,gate`` run (without stateless, the prepositioned run's exact answers
+are the reference). From the records alone (so every run is read with the
 same code, whatever version wrote its report) it derives, per model and workload: where the
 guaranteed gate would fire (:func:`headstart.gate.calibrate` on the prepositioned run's
 shadow checks, all of them and with repeated answers left out), how often the gate's choice
@@ -43,7 +44,8 @@ def _share(n: int, d: int) -> float | None:
 def figures(runs: dict[str, ModeRun], target: float = DEFAULT_TARGET,
             confidence: float = DEFAULT_CONFIDENCE) -> dict[str, Any]:
     """The study's row for one model on one workload."""
-    pre, gate, ref = runs["prepositioned"], runs["gate"], runs["stateless"]
+    pre, gate = runs["prepositioned"], runs["gate"]
+    ref = runs.get("stateless") or pre  # the prepositioned run is exact too: its answers are the real ones
     rep = repeats(ref.records)
     pairs, fresh = shadow_pairs(pre), shadow_pairs(pre, rep)
     cal, cal_fresh = calibrate(pairs, target, confidence), calibrate(fresh, target, confidence)
@@ -56,7 +58,7 @@ def figures(runs: dict[str, ModeRun], target: float = DEFAULT_TARGET,
     by_path: dict[str, float | None] = {}
     for run in (ref, pre, gate):
         for p in sorted({r.path for r in run.records}):
-            key = "stateless" if run is ref else p
+            key = "stateless" if run.name == "stateless" else p
             if key not in by_path:
                 by_path[key] = percentile([r.ttft_ms for r in run.records if r.path == p], 50)
     return {
