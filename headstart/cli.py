@@ -55,6 +55,10 @@ def parse_bytes(text: str) -> int:
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
+    if not (0.0 < args.gate_target < 1.0 and 0.0 < args.gate_confidence < 1.0 and args.gate_window >= 1):
+        print("headstart: --gate-target and --gate-confidence must be in (0, 1), --gate-window at least 1",
+              file=sys.stderr)
+        raise SystemExit(2)
     return EngineConfig(
         pre_position=not args.no_pre_position,
         gate=not args.no_gate,
