@@ -424,9 +424,10 @@ def markdown(report: dict[str, Any]) -> str:
     g = report.get("gate")
     if g:
         lines.append("")
-        if g.get("threshold") is not None:
+        if g.get("requests") is not None:
+            where = "guaranteed (precision bound)" if g["threshold"] is None else f"at logit gap {g['threshold']:g}"
             lines.append(
-                f"Gate at logit gap {g['threshold']:g}: fired {g['fires']} of {g.get('requests', '?')} requests, "
+                f"Gate {where}: fired {g['fires']} of {g['requests']} requests, "
                 f"coverage {_pct(g['coverage'])} (ready_exact + gate), precision {_pct(g['precision'])}, "
                 f"false accepts {g['false_accepts']}; without answers that repeat the previous one: precision "
                 f"{_pct(g.get('precision_without_repeats'))} on {g.get('fires_without_repeats', 0)} fires. "
