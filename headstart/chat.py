@@ -37,7 +37,7 @@ def run_chat(args: argparse.Namespace) -> int:
             if not text:
                 break
             messages.append({"role": "user", "content": text})
-            handle = engine.submit(Request(messages=list(messages), params=params, session_id="chat"))
+            handle = engine.submit(Request(messages=list(messages), params=params, session_id="chat", stream=True))
             print("bot> ", end="", flush=True)
             try:
                 completion = _show(handle)

@@ -202,4 +202,24 @@ def describe(engine: Engine, s: Session) -> dict[str, Any]:
     out["working"] = engine.scheduler.has_background(s.id)
     out["kv_bytes"] = s.kv_bytes()
     out["listeners"] = s.events.listeners
+    out["gate"] = gate_state(engine, s)
     return out
+
+
+def gate_state(engine: Engine, s: Session) -> dict[str, Any]:
+    """Where the gate stands for a streamed turn on ``s``, and the calibration of each key
+    it rests on (the session's own, the server's)."""
+    from headstart.gate import SERVER_KEY, session_key
+
+    decision = engine.gate_decision(s)
+    keys = (session_key(s.id), SERVER_KEY)
+    return {
+        "enabled": engine.gate.enabled and s.settings.gate is not False,
+        "open": decision.threshold is not None,
+        "threshold": decision.threshold,
+        "key": decision.key,
+        "reason": decision.reason,
+        "target": engine.gate.target,
+        "confidence": engine.gate.confidence,
+        "keys": {k: engine.gate.calibration(k).describe() for k in keys},
+    }

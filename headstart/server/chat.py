@@ -43,6 +43,9 @@ def extension(c: Completion) -> dict[str, Any]:
         # A gap over a single fast_answer candidate is infinite; JSON has no infinity.
         "logit_gap": c.logit_gap if c.logit_gap is None or math.isfinite(c.logit_gap) else None,
         "speculative": c.speculative,
+        # Whether the gate's first token (or candidate) is the one the full computation gives;
+        # None when the gate did not answer (every other path is exact).
+        "verified": c.verified,
         "candidate": c.candidate,
     }
 

@@ -98,6 +98,30 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+class GateCalibration(BaseModel):
+    open: bool
+    threshold: float | None = Field(description="the logit gap from which the gate fires; null: closed")
+    precision: float | None = Field(description="precision of the verified answers at or above it")
+    bound: float | None = Field(description="the lower confidence bound of that precision")
+    coverage: float = Field(description="share of the key's verified answers at or above the threshold")
+    fired: int
+    n: int = Field(description="verified answers (gate answers and shadow checks) it rests on")
+    reason: str | None = Field(description="why it is closed")
+
+
+class GateState(BaseModel):
+    """The gate for a streamed turn on this session (non-streamed answers are always exact)."""
+
+    enabled: bool
+    open: bool
+    threshold: float | None
+    key: str | None = Field(description="the calibration key that decided; null for a fixed threshold")
+    reason: str | None
+    target: float
+    confidence: float
+    keys: dict[str, GateCalibration]
+
+
 class SessionObject(BaseModel):
     model_config = ConfigDict(extra="allow")
     id: str
@@ -125,6 +149,7 @@ class SessionObject(BaseModel):
     ready_gap: float | None
     entry_tokens: int | None
     paths: dict[str, int] = Field(description="requests served per path")
+    gate: GateState
 
 
 class SessionList(BaseModel):
