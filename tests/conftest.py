@@ -31,15 +31,33 @@ def real() -> HFBackend:
 def qwen() -> HFBackend:
     """The second, tool-capable model (the ``qwen`` extra). Skipped when it is not installed,
     unless ``HEADSTART_REQUIRE_QWEN`` is set (CI sets it, so there it must run)."""
-    from headstart.model import qwen_chunks
+    from headstart.model.qwen_chunks import QWEN05
 
     try:
-        qwen_chunks.chunk_paths()
+        QWEN05.chunk_paths()
     except FileNotFoundError as exc:
         if os.environ.get("HEADSTART_REQUIRE_QWEN"):
             raise
         pytest.skip(f"the second model is not installed: {exc}")
-    return load(qwen_chunks.NAME)
+    return load(QWEN05.name)
+
+
+@pytest.fixture
+def qwen15() -> Iterator[HFBackend]:
+    """The third model (the opt-in ``qwen15`` extra, ~7 GB in float32), for the tests that
+    need it only: loaded per test and freed after, so one large model is held at a time."""
+    import gc
+
+    from headstart.model.qwen_chunks import QWEN15
+
+    try:
+        QWEN15.chunk_paths()
+    except FileNotFoundError as exc:
+        pytest.skip(f"the third model is not installed: {exc}")
+    backend = load(QWEN15.name)
+    yield backend
+    del backend
+    gc.collect()
 
 
 @pytest.fixture(scope="session")

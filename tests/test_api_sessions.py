@@ -144,18 +144,23 @@ def test_generate_is_ephemeral_and_reports_its_path(srv: Served) -> None:
         "temperature"
 
 
-def test_generate_speculative_from_the_ready_position(srv: Served) -> None:
-    """With a ready position parked and the gate forced open, a question is answered from
-    the cached distribution: path gate, speculative true."""
+def test_generate_is_exact_even_with_the_gate_forced_open(srv: Served) -> None:
+    """generate answers whole, not streamed: with a ready position parked and the gate forced
+    open, the question still gets the answer of the full computation (the gate would save
+    this client nothing), and the session object says where the gate stands."""
     c = srv.client
     c.post("/v1/sessions", json={"id": "spec", "system": "Answer yes or no."})
     settle(srv, "spec")
-    assert c.get("/v1/sessions/spec").json()["ready"] is True
-    g = c.post("/v1/sessions/spec/generate", json={
-        "prompt": "Is the sky blue?", "fast_answer": ["yes", "no"], "gap_threshold": 0, "temperature": 0,
-    }).json()
-    assert (g["path"], g["speculative"]) == ("gate", True)
+    described = c.get("/v1/sessions/spec").json()
+    assert described["ready"] is True
+    assert described["gate"]["open"] is False and "too little evidence" in described["gate"]["reason"]
+    body = {"prompt": "Is the sky blue?", "fast_answer": ["yes", "no"], "temperature": 0}
+    g = c.post("/v1/sessions/spec/generate", json={**body, "gap_threshold": 0}).json()
+    assert (g["speculative"], g["verified"]) == (False, None) and g["path"] != "gate"
     assert g["text"] in ("yes", "no") and g["logit_gap"] >= 0
+    settle(srv, "spec")
+    again = c.post("/v1/sessions/spec/generate", json={**body, "gate": False}).json()
+    assert again["text"] == g["text"]
 
 
 def test_registered_questions(srv: Served) -> None:

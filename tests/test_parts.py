@@ -1,4 +1,4 @@
-"""Fast tests of the parts below the engine: text stream, sampling, gate calibration,
+"""Fast tests of the parts below the engine: text stream, sampling,
 template entry, scheduler order."""
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ import time
 import pytest
 import torch
 
-from headstart.gate import Gate, calibrate
 from headstart.model import HFBackend
 from headstart.sampling import SamplingParams, accept, candidate_gap, distribution, pick, top_gap
 from headstart.scheduler import Job, Scheduler
@@ -77,27 +76,6 @@ def test_speculative_acceptance_rate_is_min_one_p_over_q() -> None:
     assert all(accept(target, draft, 1, params, gen) for _ in range(50))  # p/q > 1
     assert accept(target, draft, 1, SamplingParams(), None)  # greedy: argmax agrees
     assert not accept(target, draft, 0, SamplingParams(), None)
-
-
-def test_calibration_finds_the_lowest_threshold_reaching_the_target() -> None:
-    pairs = [(0.5, False), (1.0, True), (1.5, False), (2.0, True), (3.0, True), (4.0, True)]
-    result = calibrate(pairs, target=0.95)
-    assert result.threshold == 2.0 and result.fired == 3 and result.samples == 6
-    assert result.coverage == 0.5 and result.precision == 1.0
-    assert [p.threshold for p in result.curve] == [0.5, 1.0, 1.5, 2.0, 3.0, 4.0]
-    assert calibrate([(1.0, False)], target=0.9).threshold is None
-    assert calibrate([], target=0.9).samples == 0
-
-
-def test_gate_counts_only_fired_answers() -> None:
-    gate = Gate(threshold=1.0)
-    assert gate.fires(1.0) and not gate.fires(0.5) and not gate.fires(float("nan"))
-    assert gate.fires(0.5, threshold=0.0)
-    gate.record(2.0, True, fired=True)
-    gate.record(2.0, False, fired=True)
-    gate.record(0.1, False, fired=False)
-    assert (gate.counters.fires, gate.counters.verified, gate.counters.false_accepts) == (2, 1, 1)
-    assert gate.counters.precision == 0.5 and len(gate.pairs()) == 3
 
 
 def test_entry_is_the_common_part_of_two_renderings(tiny: HFBackend) -> None:
