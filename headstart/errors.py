@@ -37,3 +37,7 @@ class SessionExists(EngineError):
 
 class TooManySessions(EngineError):
     pass
+
+
+class SessionMoved(EngineError):
+    """Another replica claimed the session since this one did: this one may no longer write it."""

@@ -13,7 +13,15 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from headstart.errors import BadRequest, ContextTooLong, SessionBusy, SessionExists, SessionNotFound, TooManySessions
+from headstart.errors import (
+    BadRequest,
+    ContextTooLong,
+    SessionBusy,
+    SessionExists,
+    SessionMoved,
+    SessionNotFound,
+    TooManySessions,
+)
 from headstart.template import TemplateError
 
 log = logging.getLogger("headstart.server")
@@ -71,6 +79,8 @@ def to_response(exc: BaseException) -> JSONResponse:
         return error_response(409, str(exc), "conflict_error", code="session_busy")
     if isinstance(exc, SessionExists):
         return error_response(409, str(exc), "conflict_error", code=getattr(exc, "code", "session_exists"))
+    if isinstance(exc, SessionMoved):
+        return error_response(409, str(exc), "conflict_error", code="session_moved")
     if isinstance(exc, TooManySessions):
         return error_response(429, str(exc), "rate_limit_error", code="too_many_sessions")
     if isinstance(exc, RecursionError):
