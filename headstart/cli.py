@@ -6,10 +6,14 @@ import argparse
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from headstart.engine import EngineConfig
 from headstart.gate import DEFAULT_THRESHOLD
 from headstart.prepos import DEFAULT_PREDICTOR, PREDICTORS
+
+if TYPE_CHECKING:
+    from headstart.server.app import ServerConfig
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -73,12 +77,11 @@ def api_keys(args: argparse.Namespace) -> frozenset[str]:
     return frozenset(k for k in keys if k)
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def server_config(args: argparse.Namespace) -> ServerConfig:
+    """What the ``serve`` flags ask of each server (one, or every replica)."""
     import dataclasses
 
-    import uvicorn
-
-    from headstart.server.app import ServerConfig, create_app
+    from headstart.server.app import ServerConfig
 
     engine = dataclasses.replace(
         engine_config(args),
@@ -86,7 +89,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_queries=args.max_queries,
         context_reserve=args.context_reserve,
     )
-    config = ServerConfig(
+    return ServerConfig(
         model=args.model,
         device=args.device,
         dtype=args.dtype,
@@ -99,7 +102,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         api_keys=api_keys(args),
         heartbeat_seconds=args.heartbeat,
     )
-    uvicorn.run(create_app(config), host=args.host, port=args.port, log_level=args.log_level.lower())
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    if args.replicas is not None:
+        from headstart.scaleout.run import serve_replicas
+
+        return serve_replicas(args)
+    import uvicorn
+
+    from headstart.server.app import create_app
+
+    uvicorn.run(create_app(server_config(args)), host=args.host, port=args.port, log_level=args.log_level.lower())
     return 0
 
 
@@ -145,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--temperature", type=float, default=1.0,
                        help="temperature when a request names none (OpenAI's default is 1.0)")
     serve.add_argument("--db", default=None,
-                       help="SQLite file for session transcripts (default: $HEADSTART_DATA/headstart.db; '' for none)")
+                       help="SQLite file or postgresql://... URL for session transcripts "
+                            "(default: $HEADSTART_DATA/headstart.db; '' for none)")
     serve.add_argument("--spill-dir", default=None, help="folder for spilled KV (default: $HEADSTART_DATA/spill)")
     serve.add_argument("--api-key", action="append", default=None, metavar="KEY",
                        help="require this key (repeatable); every endpoint but /health and /metrics then needs one")
@@ -158,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--context-reserve", type=int, default=512,
                        help="tokens of context kept free for questions on streaming-data sessions")
     serve.add_argument("--heartbeat", type=float, default=15.0, help="seconds between SSE heartbeats")
+    from headstart.scaleout.options import add_replica_flags
+
+    add_replica_flags(serve)
     add_model_flags(serve)
     add_engine_flags(serve)
     serve.set_defaults(func=cmd_serve)

@@ -7,6 +7,7 @@ for fast tests of engine logic; ``real`` is the default model, for every capabil
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -131,20 +132,28 @@ def pg_server() -> Iterator[str]:
         pg_cluster.stop(root)
 
 
-@pytest.fixture
-def pg_url(pg_server: str) -> Iterator[str]:
-    """A fresh, empty database on the server, dropped after the test."""
+@contextlib.contextmanager
+def pg_database(server: str) -> Iterator[str]:
+    """A fresh, empty database on ``server``, dropped afterwards."""
     import uuid
 
     import psycopg
 
     name = f"headstart_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(pg_server, autocommit=True) as conn:
+    with psycopg.connect(server, autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {name}")
-    base, _, _ = pg_server.rpartition("/")
-    yield f"{base}/{name}"
-    with psycopg.connect(pg_server, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    base, _, _ = server.rpartition("/")
+    try:
+        yield f"{base}/{name}"
+    finally:
+        with psycopg.connect(server, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def pg_url(pg_server: str) -> Iterator[str]:
+    with pg_database(pg_server) as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
