@@ -143,6 +143,10 @@ def cmd_load(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.replicas is not None:
+        from headstart.bench.replicas import run_replica_bench
+
+        return run_replica_bench(args)
     from headstart.bench.command import run_bench
 
     return run_bench(args)
@@ -218,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="every mode side by side on one workload: TTFT, cost, precision")
     add_bench_arguments(bench)
+    from headstart.bench.replicas import add_replica_bench_arguments
+
+    add_replica_bench_arguments(bench)
     add_model_flags(bench)
     bench.set_defaults(func=cmd_bench)
     return parser
