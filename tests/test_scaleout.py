@@ -13,6 +13,7 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
@@ -215,3 +216,26 @@ def test_a_killed_replica_s_sessions_go_on_exactly_on_another(cluster: Cluster, 
         assert answer == reference(messages)
         messages.append({"role": "assistant", "content": answer})
     assert json.loads(httpx.get(cluster.url + "/v1/sessions/" + sid, timeout=60).text)["turns"] == 5
+
+
+def test_replicas_refuse_a_store_they_cannot_share(tmp_path: Path) -> None:
+    """SQLite is one server's: replicas without PostgreSQL stop before starting Ray."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "headstart.cli", "serve", "--replicas", "2", "--db",
+                        str(tmp_path / "h.db")], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "pass --db postgresql://" in r.stderr
+
+
+def test_a_session_can_be_created_under_its_header_id(tiny: HFBackend) -> None:
+    """A header-only router places a new session by ``x-session-id``: creation takes the id
+    from there when the body names none, and refuses two different ids."""
+    from tests.apiutil import serve
+
+    with serve(tiny) as served:
+        r = served.client.post("/v1/sessions", json={}, headers={"x-session-id": "from-header"})
+        assert r.status_code == 200 and r.json()["id"] == "from-header"
+        r = served.client.post("/v1/sessions", json={"id": "a"}, headers={"x-session-id": "b"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "id"
+        assert [s["id"] for s in served.client.get("/v1/sessions").json()["data"]] == ["from-header"]
