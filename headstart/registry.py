@@ -240,6 +240,7 @@ class SessionRegistry:
         with self._lock:
             if self._sessions.get(s.id) is s:
                 del self._sessions[s.id]
+            s.deleted = True  # for this replica: no idle-time work is scheduled on it any more
         self._forget(s, stored=False)
 
     def delete(self, session_id: str, owner: str | None) -> Session:
@@ -250,6 +251,7 @@ class SessionRegistry:
             self._sessions.pop(session_id, None)
             s.deleted = True
         if self.shared and not self._delete_stored(s):
+            self._forget(s, stored=False)
             raise SessionMoved(f"session {session_id!r} moved to another replica; retry the request")
         self._forget(s, stored=not self.shared)
         return s
