@@ -132,21 +132,24 @@ def drive(url: str, workload: Workload, name: str, clients: int) -> Routing:
     return routing
 
 
-def overhead(url: str, n: int) -> dict[str, float]:
-    """Client end-to-end minus the server's own time, for one-token one-off requests (ms)."""
+def overhead(urls: dict[str, str], n: int) -> dict[str, dict[str, float]]:
+    """Client end-to-end minus the server's own time, for one-token one-off requests (ms),
+    alternating between the servers so that a busy spell of the machine hits both alike."""
     body = {"model": "any", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, "temperature": 0}
-    gaps, e2e = [], []
+    gaps: dict[str, list[float]] = {name: [] for name in urls}
+    e2e: dict[str, list[float]] = {name: [] for name in urls}
     with httpx.Client(timeout=120) as http:
         for i in range(n + 3):
-            sent = time.perf_counter()
-            r = http.post(url + "/v1/chat/completions", json=body)
-            took = (time.perf_counter() - sent) * 1000
-            r.raise_for_status()
-            if i >= 3:  # the first few warm connections and code paths
-                gaps.append(took - r.json()["headstart"]["e2e_ms"])
-                e2e.append(took)
-    return {"p50_ms": statistics.median(gaps), "p90_ms": sorted(gaps)[int(0.9 * (len(gaps) - 1))],
-            "client_e2e_p50_ms": statistics.median(e2e)}
+            for name, url in urls.items():
+                sent = time.perf_counter()
+                r = http.post(url + "/v1/chat/completions", json=body)
+                took = (time.perf_counter() - sent) * 1000
+                r.raise_for_status()
+                if i >= 3:  # the first few warm connections and code paths
+                    gaps[name].append(took - r.json()["headstart"]["e2e_ms"])
+                    e2e[name].append(took)
+    return {name: {"p50_ms": statistics.median(gaps[name]), "client_e2e_p50_ms": statistics.median(e2e[name])}
+            for name in urls}
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 300) -> None:
@@ -188,30 +191,27 @@ def run_replica_bench(args: argparse.Namespace) -> int:
              "no_gate": True, "spill": "off", **({"model": args.model} if args.model else {})}
 
     # One server on its own: the baseline the proxy's cost is measured against.
-    port = _free_port()
+    single_url = f"http://127.0.0.1:{_free_port()}"
     single = subprocess.Popen(
-        [sys.executable, "-m", "headstart.cli", "--log-level", "WARNING", "serve", "--port", str(port), "--db", "",
-         "--no-pre-position", "--no-gate", *model], env={**os.environ}, stdout=subprocess.DEVNULL)
-    try:
-        _wait_healthy(f"http://127.0.0.1:{port}", single)
-        direct = overhead(f"http://127.0.0.1:{port}", args.overhead_requests)
-    finally:
-        single.terminate()
-        single.wait(60)
-
-    start_ray(None)
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
+        [sys.executable, "-m", "headstart.cli", "--log-level", "WARNING", "serve", "--port",
+         single_url.rsplit(":", 1)[1], "--db", "", "--no-pre-position", "--no-gate", *model],
+        env={**os.environ}, stdout=subprocess.DEVNULL)
     results: list[Routing] = []
-    proxied: dict[str, float] = {}
     try:
+        _wait_healthy(single_url, single)
+        start_ray(None)
         for name, affinity in (("affinity", True), ("random", False)):
-            deploy(build_app({**flags, "no_affinity": not affinity}), "127.0.0.1", port)
+            serve.shutdown()  # a fresh proxy and replicas for each routing
+            url = f"http://127.0.0.1:{_free_port()}"
+            deploy(build_app({**flags, "no_affinity": not affinity}), "127.0.0.1", int(url.rsplit(":", 1)[1]))
             results.append(drive(url, workload, name, clients))
             if affinity:
-                proxied = overhead(url, args.overhead_requests)
+                cost = overhead({"single": single_url, "proxy": url}, args.overhead_requests)
     finally:
         serve.shutdown()
+        single.terminate()
+        single.wait(60)
+    direct, proxied = cost["single"], cost["proxy"]
     report = {
         "workload": workload.describe(),
         "replicas": args.replicas,
