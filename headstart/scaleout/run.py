@@ -22,17 +22,9 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address:
         ray.init(address=address, namespace=APP_NAMESPACE)
-        return
-    for attempt in (1, 2):
-        try:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=OBJECT_STORE_BYTES,
-                     namespace=APP_NAMESPACE)
-            return
-        except Exception as exc:  # Ray gives its raylet a fixed 30 s to register: a loaded machine misses it
-            if attempt == 2 or "timed out during startup" not in str(exc):
-                raise
-            log.warning("Ray did not start in time (%s); trying once more", exc)
-            ray.shutdown()
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=OBJECT_STORE_BYTES,
+                 namespace=APP_NAMESPACE)
 
 
 def deploy(app: Any, host: str, port: int) -> None:
