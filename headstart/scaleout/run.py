@@ -20,6 +20,9 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> None:
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # The raylet waits this long for its metrics agent (a Python process) to come up and
+    # aborts past it; a loaded 2-core machine needs more than Ray's default.
+    os.environ.setdefault("RAY_agent_register_timeout_ms", "120000")
     if address:
         ray.init(address=address, namespace=APP_NAMESPACE)
     else:
