@@ -23,7 +23,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from headstart.budget import Budget, Eviction
-from headstart.errors import BadRequest, SessionBusy, SessionExists, SessionMoved, SessionNotFound, TooManySessions
+from headstart.errors import (
+    BadRequest,
+    SessionBusy,
+    SessionExists,
+    SessionMoved,
+    SessionNotFound,
+    StoreUnavailable,
+    TooManySessions,
+)
 from headstart.kvbook import KVBook
 from headstart.model.backend import Backend
 from headstart.scheduler import Scheduler
@@ -192,7 +200,9 @@ class SessionRegistry:
             )
 
     def persist(self, s: Session) -> None:
-        """Commit a session's durable part (call before acknowledging anything about it)."""
+        """Commit a session's durable part (call before acknowledging anything about it).
+        Raises :class:`StoreUnavailable` when the store cannot commit: the caller then undoes
+        its change and refuses the request."""
         if self.store is None:
             return
         try:
@@ -202,15 +212,21 @@ class SessionRegistry:
             raise SessionMoved(f"session {s.id!r} moved to another replica: {exc}; retry the request") from exc
 
     def _persist_new(self, s: Session) -> None:
-        """Commit a session just made here; with a shared store it is claimed at epoch 1."""
-        if not self.shared:
-            self.persist(s)
-            return
-        assert self.store is not None
-        s.epoch = 1
-        if not self.store.insert(s.to_stored()):
-            self._drop(s)
-            raise SessionExists(f"session {s.id!r} already exists")
+        """Store a session just made; one that cannot be stored does not exist. With a shared
+        store it is created claimed by this replica at epoch 1, unless another made it first."""
+        try:
+            if not self.shared:
+                self.persist(s)
+                return
+            assert self.store is not None
+            s.epoch = 1
+            if not self.store.insert(s.to_stored()):
+                self._drop(s)
+                raise SessionExists(f"session {s.id!r} already exists")
+        except StoreUnavailable:
+            with self._lock:
+                self._sessions.pop(s.id, None)
+            raise
 
     def _claim(self, session_id: str) -> Session | None:
         """This replica's up-to-date copy of a session (None: the store has none).
@@ -241,31 +257,27 @@ class SessionRegistry:
             if self._sessions.get(s.id) is s:
                 del self._sessions[s.id]
             s.deleted = True  # for this replica: no idle-time work is scheduled on it any more
-        self._forget(s, stored=False)
+        self._forget(s)
 
     def delete(self, session_id: str, owner: str | None) -> Session:
         s = self.get(session_id, owner)
         with self._lock:
             if s.busy:
                 raise SessionBusy(f"session {session_id!r} has a request in flight")
-            self._sessions.pop(session_id, None)
-            s.deleted = True
-        if self.shared and not self._delete_stored(s):
-            self._forget(s, stored=False)
+            # First: a delete that cannot be stored changes nothing. With a shared store only
+            # the latest claim may delete; a stale one lets go of its copy instead.
+            gone = self.store is None or self.store.delete(s.id, s.epoch if self.shared else None) or not self.shared
+            if gone:
+                self._sessions.pop(session_id, None)
+                s.deleted = True
+        if not gone:
+            self._drop(s)
             raise SessionMoved(f"session {session_id!r} moved to another replica; retry the request")
-        self._forget(s, stored=not self.shared)
+        self._forget(s)
         return s
 
-    def _delete_stored(self, s: Session) -> bool:
-        """Delete a session from a shared store while this replica's claim is the latest."""
-        assert self.store is not None
-        return self.store.delete(s.id, s.epoch)
-
-    def _forget(self, s: Session, stored: bool = True) -> None:
-        """Let go of a session's KV, work and listeners; ``stored``: delete its transcript too."""
+    def _forget(self, s: Session) -> None:
         self.scheduler.cancel_background(s.id)
-        if stored and self.store is not None:
-            self.store.delete(s.id)
         if self.spill is not None:
             self.spill.drop(s.id)
         for rp in list(s.ready.values()):  # a copy: the model thread may still be ending a chunk
@@ -285,9 +297,13 @@ class SessionRegistry:
                 self._sessions.pop(s.id, None)
                 s.deleted = True
         for s in expired:
-            if self.shared:
-                self._delete_stored(s)  # refused when another replica holds it now: then only our copy goes
-            self._forget(s, stored=not self.shared)
+            if self.store is not None:
+                try:
+                    # A shared store refuses a stale claim's delete: then only this copy goes.
+                    self.store.delete(s.id, s.epoch if self.shared else None)
+                except StoreUnavailable:  # it stays stored, and expires again after a restart
+                    log.warning("could not delete expired session %s from the store", s.id, exc_info=True)
+            self._forget(s)
         self.evictions.expired += len(expired)
         return [s.id for s in expired]
 

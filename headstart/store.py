@@ -25,6 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from headstart.errors import StoreUnavailable
+from headstart.ownership import Claim as Ownership
+
 # _MIGRATIONS[v] holds the statements that bring a database from version v to v+1.
 # store_pg.py keeps the same versions in PostgreSQL's dialect.
 _MIGRATIONS: list[tuple[str, ...]] = [
@@ -241,19 +244,32 @@ class FencedSQL:
 
 
 class SessionStore(FencedSQL):
-    """One SQLite file, one writer connection guarded by a lock."""
+    """One SQLite file, one writer connection guarded by a lock. Without a holder the file
+    is owned by one process at a time (a second one gets
+    :class:`~headstart.ownership.Claimed`, naming the holder); stores with holders share it,
+    each write fenced by its claim."""
 
     def __init__(self, path: str | os.PathLike[str], holder: str | None = None) -> None:
         self.path = Path(path)
         self.holder = holder
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._claim = (
+            Ownership(self.path.with_name(self.path.name + ".lock"), f"the database {self.path}")
+            if holder is None
+            else None
+        )
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # NORMAL is durable against a process crash in WAL mode; FULL would add an fsync
-        # per turn to survive power loss too. A process crash is what we promise.
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._migrate()
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL is durable against a process crash in WAL mode; FULL would add an fsync
+            # per turn to survive power loss too. A process crash is what we promise.
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._migrate()
+        except BaseException:
+            if self._claim is not None:
+                self._claim.release()
+            raise
 
     def _migrate(self) -> None:
         with self._lock:
@@ -272,18 +288,30 @@ class SessionStore(FencedSQL):
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[Execute]:
+        """One transaction; a failed commit (disk full, read-only, I/O error) is a
+        :class:`StoreUnavailable`, so the caller refuses what it could not make durable."""
+
         def run(sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
             return self._db.execute(sql, params).fetchall()
 
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                yield run
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield run
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if self._db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
+                raise StoreUnavailable(f"the session store could not be written ({exc}); nothing was saved, "
+                                       "retry once the disk accepts writes again") from exc
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+        if self._claim is not None:
+            self._claim.release()

@@ -13,6 +13,7 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from headstart.errors import StoreUnavailable
 from headstart.store import SCHEMA_VERSION, Execute, FencedSQL, SchemaError
 
 # The same versions as store._MIGRATIONS, in PostgreSQL's types.
@@ -76,13 +77,22 @@ class PostgresStore(FencedSQL):
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[Execute]:
-        with self._pool.connection() as conn, conn.transaction():
+        """One transaction on a pooled connection; a server that cannot be reached or cannot
+        commit is a :class:`StoreUnavailable`: nothing is acknowledged."""
+        import psycopg
+        from psycopg_pool import PoolTimeout
 
-            def run(sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
-                cur = conn.execute(sql.replace("?", "%s"), params)
-                return cur.fetchall() if cur.description is not None else []
+        try:
+            with self._pool.connection() as conn, conn.transaction():
 
-            yield run
+                def run(sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+                    cur = conn.execute(sql.replace("?", "%s"), params)
+                    return cur.fetchall() if cur.description is not None else []
+
+                yield run
+        except (psycopg.OperationalError, PoolTimeout) as exc:
+            raise StoreUnavailable(f"the session store could not be written ({exc}); nothing was saved, "
+                                   "retry once the database is reachable again") from exc
 
     def close(self) -> None:
         self._pool.close()

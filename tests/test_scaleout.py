@@ -44,10 +44,14 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def cluster(pg_server: str) -> Iterator[Cluster]:
+def cluster(pg_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     import ray
     from ray import serve
 
+    # The replicas (Ray's worker processes, started with this environment) keep their
+    # spill folders here, not in the user's data folder.
+    patch = pytest.MonkeyPatch()
+    patch.setenv("HEADSTART_DATA", str(tmp_path_factory.mktemp("replicas")))
     with pg_database(pg_server) as db:
         start_ray(None, num_cpus=2)
         try:
@@ -60,6 +64,7 @@ def cluster(pg_server: str) -> Iterator[Cluster]:
         finally:
             serve.shutdown()
             ray.shutdown()
+            patch.undo()
 
 
 @pytest.fixture(scope="module")

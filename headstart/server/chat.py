@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from headstart.handle import Completion, Delta, Handle
+from headstart.server.gone import unless_gone
 from headstart.server.schema import ChatCompletionRequest
 
 SESSION_HEADER = "x-session-id"
@@ -43,6 +44,9 @@ def extension(c: Completion, replica: str | None) -> dict[str, Any]:
         # A gap over a single fast_answer candidate is infinite; JSON has no infinity.
         "logit_gap": c.logit_gap if c.logit_gap is None or math.isfinite(c.logit_gap) else None,
         "speculative": c.speculative,
+        # Whether the gate's first token (or candidate) is the one the full computation gives;
+        # None when the gate did not answer (every other path is exact).
+        "verified": c.verified,
         "candidate": c.candidate,
     }
 
@@ -91,11 +95,7 @@ async def create_chat_completion(request: Request) -> Response:
         include_usage = bool((req.stream_options or {}).get("include_usage"))
         stream = _sse(handle, completion_id, created, model, include_usage, state.config.replica)
         return StreamingResponse(stream, media_type="text/event-stream", headers={"cache-control": "no-cache"})
-    try:
-        completion = await _collect(handle)
-    except asyncio.CancelledError:
-        handle.cancel()
-        raise
+    completion = await unless_gone(request, collect(handle), handle.cancel)
     body_out = {
         "id": completion_id,
         "object": "chat.completion",
@@ -115,7 +115,8 @@ async def create_chat_completion(request: Request) -> Response:
     return JSONResponse(body_out)
 
 
-async def _collect(handle: Handle) -> Completion:
+async def collect(handle: Handle) -> Completion:
+    """The completion at the end of ``handle`` (the deltas before it are dropped)."""
     async for item in handle:
         if isinstance(item, Completion):
             return item

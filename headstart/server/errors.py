@@ -20,6 +20,7 @@ from headstart.errors import (
     SessionExists,
     SessionMoved,
     SessionNotFound,
+    StoreUnavailable,
     TooManySessions,
 )
 from headstart.template import TemplateError
@@ -83,6 +84,8 @@ def to_response(exc: BaseException) -> JSONResponse:
         return error_response(409, str(exc), "conflict_error", code="session_moved")
     if isinstance(exc, TooManySessions):
         return error_response(429, str(exc), "rate_limit_error", code="too_many_sessions")
+    if isinstance(exc, StoreUnavailable):
+        return error_response(503, str(exc), "service_unavailable", code="store_unavailable")
     if isinstance(exc, RecursionError):
         return error_response(400, "the body is nested too deeply", code="invalid_value")
     log.exception("unexpected error", exc_info=exc)
