@@ -93,7 +93,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    from headstart.ownership import Claimed
     from headstart.server.app import ServerConfig, create_app
+    from headstart.store import SchemaError
 
     engine = dataclasses.replace(
         engine_config(args),
@@ -114,7 +116,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         api_keys=api_keys(args),
         heartbeat_seconds=args.heartbeat,
     )
-    uvicorn.run(create_app(config), host=args.host, port=args.port, log_level=args.log_level.lower())
+    try:
+        app = create_app(config)
+    except (Claimed, SchemaError) as exc:  # another server's data, or a newer headstart's
+        print(f"headstart serve: {exc}", file=sys.stderr)
+        return 1
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
     return 0
 
 
@@ -138,7 +145,8 @@ def cmd_load(args: argparse.Namespace) -> int:
 
     report = asyncio.run(
         run_load(args.url, clients=args.clients, sessions_per_client=args.sessions, seconds=args.seconds,
-                 max_tokens=args.max_tokens, think_s=args.think, api_key=args.api_key, seed=args.seed)
+                 max_tokens=args.max_tokens, think_s=args.think, api_key=args.api_key, seed=args.seed,
+                 turns_per_session=args.turns_per_session)
     )
     print(json.dumps(report.summary(), indent=2))
     return 0 if report.ok else 1
@@ -210,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--think", type=float, default=0.5, help="most seconds a client waits between turns")
     load.add_argument("--api-key", default=None)
     load.add_argument("--seed", type=int, default=0)
+    load.add_argument("--turns-per-session", type=int, default=None,
+                      help="turns per conversation, then a client starts a fresh session (default: no limit)")
     load.set_defaults(func=cmd_load)
 
     from headstart.bench.command import add_bench_arguments

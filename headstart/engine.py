@@ -27,6 +27,7 @@ from headstart.errors import (
     SessionBusy,
     SessionExists,
     SessionNotFound,
+    StoreUnavailable,
     TooManySessions,
 )
 from headstart.gate import (
@@ -291,11 +292,15 @@ class Engine:
         self.scheduler.start()
         interval = min(60.0, max(0.5, self.config.idle_expiry_s / 4))
         threading.Thread(target=self._reap_loop, args=(interval,), name="headstart-reaper", daemon=True).start()
+        for s in self.sessions.all():  # sessions restored from the store take up their idle-time work
+            self.schedule_upkeep(s)
         return self
 
     def stop(self) -> None:
         self._reaper_stop.set()
         self.scheduler.stop()
+        if self.sessions.store is not None:
+            self.sessions.store.close()  # and let the next server on it claim it
 
     def _reap_loop(self, interval: float) -> None:
         while not self._reaper_stop.wait(interval):
@@ -671,12 +676,17 @@ class Engine:
             reply: Message = {"role": "assistant", "content": text}
             if answer.calls:  # as the template renders a call, so the next turn's prefix matches
                 reply["tool_calls"] = [c.message() for c in answer.calls]
+            before = s.messages, s.tools, s.turns, s.last_delta
             s.messages = [*req.messages, reply]
             s.tools = req.tools
             s.turns += 1
             last = req.messages[-1]
             s.last_delta = last.get("content") if isinstance(last.get("content"), str) else None
-            self.sessions.persist(s)  # committed before the client hears of the turn
+            try:
+                self.sessions.persist(s)  # committed before the client hears of the turn
+            except StoreUnavailable:
+                s.messages, s.tools, s.turns, s.last_delta = before  # not durable: no turn, and a 503
+                raise
         return completion
 
     def _after(self, t: Turn) -> None:

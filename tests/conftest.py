@@ -103,15 +103,26 @@ def free_port() -> int:
 
 
 class LiveServer:
-    """A real uvicorn server on a loopback port, in a thread of the test process."""
+    """A real uvicorn server on a loopback port, in a thread of the test process.
 
-    def __init__(self, app: object) -> None:
+    ``sndbuf`` fixes the kernel send buffer of every connection it accepts (they inherit
+    the listening socket's), so a client that stops reading pushes back after that much.
+    """
+
+    def __init__(self, app: object, sndbuf: int | None = None) -> None:
         import uvicorn
 
-        self.port = free_port()
+        listener = None
+        if sndbuf is not None:
+            listener = socket.socket()
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+            listener.bind(("127.0.0.1", 0))
+        self.port = listener.getsockname()[1] if listener else free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.sndbuf = listener.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) if listener else None
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        run = (lambda: self.server.run(sockets=[listener])) if listener else self.server.run
+        self.thread = threading.Thread(target=run, daemon=True)
 
     def __enter__(self) -> LiveServer:
         import httpx

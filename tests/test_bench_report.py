@@ -123,6 +123,16 @@ def test_an_exact_mode_that_differs_from_stateless_is_a_failure() -> None:
     assert failures(report) == ["session: 1 of 4 outputs differ from stateless"]
 
 
+def test_an_exact_mode_not_compared_on_every_request_is_a_failure() -> None:
+    runs = _runs()
+    # Keys the reference does not have: nothing to compare, so 0 mismatches proves nothing.
+    runs["session"] = run("session", [rec("session", "other", i, "session", 300, [10 + i]) for i in range(4)])
+    report = build_report({"name": "t", "seed": 0, "sessions": 1, "requests": 4, "gaps": "x"},
+                          {"name": "m"}, runs, target=0.9, clients=1)
+    assert report["modes"]["session"]["mismatches"] == 0
+    assert failures(report) == ["session: only 0 of 4 outputs compared with stateless"]
+
+
 def test_ratios_put_each_mode_over_the_baselines() -> None:
     modes = {
         "stateless": {"ttft_ms": {"p50": 1000.0}, "e2e_ms": {"p50": 2000.0}},

@@ -93,18 +93,19 @@ def test_entry_is_the_common_part_of_two_renderings(tiny: HFBackend) -> None:
 def test_scheduler_runs_foreground_before_background_and_round_robin() -> None:
     scheduler = Scheduler()
     log: list[str] = []
-    gate = threading.Event()
+    inside, gate = threading.Event(), threading.Event()
 
     def job(name: str, steps: int, wait: bool = False):
         for i in range(steps):
             if wait and i == 0:
-                gate.wait(5)
+                inside.set()
+                assert gate.wait(5)
             log.append(f"{name}{i}")
             yield
 
     scheduler.submit_background("bg", Job(job("b", 3, wait=True)))
     scheduler.start()
-    time.sleep(0.05)  # the background job is now inside its first chunk
+    assert inside.wait(5)  # the background job is inside its first chunk
     scheduler.submit(Job(job("x", 2)))
     scheduler.submit(Job(job("y", 2)))
     gate.set()
@@ -116,19 +117,50 @@ def test_scheduler_runs_foreground_before_background_and_round_robin() -> None:
 def test_cancelled_background_job_stops_after_its_chunk() -> None:
     scheduler = Scheduler()
     log: list[int] = []
+    inside, go_on = threading.Event(), threading.Event()
 
     def job():
         for i in range(100):
             log.append(i)
-            time.sleep(0.002)
+            if i == 0:
+                inside.set()
+                assert go_on.wait(5)
             yield
 
-    scheduler.submit_background("k", Job(job()))
+    steps = job()
+    scheduler.submit_background("k", Job(steps))
     scheduler.start()
-    time.sleep(0.03)
+    assert inside.wait(5)  # cancelled while it is inside its first chunk
     assert scheduler.cancel_background("k")
+    go_on.set()
     assert scheduler.wait_idle(5)
-    n = len(log)
-    time.sleep(0.05)
     scheduler.stop()
-    assert len(log) == n < 100
+    assert log == [0]  # it finished the chunk it was in, and no other
+    assert steps.gi_frame is None  # and was closed, so it never runs again
+
+
+def test_wait_idle_returns_only_after_every_jobs_last_step() -> None:
+    """A gate answer's completion goes out inside a step and its verification is the next
+    step: a wait_idle right after the answer must wait for the verification too, even if
+    it looks while the model thread is between the end of a step and the job's re-queue."""
+    scheduler = Scheduler()
+    log: list[str] = []
+    answered, finish = threading.Event(), threading.Event()
+
+    def gate_like():
+        answered.set()  # the client hears of the answer here
+        assert finish.wait(5)
+        yield
+        log.append("verified")
+
+    scheduler.start()
+    scheduler.submit(Job(gate_like()))
+    assert answered.wait(5)
+    with scheduler._cond:  # hold the model thread where the step has ended, before the re-queue
+        finish.set()
+        deadline = time.monotonic() + 0.5
+        while scheduler._busy and time.monotonic() < deadline:
+            pass
+        assert scheduler.wait_idle(5)
+        assert log == ["verified"]
+    scheduler.stop()

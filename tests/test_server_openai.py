@@ -200,8 +200,10 @@ def test_health_is_503_while_the_model_loads() -> None:
         chat = httpx.post(f"{live.url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
         assert chat.status_code == 503 and chat.json()["error"]["code"] == "model_loading"
         release.set()
-        time.sleep(0.3)
-        r = httpx.get(f"{live.url}/health", timeout=2)
+        deadline = time.monotonic() + 30  # until the failed load is reported
+        while (r := httpx.get(f"{live.url}/health", timeout=2)).json()["status"] == "loading":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
         assert r.status_code == 503 and r.json()["status"] == "error"
     finally:
         release.set()

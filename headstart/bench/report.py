@@ -353,11 +353,16 @@ def build_report(
 
 
 def failures(report: dict[str, Any]) -> list[str]:
-    """Exact modes whose outputs differ from ``stateless``: the run must fail on these."""
+    """Exact modes whose outputs differ from ``stateless``, or that were not compared on
+    every request (0 mismatches of nothing compared proves nothing): the run must fail."""
     bad = []
     for name, m in report["modes"].items():
-        if m.get("exact") and name != REFERENCE and m.get("mismatches"):
+        if not m.get("exact") or name == REFERENCE:
+            continue
+        if m.get("mismatches"):
             bad.append(f"{name}: {m['mismatches']} of {m['compared']} outputs differ from {REFERENCE}")
+        elif m.get("compared") != m.get("requests"):
+            bad.append(f"{name}: only {m.get('compared')} of {m.get('requests')} outputs compared with {REFERENCE}")
     return bad
 
 

@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from headstart.handle import Completion, Delta, Handle
+from headstart.server.gone import unless_gone
 from headstart.server.schema import ChatCompletionRequest
 
 SESSION_HEADER = "x-session-id"
@@ -93,11 +94,7 @@ async def create_chat_completion(request: Request) -> Response:
         include_usage = bool((req.stream_options or {}).get("include_usage"))
         stream = _sse(handle, completion_id, created, model, include_usage)
         return StreamingResponse(stream, media_type="text/event-stream", headers={"cache-control": "no-cache"})
-    try:
-        completion = await _collect(handle)
-    except asyncio.CancelledError:
-        handle.cancel()
-        raise
+    completion = await unless_gone(request, collect(handle), handle.cancel)
     body_out = {
         "id": completion_id,
         "object": "chat.completion",
@@ -117,7 +114,8 @@ async def create_chat_completion(request: Request) -> Response:
     return JSONResponse(body_out)
 
 
-async def _collect(handle: Handle) -> Completion:
+async def collect(handle: Handle) -> Completion:
+    """The completion at the end of ``handle`` (the deltas before it are dropped)."""
     async for item in handle:
         if isinstance(item, Completion):
             return item

@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
+from headstart.ingest import MIN_WINDOW
 from headstart.server.schema import SamplingFields
 
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
@@ -32,8 +33,11 @@ class CreateSessionRequest(Strict):
         validation_alias=AliasChoices("pre_position", "pre_decode"),
         description="spend idle time moving the session to its next decision point",
     )
+    # The most a window may be depends on the model (its context less --context-reserve): the
+    # engine checks it, and /openapi.json states it as the maximum once the model is loaded.
     window: int | None = Field(
-        default=None, ge=1, le=10_000_000, description="sliding window in tokens: the oldest data is dropped past it"
+        default=None, ge=MIN_WINDOW, description=f"sliding window in tokens, {MIN_WINDOW} up to the model's "
+        "context less the server's --context-reserve: the oldest data is dropped past it"
     )
     gate: bool | None = Field(default=None, description="allow answers from a cached distribution (default: server)")
     gap_threshold: float | None = Field(
