@@ -18,6 +18,7 @@ import argparse
 import json
 import sys
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,17 @@ def load_runs(path: str | Path) -> dict[str, ModeRun]:
             r = Record(**json.loads(line))
             by_mode[r.mode].append(r)
     return {m: ModeRun(m, m, m != "gate", recs, 0.0, {}, {}, []) for m, recs in by_mode.items()}
+
+
+def common(runs_by_model: dict[str, dict[str, ModeRun]]) -> dict[str, dict[str, ModeRun]]:
+    """Every model's runs cut to the requests (session, step) that all of them ran: a larger
+    model may run a reduced set of the same workload (the same seed gives the same sessions)."""
+    keys = set.intersection(*({r.key for run in runs.values() for r in run.records}
+                              for runs in runs_by_model.values()))
+    return {
+        model: {name: replace(run, records=[r for r in run.records if r.key in keys]) for name, run in runs.items()}
+        for model, runs in runs_by_model.items()
+    }
 
 
 def _share(n: int, d: int) -> float | None:
@@ -207,15 +219,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown", default=None)
     p.add_argument("--json", default=None)
     p.add_argument("--png", default=None)
+    p.add_argument("--common", action="store_true",
+                   help="compare each workload on the requests every model ran (a reduced set for some)")
     args = p.parse_args(argv)
-    rows: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
+    loaded: dict[str, dict[str, dict[str, ModeRun]]] = defaultdict(dict)  # workload -> model -> runs
     for item in args.inputs:
         label, _, path = item.partition("=")
         model, _, workload = label.partition(":")
         if not path or not workload:
             print(f"study: {item!r} is not MODEL:WORKLOAD=RECORDS.jsonl", file=sys.stderr)
             return 2
-        rows[model][workload] = figures(load_runs(path), args.target, args.confidence)
+        loaded[workload][model] = load_runs(path)
+    rows: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
+    for workload, by_model in loaded.items():
+        for model, runs in (common(by_model) if args.common else by_model).items():
+            rows[model][workload] = figures(runs, args.target, args.confidence)
     text = markdown(rows, args.target, args.confidence)
     print(text)
     if args.markdown:
