@@ -68,10 +68,10 @@ class Budget:
 
     def resident(self) -> int:
         """Bytes actually held (what the budget promises to bound)."""
-        return (self.pool.used + self.pool.charged) * self.pool.block_bytes
+        return self.pool.resident_bytes()
 
     def peak(self) -> int:
-        return self.pool.peak * self.pool.block_bytes
+        return self.pool.peak
 
     def held_blocks(self, s: Session) -> int:
         """Blocks ``s`` holds: its own sequence's and what its ready positions add."""
@@ -95,8 +95,8 @@ class Budget:
                     dropped[b] += 1
                     if dropped[b] == refs[b]:
                         short -= 1
-            if ev.kind == "ready":
-                short -= sum(rp.charge for rp in list(ev.session.ready.values()))
+            if ev.kind == "ready":  # logits' bytes, as whole blocks (the count rounds them up)
+                short -= sum(rp.charge for rp in list(ev.session.ready.values())) // self.pool.block_bytes
             if short <= 0:
                 return plan
         return None

@@ -111,7 +111,7 @@ class KVBook:
         old = s.ready.pop(rp.key, None)
         if old is not None:
             self.discard(old)
-        charge = -(-rp.logits_bytes() // self.pool.block_bytes)
+        charge = -(-rp.logits_bytes() // self.pool.block_bytes)  # at most this many more blocks taken
         if charge > self.pool.available() and (self.make_room is None or not self.make_room(s, charge, True)):
             raise NoRoom
         rp.seq = s.kv.fork()

@@ -47,7 +47,7 @@ class ReadyPosition:
     gap: float
     background: list[bool] = field(default_factory=list)  # which rows past base idle work computed
     seq: KVSeq | None = None  # set when parked
-    charge: int = 0
+    charge: int = 0  # bytes of its logits, charged to the pool's budget
 
     def logits_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.logits)
@@ -106,6 +106,7 @@ class Session:
         self.positioned_entry: list[int] | None = None
         self.evicted = False
         self.deleted = False
+        self.epoch = 0  # this replica's claim on the session in a shared store (registry.py)
 
     @property
     def kv_ids(self) -> list[int]:
@@ -129,6 +130,7 @@ class Session:
                 "data": self.data.snapshot(),
                 "queries": [q.to_dict() for q in list(self.queries.values())],
             },
+            epoch=self.epoch,
         )
 
     @classmethod
@@ -136,6 +138,7 @@ class Session:
         """A session as it was stored, with no KV yet (its next request rebuilds it)."""
         s = cls(stored.id, pool, stored.owner)
         s.created, s.last_used, s.turns = stored.created, stored.last_used, stored.turns
+        s.epoch = stored.epoch
         s.settings = SessionSettings.from_dict(stored.settings)
         s.messages, s.tools = stored.messages, stored.tools
         s.paths.update(stored.paths)
@@ -159,7 +162,7 @@ class Session:
             if rp.seq is not None:
                 extra.update(rp.seq.blocks)
             charge += rp.charge
-        return (len(extra - own) + charge) * self.kv.pool.block_bytes
+        return len(extra - own) * self.kv.pool.block_bytes + charge
 
     def kv_bytes(self) -> int:
         """Bytes of KV this session holds: its own blocks and what its ready positions add."""

@@ -99,10 +99,10 @@ def test_the_budget_is_the_free_block_count_with_reservations() -> None:
 
 def test_charges_count_against_the_budget_and_peak() -> None:
     pool = _pool(blocks=4)
-    blocks = pool.charge(pool.block_bytes + 1)
-    assert blocks == 2 and pool.available() == 2 and pool.peak == 2
-    pool.uncharge(blocks)
-    assert pool.available() == 4
+    charged = pool.charge(pool.block_bytes + 1)
+    assert pool.available() == 2 and pool.peak == pool.resident_bytes() == pool.block_bytes + 1
+    pool.uncharge(charged)
+    assert pool.available() == 4 and pool.resident_bytes() == 0
 
 
 def test_read_write_round_trip_is_bitwise() -> None:

@@ -74,7 +74,7 @@ def test_an_evicted_position_frees_its_blocks_and_the_answer_is_exact(real: HFBa
     messages, s = _hinted(engine, "evict", QUESTIONS[1])
     rp = s.ready["next"]
     own = len(set(rp.seq.blocks) - set(s.kv.blocks))  # blocks only the position holds
-    freed = (own + rp.charge) * engine.pool.block_bytes  # and the budget its logits took
+    freed = own * engine.pool.block_bytes + rp.charge  # and the bytes its logits took
     used, resident = engine.pool.used, engine.sessions.resident_bytes()
     engine.sessions.evict(Eviction(s, "ready"))
     assert not s.ready and rp.seq.blocks == [] and engine.pool.used == used - own

@@ -6,6 +6,9 @@ never tensor copies. The KV budget is the number of blocks that may be in use: c
 it is O(1), and ``used * block_bytes`` is the physical truth (no cropped views or clones
 hide memory). Block 0 is scratch: rows a forward pads with are written there and never read.
 
+Ready positions' logits live beside the tensors; their bytes are *charged* to the same
+budget, so the one count covers everything the KV budget promises to bound.
+
 A *reservation* promises blocks to a running request. Blocks it has not drawn yet count as
 taken for everyone else, so work admitted later can never eat the room an admitted
 request will grow into.
@@ -76,17 +79,21 @@ class BlockPool:
         self._never_used = set(range(blocks))
         self._zero(SCRATCH)
         self.used = 0  # blocks referenced by some sequence
-        self.charged = 0  # blocks' worth of memory held beside the tensors (ready logits)
+        self.charged = 0  # bytes held beside the tensors (ready positions' logits)
         self.reserved = 0  # promised to reservations, not drawn yet
-        self.peak = 0
+        self.peak = 0  # the most bytes ever resident
         self.lock = threading.RLock()
 
     # -- the budget -------------------------------------------------------------------
 
     @property
     def taken(self) -> int:
-        """Blocks counted against the budget: in use, charged and promised."""
-        return self.used + self.charged + self.reserved
+        """Blocks counted against the budget: in use, charged (rounded up) and promised."""
+        return self.used + -(-self.charged // self.block_bytes) + self.reserved
+
+    def resident_bytes(self) -> int:
+        """Bytes held: blocks in use and charged bytes."""
+        return self.used * self.block_bytes + self.charged
 
     def available(self) -> int:
         """Blocks an allocation without a reservation may still take."""
@@ -103,19 +110,18 @@ class BlockPool:
             return Reservation(self, blocks)
 
     def charge(self, nbytes: int) -> int:
-        """Count ``nbytes`` held outside the tensors against the budget; the blocks charged."""
-        blocks = -(-nbytes // self.block_bytes)
+        """Count ``nbytes`` held outside the tensors against the budget; returns them."""
         with self.lock:
-            self.charged += blocks
+            self.charged += nbytes
             self._note_peak()
-        return blocks
+        return nbytes
 
-    def uncharge(self, blocks: int) -> None:
+    def uncharge(self, nbytes: int) -> None:
         with self.lock:
-            self.charged -= blocks
+            self.charged -= nbytes
 
     def _note_peak(self) -> None:
-        self.peak = max(self.peak, self.used + self.charged)
+        self.peak = max(self.peak, self.resident_bytes())
 
     # -- blocks -----------------------------------------------------------------------
 

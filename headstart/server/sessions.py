@@ -22,11 +22,12 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from headstart import queries, sessionapi
+from headstart import queries, sessionapi, upkeep
 from headstart.engine import Engine
-from headstart.handle import Completion, Handle
-from headstart.server.chat import owner_of
+from headstart.errors import BadRequest
+from headstart.server.chat import SESSION_HEADER, collect, owner_of
 from headstart.server.errors import read_json
+from headstart.server.gone import unless_gone
 from headstart.server.schema import ChatCompletionRequest
 from headstart.server.session_schema import (
     CreateSessionRequest,
@@ -66,9 +67,14 @@ async def create_session(request: Request) -> Response:
     """Create a session; a ``system`` prompt is prefilled in the background."""
     engine = _engine(request)
     req = CreateSessionRequest.model_validate(await _body(request))
+    # The id may come in the header too, as on every other request, so that a router that
+    # reads only headers (replicas behind Ray Serve) creates the session where it will live.
+    header = request.headers.get(SESSION_HEADER)
+    if header and req.id and header != req.id:
+        raise BadRequest(f"{SESSION_HEADER} {header!r} and id {req.id!r} name different sessions", param="id")
     s = sessionapi.open_session(
-        engine, req.id, owner_of(request), system=req.system, pre_position=req.pre_position, window=req.window,
-        gate=req.gate, gap_threshold=req.gap_threshold,
+        engine, req.id or header, owner_of(request), system=req.system, pre_position=req.pre_position,
+        window=req.window, gate=req.gate, gap_threshold=req.gap_threshold,
     )
     return respond(SessionObject, sessionapi.describe(engine, s))
 
@@ -100,7 +106,9 @@ async def warm(request: Request) -> Response:
     req = ChatCompletionRequest.model_validate(await _body(request))
     engine_req = req.to_engine(s.id, owner_of(request), request.app.state.headstart.config.default_temperature)
     ticket = sessionapi.warm(engine, s, engine_req)
-    result = await asyncio.wrap_future(ticket.future)
+    result = await unless_gone(
+        request, asyncio.wrap_future(ticket.future), lambda: upkeep.cancel_warm(engine, s, ticket)
+    )
     return respond(WarmResponse, {**result, "session_id": s.id})
 
 
@@ -128,7 +136,7 @@ async def generate(request: Request) -> Response:
         engine, s, req.prompt, req.sampling(state.config.default_temperature), owner=owner_of(request),
         fast_answer=req.fast_answer, gap_threshold=req.gap_threshold, gate=req.gate, loop=asyncio.get_running_loop(),
     )
-    c = await _collect(handle)
+    c = await unless_gone(request, collect(handle), handle.cancel)
     return respond(
         GenerateResponse,
         {
@@ -151,17 +159,6 @@ async def generate(request: Request) -> Response:
                        "forwards_before_first_token": c.extra.get("forwards_before_first_token")},
         },
     )
-
-
-async def _collect(handle: Handle) -> Completion:
-    try:
-        async for item in handle:
-            if isinstance(item, Completion):
-                return item
-    except asyncio.CancelledError:
-        handle.cancel()
-        raise
-    raise RuntimeError("the engine ended a request without a completion")
 
 
 async def create_query(request: Request) -> Response:
