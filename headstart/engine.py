@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Generator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +30,7 @@ from headstart.errors import (
     SessionNotFound,
     TooManySessions,
 )
-from headstart.gate import Gate
+from headstart.gate import DEFAULT_THRESHOLD, Gate
 from headstart.handle import Completion, Delta, Handle
 from headstart.kvbook import KVBook
 from headstart.model.backend import Backend
@@ -45,6 +46,7 @@ from headstart.store import SessionStore
 from headstart.template import ChatTemplate, Message, common_prefix
 from headstart.textstream import TextStream
 from headstart.tools import NO_TOOLS, HoldBack, ParsedAnswer, ToolChoiceError, ToolPlan, plan_tools
+from headstart.writer import done
 
 log = logging.getLogger("headstart.engine")
 
@@ -77,6 +79,9 @@ class Request:
     fast_answer: list[str] | None = None
     ephemeral: bool = False
     create: bool = True
+    # When the door received the request (time.perf_counter(), before it parsed anything):
+    # every time the engine reports counts from here. None: now.
+    arrival: float | None = None
 
 
 @dataclass(frozen=True)
@@ -85,7 +90,7 @@ class EngineConfig:
 
     pre_position: bool = True
     gate: bool = True
-    gap_threshold: float = 2.0
+    gap_threshold: float = DEFAULT_THRESHOLD  # the one default of the gate's threshold
     predictor: str = DEFAULT_PREDICTOR
     background_chunk: int = 16
     continuation_cap: int = 32
@@ -117,6 +122,36 @@ class EngineConfig:
         )
 
 
+class _OwnForwards:
+    """The forward passes of one job: counted over its own steps only. The model thread runs
+    one step at a time, so the forwards other sessions ran in between are not counted."""
+
+    def __init__(self, stats: EngineStats) -> None:
+        self._stats = stats
+        self._done = 0
+        self._step_from: int | None = None
+
+    def steps(self, steps: Generator[None, None, None]) -> Generator[None, None, None]:
+        """``steps``, counting the forwards each of its steps ran."""
+        try:
+            while True:
+                self._step_from = self._stats.forward_calls
+                try:
+                    next(steps)
+                except StopIteration:
+                    return
+                self._done += self._stats.forward_calls - self._step_from
+                self._step_from = None
+                yield
+        finally:
+            steps.close()
+
+    def now(self) -> int:
+        """Forwards so far (called from within one of the job's steps)."""
+        running = self._stats.forward_calls - self._step_from if self._step_from is not None else 0
+        return self._done + running
+
+
 class _Emitter:
     """Turns chosen tokens into deltas on a handle and decides when to stop."""
 
@@ -134,14 +169,13 @@ class _Emitter:
         self.first_at: float | None = None
         self.decided_at: float | None = None
         self.finish_reason: str | None = None
-        self._stats = engine.stats
-        self._forwards_at_start = engine.stats.forward_calls
+        self.forwards = _OwnForwards(engine.stats)
         self.forwards_before_first: int | None = None
 
     def _first(self) -> None:
-        """Note the first token's moment and how many forward passes preceded it."""
+        """Note the first token's moment and how many of this request's forwards preceded it."""
         self.first_at = time.perf_counter()
-        self.forwards_before_first = self._stats.forward_calls - self._forwards_at_start
+        self.forwards_before_first = self.forwards.now()
 
     def emit(self, token: int, *, forced: bool = False) -> bool:
         """Send ``token``; True when the answer is finished."""
@@ -214,7 +248,7 @@ class Turn:
     speculative: bool = False
     verified: bool | None = None
     chosen: int | None = None
-    verify: Callable[[], None] | None = None
+    verify: Callable[[Completion], None] | None = None
     reloaded: int = 0
     shadow: dict[str, Any] | None = None  # what the gate would have said on an exact path
 
@@ -269,14 +303,19 @@ class Engine:
     def stop(self) -> None:
         self._reaper_stop.set()
         self.scheduler.stop()
+        self.sessions.close()
 
     def _reap_loop(self, interval: float) -> None:
         while not self._reaper_stop.wait(interval):
             self.sessions.reap()
 
     def wait_idle(self, timeout: float = 120.0) -> bool:
-        """Wait until no foreground or background work is left."""
-        return self.scheduler.wait_idle(timeout)
+        """Wait until no foreground or background work is left, and nothing waits to be committed."""
+        deadline = time.monotonic() + timeout
+        if not self.scheduler.wait_idle(timeout):
+            return False
+        writer = self.sessions.writer
+        return writer is None or writer.drain(max(0.0, deadline - time.monotonic()))
 
     def report(self) -> dict[str, Any]:
         """Everything the engine counts, for the metrics door, the benchmark and the CLI."""
@@ -343,11 +382,14 @@ class Engine:
         """Validate ``req`` and queue it; the handle streams its output.
 
         Raises the engine's errors at once (bad input, unknown or busy session) so a door
-        can answer them before any streaming starts.
+        can answer them before any streaming starts. It renders and tokenises the whole
+        conversation, so a door with an event loop calls it from a worker thread.
         """
+        arrival = time.perf_counter() if req.arrival is None else req.arrival
         if not req.messages:
             raise BadRequest("messages must hold at least one message", param="messages")
-        prompt = self.template.render(req.messages, tools=req.tools)
+        known = self.sessions.find(req.session_id) if req.session_id is not None else None
+        prompt = self.template.render(req.messages, tools=req.tools, cache=known.renders if known else None)
         try:
             tool_plan = plan_tools(
                 self.template, req.messages, req.tools, req.tool_choice, parallel=req.parallel_tool_calls
@@ -377,7 +419,7 @@ class Engine:
                 param="max_tokens",
             )
         candidates = self._candidates(req.fast_answer)
-        handle = Handle(loop)
+        handle = Handle(loop, arrival)
         if req.session_id is None:
             s = Session(f"oneoff-{uuid.uuid4().hex[:12]}", self.backend, req.owner)
             self.sessions.one_off(s)
@@ -388,12 +430,12 @@ class Engine:
         threshold = next(
             (x for x in (req.gap_threshold, s.settings.gap_threshold) if x is not None), self.gate.threshold
         )
-        job = Job(iter(()), submitted=handle.arrival, admit=lambda: self.sessions.admit(s, reserve))
+        job = Job(iter(()), admit=lambda: self.sessions.admit(s, reserve))
         turn = Turn(
             req, params, prompt, candidates, s, persistent, handle, job,
             _Emitter(self, handle, params, tool_plan), params.generator(self.backend.info.device), threshold,
         )
-        job.steps = self._serve(turn)
+        job.steps = turn.emitter.forwards.steps(self._serve(turn))
         job.on_error = lambda exc: self._fail(s, handle, exc)
         self.scheduler.submit(job)
         return handle
@@ -457,16 +499,27 @@ class Engine:
             yield from self._serve_gate(t, nxt)
         else:
             yield from self._serve_exact(t, nxt)
-        completion = self._finish(t)
+        completion, committed = self._finish(t)
         if t.verify is not None:
-            t.handle.put(completion)
+            self._deliver(t.handle, completion, committed)
             yield  # the answer is out: verify the gate's answer off the critical path
-            t.verify()
+            t.verify(completion)
             self._after(t)
             return
         self._after(t)
         # Delivered once the session is free, so a client's next request never finds it busy.
-        t.handle.put(completion)
+        self._deliver(t.handle, completion, committed)
+
+    @staticmethod
+    def _deliver(handle: Handle, completion: Completion, committed: Future[None]) -> None:
+        """Send the completion once its turn is committed (by the writer thread, so the
+        model thread goes on at once); a failed commit fails the request instead."""
+
+        def send(f: Future[None]) -> None:
+            exc = f.exception()
+            handle.put(completion if exc is None else exc)
+
+        committed.add_done_callback(send)
 
     def _serve_ready(self, t: Turn, rp: ReadyPosition) -> Generator[None, None, None]:
         """``ready_exact``: the prompt is the ready position's; its KV and logits are the real ones."""
@@ -495,11 +548,11 @@ class Engine:
             first_ids = t.candidates[1]
             t.emitter.emit_text(t.req.fast_answer[t.chosen], t.candidates[0][t.chosen])  # type: ignore[index]
 
-            def verify() -> None:
+            def verify(completion: Completion) -> None:
                 real = self.book.feed(s, prompt[lcp:], background=False)[-1]
                 t.verified = candidate_gap(real, first_ids)[0] == t.chosen
                 self.gate.record(t.gap, t.verified, fired=True)
-                t.handle.completion.verified = t.verified  # type: ignore[union-attr]
+                completion.verified = t.verified
 
             t.verify = verify
             return
@@ -571,24 +624,28 @@ class Engine:
             is_draft = bool(drafts) and token == drafts[0]
             if em.emit(token, forced=is_draft):
                 break
-            if is_draft:
-                drafts.pop(0)
-                logits = draft_logits.pop(0)
-            else:
-                if drafts:
-                    self.book.crop(s, len(s.kv_ids) - len(drafts))
-                    drafts, draft_logits = [], []
-                logits = self.book.feed(s, [token], background=False)[-1]
             if t.handle.cancelled:
                 em.finish_reason = "cancelled"
                 break
+            if is_draft:
+                drafts.pop(0)
+                logits = draft_logits.pop(0)
+                continue
+            if drafts:
+                self.book.crop(s, len(s.kv_ids) - len(drafts))
+                drafts, draft_logits = [], []
+            # A step ends with a token sent, and the forward that decides the next token is
+            # followed by its pick at once: an answer's end goes out with the forward that
+            # found it, not a round of other sessions' steps later.
             yield
+            logits = self.book.feed(s, [token], background=False)[-1]
         if drafts:
             self.book.crop(s, len(s.kv_ids) - len(drafts))
         self.book.take(s, len(s.kv_ids))
 
-    def _finish(self, t: Turn) -> Completion:
-        """Record the request and the session's new transcript; the completion to send."""
+    def _finish(self, t: Turn) -> tuple[Completion, Future[None]]:
+        """Record the request and queue the session's new transcript; the completion to send
+        and the commit it must wait for."""
         em, s, handle = t.emitter, t.session, t.handle
         answer = em.close()
         text = answer.content or ""
@@ -607,6 +664,8 @@ class Engine:
             decided_ms=((em.decided_at or first) - handle.arrival) * 1000,
             e2e_ms=(now - handle.arrival) * 1000,
             foreground_wait_ms=(t.started - handle.arrival) * 1000,
+            door_ms=(t.job.submitted - handle.arrival) * 1000,
+            queue_ms=(t.started - t.job.submitted) * 1000,
             background_wait_ms=t.job.background_wait * 1000,
             logit_gap=t.gap,
             speculative=t.speculative,
@@ -635,6 +694,7 @@ class Engine:
             except Exception:  # an observer must never fail a request
                 log.exception("completion observer failed")
         req = t.req
+        committed = done()
         if t.persistent and not req.ephemeral and completion.finish_reason != "cancelled":
             reply: Message = {"role": "assistant", "content": text}
             if answer.calls:  # as the template renders a call, so the next turn's prefix matches
@@ -644,8 +704,8 @@ class Engine:
             s.turns += 1
             last = req.messages[-1]
             s.last_delta = last.get("content") if isinstance(last.get("content"), str) else None
-            self.sessions.persist(s)  # committed before the client hears of the turn
-        return completion
+            committed = self.sessions.persist(s)  # committed before the client hears of the turn
+        return completion, committed
 
     def _after(self, t: Turn) -> None:
         """Tidy the session once its request is answered, and queue its idle-time work."""
@@ -654,12 +714,14 @@ class Engine:
             self.prefix_cache.store(s)
         if t.req.ephemeral and t.persistent:
             # Leave only the session's own context: the question was a one-off.
-            own = self.template.entry(s.messages, "user", tools=s.tools) if s.messages else []
+            own = self.template.entry(s.messages, "user", tools=s.tools, cache=s.renders) if s.messages else []
             self.book.crop(s, common_prefix(s.kv_ids, own))
         for key, rp in list(s.ready.items()):
             if not self.book.valid(s, rp):
                 s.ready.pop(key)
                 self.book.discard(rp)
+        if t.persistent:
+            s.evicted = False  # its KV is rebuilt: what was evicted (or lost in a restart) is back
         self.sessions.release(s)
         if t.persistent and not t.req.ephemeral:
             self.schedule_pre_position(s)

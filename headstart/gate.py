@@ -78,9 +78,10 @@ def calibrate(pairs: list[tuple[float, bool]], target: float = 0.95) -> Calibrat
 
 @dataclass
 class Gate:
-    """Server-wide gate settings and the record of its decisions."""
+    """Server-wide gate settings and the record of its decisions (the threshold comes from
+    EngineConfig, whose default is DEFAULT_THRESHOLD)."""
 
-    threshold: float = DEFAULT_THRESHOLD
+    threshold: float
     enabled: bool = True
     counters: GateCounters = field(default_factory=GateCounters)
     history: deque[tuple[float, bool]] = field(default_factory=lambda: deque(maxlen=10_000))

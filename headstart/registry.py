@@ -8,6 +8,7 @@ client hears it; KV is only a cache of it and may be evicted, spilled or lost.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import re
 import threading
@@ -24,6 +25,7 @@ from headstart.scheduler import Scheduler
 from headstart.session import Session
 from headstart.spill import Spill
 from headstart.store import SessionStore
+from headstart.writer import Writer, done
 
 log = logging.getLogger("headstart.registry")
 
@@ -71,9 +73,22 @@ class SessionRegistry:
         self._sessions: dict[str, Session] = {}
         self._oneoff: set[Session] = set()  # sessionless requests being served: their KV counts too
         self._lock = threading.Lock()
+        # Commits off the model thread and the event loop, in order (writer.py).
+        self.writer = Writer() if store is not None else None
         if store is not None:
             for stored in store.load_all():
                 self._sessions[stored.id] = Session.from_stored(stored, backend)
+
+    def close(self) -> None:
+        """Commit what is queued and stop the writer."""
+        if self.writer is not None:
+            self.writer.stop()
+
+    def find(self, session_id: str) -> Session | None:
+        """The session of that id if there is one, whoever owns it (for caches whose use
+        cannot change a result; use get or acquire for anything a caller may see)."""
+        with self._lock:
+            return self._sessions.get(session_id)
 
     # -- finding and making ------------------------------------------------------------
 
@@ -114,7 +129,7 @@ class SessionRegistry:
             if setup is not None:
                 setup(s)
             self._sessions[session_id] = s
-        self.persist(s)
+        self.persist(s).result()
         return s
 
     def get(self, session_id: str, owner: str | None) -> Session:
@@ -146,7 +161,7 @@ class SessionRegistry:
             s.busy = True
             s.last_used = time.time()
         if fresh:
-            self.persist(s)
+            self.persist(s)  # queued before any turn of it, so committed before one is acknowledged
         self.scheduler.cancel_background(s.id)  # a request takes over from idle-time work
         return s
 
@@ -163,10 +178,12 @@ class SessionRegistry:
                 f"the server holds its maximum of {self.limits.max_sessions} sessions; delete one or retry later"
             )
 
-    def persist(self, s: Session) -> None:
-        """Commit a session's durable part (call before acknowledging anything about it)."""
-        if self.store is not None:
-            self.store.save(s.to_stored())
+    def persist(self, s: Session) -> concurrent.futures.Future[None]:
+        """Queue a commit of the session's durable part as it is now; acknowledge anything
+        about it only once the future is resolved."""
+        if self.store is None or self.writer is None:
+            return done()
+        return self.writer.submit(self.store.save, s.to_stored())
 
     def delete(self, session_id: str, owner: str | None) -> Session:
         s = self.get(session_id, owner)
@@ -175,13 +192,13 @@ class SessionRegistry:
                 raise SessionBusy(f"session {session_id!r} has a request in flight")
             self._sessions.pop(session_id, None)
             s.deleted = True
-        self._forget(s)
+        self._forget(s).result()
         return s
 
-    def _forget(self, s: Session) -> None:
+    def _forget(self, s: Session) -> concurrent.futures.Future[None]:
+        """Drop everything of ``s``; the future says when its stored part is gone."""
         self.scheduler.cancel_background(s.id)
-        if self.store is not None:
-            self.store.delete(s.id)
+        gone = self.writer.submit(self.store.delete, s.id) if self.store and self.writer else done()
         if self.spill is not None:
             self.spill.drop(s.id)
         for rp in list(s.ready.values()):  # a copy: the model thread may still be ending a chunk
@@ -190,6 +207,7 @@ class SessionRegistry:
         with s.data.lock:
             s.queries.clear()
         s.events.close()
+        return gone
 
     def reap(self, now: float | None = None) -> list[str]:
         """Delete sessions idle for longer than the expiry; every request restarts the clock."""

@@ -19,7 +19,7 @@ from headstart.events import EventHub
 from headstart.ingest import DataFeed
 from headstart.model.backend import Backend, KVState, KVSuffix
 from headstart.store import StoredSession
-from headstart.template import Message
+from headstart.template import Message, RenderCache
 
 DEFAULT_MAX_PENDING = 1024
 
@@ -81,6 +81,7 @@ class Session:
         self.settings = SessionSettings()
         self.messages: list[Message] = []
         self.tools: list[dict[str, Any]] | None = None
+        self.renders = RenderCache()  # what its next rendering reuses
         self.kv: KVState = backend.new_state()
         self.kv_ids: list[int] = []
         # Which KV rows background work computed and no request has used yet.
@@ -106,7 +107,7 @@ class Session:
         self.prepos_epoch = 0  # bumped when someone asks for a fresh pre-positioning
         self.positioned_epoch = -1
         self.positioned_entry: list[int] | None = None
-        self.evicted = False
+        self.evicted = False  # its KV was evicted or lost in a restart, and nothing rebuilt it yet
         self.deleted = False
 
     def to_stored(self) -> StoredSession:
@@ -118,7 +119,7 @@ class Session:
             last_used=self.last_used,
             turns=self.turns,
             settings=self.settings.to_dict(),
-            messages=self.messages,
+            messages=list(self.messages),  # a snapshot: the writer thread serialises it later
             tools=self.tools,
             paths=dict(self.paths),
             state={

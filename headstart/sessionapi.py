@@ -88,7 +88,7 @@ def push(engine: Engine, s: Session, entries: list[Entry]) -> PushResult:
     """Queue data entries on ``s``; they are ingested in the background, in order."""
     s.data.max_pending = engine.config.max_pending
     result = s.data.push(entries)
-    engine.sessions.persist(s)  # what the client is told was pushed survives a crash
+    engine.sessions.persist(s).result()  # what the client is told was pushed survives a crash
     engine.stream_stats.add(pushed=result.pushed, dropped=result.dropped)
     engine.schedule_upkeep(s)
     return result
@@ -113,7 +113,7 @@ def add_query(
     q = queries.register(
         s, question, query_id=query_id, max_tokens=max_tokens, fast_answer=fast_answer, limit=engine.config.max_queries
     )
-    engine.sessions.persist(s)
+    engine.sessions.persist(s).result()
     engine.schedule_upkeep(s)
     return q
 
@@ -122,7 +122,7 @@ def remove_query(engine: Engine, s: Session, query_id: str) -> None:
     q = queries.get(s, query_id)
     with s.data.lock:
         s.queries.pop(q.id, None)
-    engine.sessions.persist(s)
+    engine.sessions.persist(s).result()
     engine.schedule_upkeep(s)  # its parked state is dropped on the model thread
 
 
@@ -143,9 +143,11 @@ def ask(
     gap_threshold: float | None = None,
     gate: bool | None = None,
     loop: asyncio.AbstractEventLoop | None = None,
+    arrival: float | None = None,
 ) -> tuple[Handle, int]:
     """Ask ``prompt`` against ``s``'s current context without changing it (an ephemeral
-    request); returns the handle and the data version the question sees."""
+    request); returns the handle and the data version the question sees. It renders and
+    tokenises, so a door calls it off its event loop."""
     if fast_answer is not None:
         _check_candidates(engine, fast_answer)
     version = s.data.version
@@ -161,18 +163,20 @@ def ask(
         fast_answer=fast_answer,
         ephemeral=True,
         create=False,
+        arrival=arrival,
     )
     return engine.submit(req, loop=loop), version
 
 
 def warm(engine: Engine, s: Session, req: Request) -> upkeep.WarmTicket:
-    """Prefill the request the next turn would send (no generation)."""
+    """Prefill the request the next turn would send (no generation). It renders and
+    tokenises, so a door calls it off its event loop."""
     from headstart.engine import ContextTooLong, SessionBusy
 
     if s.busy:
         raise SessionBusy(f"session {s.id!r} has a request in flight")
-    prompt = engine.template.render(req.messages, tools=req.tools)
-    limit = engine.backend.info.context_length
+    prompt = engine.template.render(req.messages, tools=req.tools, cache=s.renders)
+    limit = engine.context_limit  # --max-context, as for the request this warm prepares
     if len(prompt) >= limit:
         raise ContextTooLong(len(prompt), limit)
     return upkeep.request_warm(engine, s, prompt)
