@@ -126,10 +126,13 @@ class ChatTemplate:
         reuse = (0, 0)
         kept: tuple[tuple[int, int], ...] = ()
         if base is not None:
-            for i in range(len(base.cuts) - 1, -1, -1):
-                at, _ = base.cuts[i]
+            # Where the old text ends counts too when the new one opens a message there:
+            # the old text's last piece ended at its end, as the new one's does at the opening.
+            ends = ((len(base.text), len(base.ids)), base.cuts)
+            candidates = [ends, *((base.cuts[i], base.cuts[:i]) for i in range(len(base.cuts) - 1, -1, -1))]
+            for (at, n), before in candidates:
                 if text.startswith(opening, at) and text.startswith(base.text[:at]):
-                    reuse, kept = base.cuts[i], base.cuts[:i]
+                    reuse, kept = (at, n), before
                     break
         at, n = reuse
         head = base.ids[:n] if base is not None else ()
