@@ -238,25 +238,27 @@ def test_forwards_before_first_token_counts_only_this_request(
 
 
 def test_evicted_clears_once_the_kv_is_rebuilt(tiny: HFBackend, tmp_path: Path) -> None:
-    probe = Engine(tiny, config=EngineConfig(pre_position=False))
-    per = (len(probe.template.render([{"role": "user", "content": QUESTIONS[0]}])) + 6 + 16)
-    budget = int(per * tiny.info.kv_bytes_per_token * 1.5)
-    config = EngineConfig(pre_position=False, kv_budget=budget, spill=False)
+    config = EngineConfig(pre_position=False, spill=False)
     db = tmp_path / "h.db"
     engine = Engine(tiny, config=config, store=SessionStore(db)).start()
     short = SamplingParams(max_tokens=6)
+    first = [{"role": "user", "content": QUESTIONS[0]}]
     try:
-        for sid in ("a", "b"):
-            engine.generate(Request(messages=[{"role": "user", "content": QUESTIONS[0]}], params=short, session_id=sid))
-        assert engine.get_session("a").describe()["evicted"]
+        engine.generate(Request(messages=first, params=short, session_id="a"))
         a = engine.get_session("a")
         again = [*a.messages, {"role": "user", "content": QUESTIONS[1]}]
+        per_token = tiny.info.kv_bytes_per_token
+        # Room for a's second turn, but not for b's turn beside a's first.
+        engine.budget.limit = (len(engine.template.render(again)) + 6 + engine.config.forced_cap + 2) * per_token
+        assert a.kv_bytes() + (len(engine.template.render(first)) + 6 + 16) * per_token > engine.budget.limit
+        engine.generate(Request(messages=first, params=short, session_id="b"))
+        assert engine.get_session("a").describe()["evicted"]
         assert engine.generate(Request(messages=again, params=short, session_id="a")).path == "cold"
         assert not engine.get_session("a").describe()["evicted"]
         assert engine.get_session("b").describe()["evicted"]  # b made room for a's turn
     finally:
         engine.stop()
-    restarted = Engine(tiny, config=config, store=SessionStore(db)).start()
+    restarted = Engine(tiny, config=config, store=SessionStore(db)).start()  # the default budget
     try:
         a = restarted.get_session("a")
         assert a.describe()["evicted"]  # nothing of its KV survived the restart
