@@ -63,6 +63,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="CPU threads for torch and for the peer (default: torch's choice); 1 is steadier on a "
                         "machine shared with other jobs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--http", action="store_true",
+                   help="instead: time to first token at an openai client over loopback HTTP, beside the server's "
+                        "ttft_ms, on gate and ready_exact hits of one ~1,500-token session (bench/http.py)")
 
 
 def _workload(args: argparse.Namespace, real_tools: bool = False) -> Workload:
@@ -103,6 +106,10 @@ def run_bench(args: argparse.Namespace) -> int:
     from headstart.model.loader import resolve
     from headstart.template import ChatTemplate
 
+    if args.http:
+        from headstart.bench.http import run_http
+
+        return run_http(args)
     try:
         workload = _workload(args)
         auto = args.gap_threshold == "auto"
