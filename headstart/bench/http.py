@@ -99,9 +99,12 @@ def _timed(client: Any, sid: str, messages: list[dict[str, str]], max_tokens: in
 
 
 def run_http(args: argparse.Namespace) -> int:
+    import logging
+
     import httpx
     from openai import OpenAI
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     rng = random.Random(args.seed)
     turns = args.turns or 8
     max_tokens = args.max_tokens or 8
