@@ -720,8 +720,6 @@ class Engine:
             if not self.book.valid(s, rp):
                 s.ready.pop(key)
                 self.book.discard(rp)
-        if t.persistent:
-            s.evicted = False  # its KV is rebuilt: what was evicted (or lost in a restart) is back
         self.sessions.release(s)
         if t.persistent and not t.req.ephemeral:
             self.schedule_pre_position(s)

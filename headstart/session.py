@@ -107,7 +107,7 @@ class Session:
         self.prepos_epoch = 0  # bumped when someone asks for a fresh pre-positioning
         self.positioned_epoch = -1
         self.positioned_entry: list[int] | None = None
-        self.evicted = False  # its KV was evicted or lost in a restart, and nothing rebuilt it yet
+        self._evicted = False
         self.deleted = False
 
     def to_stored(self) -> StoredSession:
@@ -146,6 +146,18 @@ class Session:
             s.queries[q["id"]] = Query(q["id"], q["question"], q["max_tokens"], q["fast_answer"], q["created"])
         s.evicted = True
         return s
+
+    @property
+    def evicted(self) -> bool:
+        """Its KV was evicted or lost in a restart, and nothing has rebuilt any of it since
+        (a request or idle work that computes KV for it ends this)."""
+        if self._evicted and self.kv_ids:
+            self._evicted = False
+        return self._evicted
+
+    @evicted.setter
+    def evicted(self, value: bool) -> None:
+        self._evicted = value
 
     def ready_bytes(self) -> int:
         # list() takes the values in one step: the model thread may be changing the dict.

@@ -156,8 +156,6 @@ def _run(engine: Engine, s: Session) -> Generator[None, None, None]:
             if done:
                 positioned_for = context
                 continue
-        if s.kv_ids:
-            s.evicted = False  # idle work rebuilt the KV an eviction or a restart took
         with s.upkeep_lock:
             if not _has_work(engine, s):
                 s.upkeep_queued = False

@@ -112,10 +112,14 @@ def test_cached_render_equals_the_full_render(tokenizer: PreTrainedTokenizerBase
         assert template.render(messages, generation_prompt=False, tools=tools, cache=cache) == template.render(
             messages, generation_prompt=False, tools=tools
         )
-    # An edited earlier message (a client rewriting history) must not reuse the old tokens past it.
-    edited = [dict(m) for m in turns]
-    edited[1]["content"] = "What does 犬 mean?"
-    assert template.render(edited, tools=tools, cache=cache) == template.render(edited, tools=tools)
+    # An edited earlier message (a client rewriting history) must not reuse the old tokens past
+    # it, even when the edit keeps every later message opening at the same offset.
+    for i, old, new in ((1, "猫", "犬"), (2, "Cat 🐈", "Dog 🐕")):
+        edited = [dict(m) for m in turns]
+        edited[i]["content"] = edited[i]["content"].replace(old, new)
+        assert len(template.render_text(edited, tools=tools)) == len(template.render_text(turns, tools=tools))
+        template.render(turns, tools=tools, cache=cache)
+        assert template.render(edited, tools=tools, cache=cache) == template.render(edited, tools=tools)
 
 
 def test_cached_render_tokenises_only_the_new_part(tokenizer: PreTrainedTokenizerBase) -> None:

@@ -137,6 +137,7 @@ def run_http(args: argparse.Namespace) -> int:
                 print(f"turn {turn}: {records[-1]['path']}", file=sys.stderr)
             info = http.get(f"/v1/sessions/{sid}").json()
             report = _report(records, info["tokens"])
+            report["render_ms"] = _render_cost(args.model, messages)
         finally:
             proc.terminate()
             proc.wait(30)
@@ -144,6 +145,31 @@ def run_http(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"records": records, "report": report}, indent=2))
     return 0
+
+
+def _render_cost(model: str | None, messages: list[dict[str, str]], repeat: int = 20) -> dict[str, float | None]:
+    """The door's biggest part, side by side: rendering and tokenising the last request in
+    full, and with the session's previous rendering cached (what the server does)."""
+    from transformers import AutoTokenizer
+
+    from headstart.model.loader import local_folder, resolve
+    from headstart.template import ChatTemplate, RenderCache
+
+    template = ChatTemplate(AutoTokenizer.from_pretrained(local_folder(resolve(model))))
+    held = RenderCache()
+    template.render(messages[:-2], cache=held)  # the previous request, as the session rendered it
+    full, cached = [], []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        expect = template.render(messages)
+        full.append((time.perf_counter() - t0) * 1000)
+        cache = RenderCache()
+        cache.last = held.last
+        t0 = time.perf_counter()
+        got = template.render(messages, cache=cache)
+        cached.append((time.perf_counter() - t0) * 1000)
+        assert got == expect, "a cached rendering differs from the full one"
+    return {"full_p50": summary(full)["p50"], "cached_p50": summary(cached)["p50"]}
 
 
 def _report(records: list[dict[str, Any]], tokens: int) -> dict[str, Any]:
@@ -167,4 +193,8 @@ def _markdown(report: dict[str, Any]) -> str:
         c, s = p["client_ttft_ms"]["p50"], p["server_ttft_ms"]["p50"]
         lines.append(f"| {path} | {p['n']} | {c:.2f} | {s:.2f} | {p['client_minus_server_ms']['p50']:.2f} | "
                      f"{c / s if s else float('inf'):.2f} | {p['door_ms']['p50']:.2f} |")
+    r = report.get("render_ms")
+    if r:
+        lines += ["", f"rendering + tokenising the last request: full {r['full_p50']:.2f} ms, with the session's "
+                      f"cached rendering {r['cached_p50']:.2f} ms ({r['cached_p50'] / r['full_p50']:.2f} of full)"]
     return "\n".join(lines)
