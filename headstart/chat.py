@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from headstart.engine import Engine, Request
-from headstart.handle import Completion, Delta
+from headstart.handle import Completion, Delta, Handle
 from headstart.sampling import SamplingParams
 
 
@@ -26,25 +26,32 @@ def run_chat(args: argparse.Namespace) -> int:
     if args.system:
         messages.append({"role": "system", "content": args.system})
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
-    print(f"{backend.info.name} on {backend.info.device}. Empty line or Ctrl-D to quit.", file=sys.stderr)
+    print(f"{backend.info.name} on {backend.info.device}. Ctrl-C stops an answer; "
+          "an empty line, Ctrl-D or Ctrl-C at the prompt quits.", file=sys.stderr)
     try:
         while True:
             try:
                 text = input("you> ").strip()
-            except EOFError:
+            except (EOFError, KeyboardInterrupt):
                 break
             if not text:
                 break
             messages.append({"role": "user", "content": text})
-            handle = engine.submit(Request(messages=list(messages), params=params, session_id="chat"))
+            handle = engine.submit(Request(messages=list(messages), params=params, session_id="chat", stream=True))
             print("bot> ", end="", flush=True)
-            completion: Completion | None = None
-            for item in handle:
-                if isinstance(item, Delta):
-                    print(item.text, end="", flush=True)
-                else:
-                    completion = item
-            assert completion is not None
+            try:
+                completion = _show(handle)
+            except KeyboardInterrupt:
+                # Stop this answer (the engine ends it within a step and keeps no turn of
+                # it), wait for that, and ask again; a second Ctrl-C meanwhile quits.
+                handle.cancel()
+                try:
+                    handle.result()
+                except KeyboardInterrupt:
+                    break
+                print("\n     [stopped]", file=sys.stderr)
+                messages.pop()
+                continue
             print()
             print(
                 f"     [{completion.path}  ttft {completion.ttft_ms:.1f} ms  "
@@ -56,3 +63,13 @@ def run_chat(args: argparse.Namespace) -> int:
     finally:
         engine.stop()
     return 0
+
+
+def _show(handle: Handle) -> Completion:
+    """Print an answer as it comes; its completion."""
+    for item in handle:
+        if isinstance(item, Delta):
+            print(item.text, end="", flush=True)
+        else:
+            return item
+    raise RuntimeError("the engine ended a request without a completion")

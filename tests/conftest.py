@@ -7,6 +7,7 @@ for fast tests of engine logic; ``real`` is the default model, for every capabil
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -31,15 +32,33 @@ def real() -> HFBackend:
 def qwen() -> HFBackend:
     """The second, tool-capable model (the ``qwen`` extra). Skipped when it is not installed,
     unless ``HEADSTART_REQUIRE_QWEN`` is set (CI sets it, so there it must run)."""
-    from headstart.model import qwen_chunks
+    from headstart.model.qwen_chunks import QWEN05
 
     try:
-        qwen_chunks.chunk_paths()
+        QWEN05.chunk_paths()
     except FileNotFoundError as exc:
         if os.environ.get("HEADSTART_REQUIRE_QWEN"):
             raise
         pytest.skip(f"the second model is not installed: {exc}")
-    return load(qwen_chunks.NAME)
+    return load(QWEN05.name)
+
+
+@pytest.fixture
+def qwen15() -> Iterator[HFBackend]:
+    """The third model (the opt-in ``qwen15`` extra, ~7 GB in float32), for the tests that
+    need it only: loaded per test and freed after, so one large model is held at a time."""
+    import gc
+
+    from headstart.model.qwen_chunks import QWEN15
+
+    try:
+        QWEN15.chunk_paths()
+    except FileNotFoundError as exc:
+        pytest.skip(f"the third model is not installed: {exc}")
+    backend = load(QWEN15.name)
+    yield backend
+    del backend
+    gc.collect()
 
 
 @pytest.fixture(scope="session")
@@ -85,15 +104,26 @@ def free_port() -> int:
 
 
 class LiveServer:
-    """A real uvicorn server on a loopback port, in a thread of the test process."""
+    """A real uvicorn server on a loopback port, in a thread of the test process.
 
-    def __init__(self, app: object) -> None:
+    ``sndbuf`` fixes the kernel send buffer of every connection it accepts (they inherit
+    the listening socket's), so a client that stops reading pushes back after that much.
+    """
+
+    def __init__(self, app: object, sndbuf: int | None = None) -> None:
         import uvicorn
 
-        self.port = free_port()
+        listener = None
+        if sndbuf is not None:
+            listener = socket.socket()
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+            listener.bind(("127.0.0.1", 0))
+        self.port = listener.getsockname()[1] if listener else free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.sndbuf = listener.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) if listener else None
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        run = (lambda: self.server.run(sockets=[listener])) if listener else self.server.run
+        self.thread = threading.Thread(target=run, daemon=True)
 
     def __enter__(self) -> LiveServer:
         import httpx
@@ -112,3 +142,52 @@ class LiveServer:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[str]:
+    """A PostgreSQL server: ``$HEADSTART_TEST_PG_DSN`` (CI starts one), else a throwaway
+    cluster started here. Never skipped: without PostgreSQL the store tests fail."""
+    dsn = os.environ.get("HEADSTART_TEST_PG_DSN")
+    if dsn:
+        yield dsn
+        return
+    from tests import pg_cluster
+
+    root, dsn = pg_cluster.start()
+    try:
+        yield dsn
+    finally:
+        pg_cluster.stop(root)
+
+
+@contextlib.contextmanager
+def pg_database(server: str) -> Iterator[str]:
+    """A fresh, empty database on ``server``, dropped afterwards."""
+    import uuid
+
+    import psycopg
+
+    name = f"headstart_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    base, _, _ = server.rpartition("/")
+    try:
+        yield f"{base}/{name}"
+    finally:
+        with psycopg.connect(server, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def pg_url(pg_server: str) -> Iterator[str]:
+    with pg_database(pg_server) as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: object) -> str:
+    """Each store test runs on both backends."""
+    if request.param == "sqlite":
+        return str(tmp_path / "headstart.db")  # type: ignore[operator]
+    return request.getfixturevalue("pg_url")

@@ -4,7 +4,6 @@ equal full ones, incremental detokenisation, prompt final chunks, and honest cou
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 import threading
 import time
@@ -17,13 +16,10 @@ from openai import OpenAI
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from headstart import sessionapi
-from headstart.cli import build_parser
 from headstart.engine import ContextTooLong, Engine, EngineConfig, Request
-from headstart.gate import DEFAULT_THRESHOLD, Gate
 from headstart.handle import Completion, Delta
 from headstart.model import HFBackend
 from headstart.model.loader import local_folder, resolve
-from headstart.prepos import PreposConfig
 from headstart.sampling import SamplingParams
 from headstart.server import errors
 from headstart.store import SessionStore
@@ -212,17 +208,6 @@ def test_stop_strings_across_token_boundaries(tokenizer: PreTrainedTokenizerBase
 # -- counters and small fixes ---------------------------------------------------------------
 
 
-def test_gate_threshold_default_lives_in_one_place(tiny: HFBackend) -> None:
-    """EngineConfig holds the one default; the gate and pre-positioning only receive it."""
-    assert EngineConfig().gap_threshold == DEFAULT_THRESHOLD
-    assert build_parser().parse_args(["serve"]).gap_threshold == DEFAULT_THRESHOLD
-    for cls in (Gate, PreposConfig):
-        threshold = next(f for f in dataclasses.fields(cls) if f.name == "threshold")
-        assert threshold.default is dataclasses.MISSING, f"{cls.__name__} keeps a default of its own"
-    engine = Engine(tiny, config=EngineConfig(gap_threshold=3.25))
-    assert engine.gate.threshold == engine.prepos_config.threshold == 3.25
-
-
 def test_forwards_before_first_token_counts_only_this_request(
     tiny: HFBackend, make_engine: Callable[..., Engine]
 ) -> None:
@@ -234,7 +219,7 @@ def test_forwards_before_first_token_counts_only_this_request(
     with Blocker(engine):  # queue two cold requests of other sessions ahead of the gate hit
         others = [engine.submit(Request(messages=[{"role": "user", "content": q}], params=GREEDY,
                                         session_id=f"other{i}")) for i, q in enumerate(QUESTIONS[2:4])]
-        gated = engine.submit(Request(messages=nxt, params=GREEDY, session_id="g"))
+        gated = engine.submit(Request(messages=nxt, params=GREEDY, session_id="g", stream=True))
         cold = engine.submit(Request(messages=[{"role": "user", "content": QUESTIONS[4]}], params=GREEDY))
     done = [h.result() for h in [*others, gated, cold]]
     assert done[2].path == "gate" and done[2].extra["forwards_before_first_token"] == 0
@@ -446,7 +431,7 @@ def test_a_turn_is_committed_before_it_is_acknowledged(tiny: HFBackend, tmp_path
     store = SessionStore(tmp_path / "w.db")
     engine = Engine(tiny, config=EngineConfig(pre_position=False), store=store).start()
     try:
-        writer = engine.sessions.writer
+        writer = engine.writer
         assert writer is not None
         threads: list[str] = []
         save = store.save

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -39,9 +40,12 @@ class ServerConfig:
     default_temperature: float = 1.0
     max_body_bytes: int = 4 * 1024 * 1024
     api_keys: frozenset[str] = frozenset()
-    db: str | None = None  # SQLite file for transcripts; None: in the data folder; "" keeps nothing
+    db: str | None = None  # SQLite file or postgresql:// URL; None: SQLite in the data folder; "" keeps nothing
     spill_dir: str | None = None  # None: in the data folder
     heartbeat_seconds: float = 15.0  # between SSE heartbeats on a quiet event stream
+    # This server's name among replicas (headstart/scaleout): it fences the server's writes
+    # to the shared store and is named in every answer. None: a single server.
+    replica: str | None = None
 
 
 class State:
@@ -71,15 +75,24 @@ def _load(state: State, factory: Callable[[], Engine]) -> None:
 
 
 def default_factory(config: ServerConfig) -> Callable[[], Engine]:
+    """The engine builder of ``headstart serve``. The database and the spill folder are
+    claimed here, before the model loads, so a second server on the same data stops at
+    once (:class:`~headstart.ownership.Claimed`, naming the holder) instead of serving."""
+    from headstart.ownership import Claim
+    from headstart.store import default_data_dir, open_store
+
+    data = default_data_dir()
+    db = config.db if config.db is not None else str(data / "headstart.db")
+    spill_dir = config.spill_dir if config.spill_dir is not None else str(data / "spill")
+    # What this server holds for as long as it lives: its database and its spill folder.
+    store = open_store(db, holder=config.replica) if db else None
+    held = (store, Claim(Path(spill_dir) / "owner.lock", f"the spill folder {spill_dir}"))
+
     def build() -> Engine:
         from headstart.model import load
-        from headstart.store import SessionStore, default_data_dir
 
+        store, _spill = held
         backend = load(config.model, device=config.device, dtype=config.dtype, cache_dir=config.cache_dir)
-        data = default_data_dir()
-        db = config.db if config.db is not None else str(data / "headstart.db")
-        store = SessionStore(db) if db else None
-        spill_dir = config.spill_dir if config.spill_dir is not None else str(data / "spill")
         return Engine(backend, config=config.engine, store=store, spill_dir=spill_dir)
 
     return build

@@ -22,6 +22,7 @@ from starlette.routing import Route
 
 from headstart.engine import Engine
 from headstart.handle import Completion, Delta, Handle
+from headstart.server.gone import unless_gone
 from headstart.server.schema import ChatCompletionRequest
 
 SESSION_HEADER = "x-session-id"
@@ -37,10 +38,11 @@ def arrival_of(request: Request) -> float:
     return getattr(request.state, "arrival", None) or time.perf_counter()
 
 
-def extension(c: Completion) -> dict[str, Any]:
-    """The ``headstart`` object: how the request was served."""
+def extension(c: Completion, replica: str | None) -> dict[str, Any]:
+    """The ``headstart`` object: how the request was served, and by which replica (None: a single server)."""
     return {
         "session_id": c.session_id,
+        "replica": replica,
         "path": c.path,
         "ttft_ms": round(c.ttft_ms, 3),
         "decided_ms": round(c.decided_ms, 3),
@@ -51,6 +53,9 @@ def extension(c: Completion) -> dict[str, Any]:
         # A gap over a single fast_answer candidate is infinite; JSON has no infinity.
         "logit_gap": c.logit_gap if c.logit_gap is None or math.isfinite(c.logit_gap) else None,
         "speculative": c.speculative,
+        # Whether the gate's first token (or candidate) is the one the full computation gives;
+        # None when the gate did not answer (every other path is exact).
+        "verified": c.verified,
         "candidate": c.candidate,
     }
 
@@ -106,13 +111,9 @@ async def create_chat_completion(request: Request) -> Response:
     created = int(time.time())
     if req.stream:
         include_usage = bool((req.stream_options or {}).get("include_usage"))
-        stream = _sse(handle, completion_id, created, model, include_usage)
+        stream = _sse(handle, completion_id, created, model, include_usage, state.config.replica)
         return StreamingResponse(stream, media_type="text/event-stream", headers={"cache-control": "no-cache"})
-    try:
-        completion = await _collect(handle)
-    except asyncio.CancelledError:
-        handle.cancel()
-        raise
+    completion = await unless_gone(request, collect(handle), handle.cancel)
     body_out = {
         "id": completion_id,
         "object": "chat.completion",
@@ -127,7 +128,7 @@ async def create_chat_completion(request: Request) -> Response:
             }
         ],
         "usage": usage(completion),
-        "headstart": extension(completion),
+        "headstart": extension(completion, state.config.replica),
     }
     return JSONResponse(body_out)
 
@@ -154,7 +155,8 @@ def _open(
     return req
 
 
-async def _collect(handle: Handle) -> Completion:
+async def collect(handle: Handle) -> Completion:
+    """The completion at the end of ``handle`` (the deltas before it are dropped)."""
     async for item in handle:
         if isinstance(item, Completion):
             return item
@@ -176,7 +178,7 @@ def _sse_line(payload: dict[str, Any]) -> str:
 
 
 async def _sse(
-    handle: Handle, completion_id: str, created: int, model: str, include_usage: bool
+    handle: Handle, completion_id: str, created: int, model: str, include_usage: bool, replica: str | None
 ) -> AsyncIterator[str]:
     """OpenAI chunks; a client that goes away cancels the generation."""
     try:
@@ -193,7 +195,7 @@ async def _sse(
                         yield _sse_line(last)
                         last = {**_chunk(completion_id, created, model, {}, None), "choices": [],
                                 "usage": usage(item)}
-                    last["headstart"] = extension(item)
+                    last["headstart"] = extension(item, replica)
                     yield _sse_line(last)
         except Exception as exc:  # the headers are gone: report in-band, as OpenAI does
             from headstart.server.errors import to_response

@@ -176,4 +176,5 @@ class ChatCompletionRequest(SamplingFields):
             gate=self.gate,
             gap_threshold=self.gap_threshold,
             fast_answer=self.fast_answer,
+            stream=self.stream,  # only a streamed answer may come from the gate
         )

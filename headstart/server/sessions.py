@@ -24,10 +24,11 @@ from starlette.routing import Route
 
 from headstart import queries, sessionapi, upkeep
 from headstart.engine import Engine
-from headstart.handle import Completion, Handle
+from headstart.errors import BadRequest
 from headstart.ingest import PushResult
-from headstart.server.chat import arrival_of, owner_of
+from headstart.server.chat import SESSION_HEADER, arrival_of, collect, owner_of
 from headstart.server.errors import parse_json, read_body, read_json
+from headstart.server.gone import unless_gone
 from headstart.server.schema import ChatCompletionRequest
 from headstart.server.session_schema import (
     CreateSessionRequest,
@@ -67,11 +68,14 @@ async def create_session(request: Request) -> Response:
     """Create a session; a ``system`` prompt is prefilled in the background."""
     engine = _engine(request)
     req = CreateSessionRequest.model_validate(await _body(request))
-    s = await run_in_threadpool(  # tokenises the system prompt and waits for the commit
-        lambda: sessionapi.open_session(
-            engine, req.id, owner_of(request), system=req.system, pre_position=req.pre_position, window=req.window,
-            gate=req.gate, gap_threshold=req.gap_threshold,
-        )
+    # The id may come in the header too, as on every other request, so that a router that
+    # reads only headers (replicas behind Ray Serve) creates the session where it will live.
+    header = request.headers.get(SESSION_HEADER)
+    if header and req.id and header != req.id:
+        raise BadRequest(f"{SESSION_HEADER} {header!r} and id {req.id!r} name different sessions", param="id")
+    s = sessionapi.open_session(
+        engine, req.id or header, owner_of(request), system=req.system, pre_position=req.pre_position,
+        window=req.window, gate=req.gate, gap_threshold=req.gap_threshold,
     )
     return respond(SessionObject, sessionapi.describe(engine, s))
 
@@ -108,7 +112,9 @@ async def warm(request: Request) -> Response:
         return sessionapi.warm(engine, s, req.to_engine(s.id, owner_of(request), temperature))
 
     ticket = await run_in_threadpool(queue_warm)
-    result = await asyncio.wrap_future(ticket.future)
+    result = await unless_gone(
+        request, asyncio.wrap_future(ticket.future), lambda: upkeep.cancel_warm(engine, s, ticket)
+    )
     return respond(WarmResponse, {**result, "session_id": s.id})
 
 
@@ -117,6 +123,7 @@ async def push(request: Request) -> Response:
     engine = _engine(request)
     s = _session(request, engine)
     req = PushRequest.model_validate(await _body(request))
+
     def measure_and_push() -> PushResult:  # tokenises, then waits for the commit
         return sessionapi.push(engine, s, sessionapi.measure(engine, s, req.entries))
 
@@ -142,7 +149,7 @@ async def generate(request: Request) -> Response:
             fast_answer=req.fast_answer, gap_threshold=req.gap_threshold, gate=req.gate, loop=loop, arrival=arrival,
         )
     )
-    c = await _collect(handle)
+    c = await unless_gone(request, collect(handle), handle.cancel)
     return respond(
         GenerateResponse,
         {
@@ -165,17 +172,6 @@ async def generate(request: Request) -> Response:
                        "forwards_before_first_token": c.extra.get("forwards_before_first_token")},
         },
     )
-
-
-async def _collect(handle: Handle) -> Completion:
-    try:
-        async for item in handle:
-            if isinstance(item, Completion):
-                return item
-    except asyncio.CancelledError:
-        handle.cancel()
-        raise
-    raise RuntimeError("the engine ended a request without a completion")
 
 
 async def create_query(request: Request) -> Response:
