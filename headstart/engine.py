@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Generator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +57,7 @@ from headstart.store import TranscriptStore
 from headstart.template import ChatTemplate, Message, common_prefix
 from headstart.textstream import TextStream
 from headstart.tools import NO_TOOLS, HoldBack, ParsedAnswer, ToolChoiceError, ToolPlan, plan_tools
+from headstart.writer import Writer, done
 
 log = logging.getLogger("headstart.engine")
 
@@ -88,6 +90,9 @@ class Request:
     fast_answer: list[str] | None = None
     ephemeral: bool = False
     create: bool = True
+    # When the door received the request (time.perf_counter(), before it parsed anything):
+    # every time the engine reports counts from here. None: now.
+    arrival: float | None = None
     # The client reads the answer as it is made. Only then may the gate answer: a client
     # that waits for the whole answer gains nothing from an early first token, and its
     # answer is always the exact one.
@@ -139,6 +144,36 @@ class EngineConfig:
         )
 
 
+class _OwnForwards:
+    """The forward passes of one job: counted over its own steps only. The model thread runs
+    one step at a time, so the forwards other sessions ran in between are not counted."""
+
+    def __init__(self, stats: EngineStats) -> None:
+        self._stats = stats
+        self._done = 0
+        self._step_from: int | None = None
+
+    def steps(self, steps: Generator[None, None, None]) -> Generator[None, None, None]:
+        """``steps``, counting the forwards each of its steps ran."""
+        try:
+            while True:
+                self._step_from = self._stats.forward_calls
+                try:
+                    next(steps)
+                except StopIteration:
+                    return
+                self._done += self._stats.forward_calls - self._step_from
+                self._step_from = None
+                yield
+        finally:
+            steps.close()
+
+    def now(self) -> int:
+        """Forwards so far (called from within one of the job's steps)."""
+        running = self._stats.forward_calls - self._step_from if self._step_from is not None else 0
+        return self._done + running
+
+
 class _Emitter:
     """Turns chosen tokens into deltas on a handle and decides when to stop."""
 
@@ -156,14 +191,13 @@ class _Emitter:
         self.first_at: float | None = None
         self.decided_at: float | None = None
         self.finish_reason: str | None = None
-        self._stats = engine.stats
-        self._forwards_at_start = engine.stats.forward_calls
+        self.forwards = _OwnForwards(engine.stats)
         self.forwards_before_first: int | None = None
 
     def _first(self) -> None:
-        """Note the first token's moment and how many forward passes preceded it."""
+        """Note the first token's moment and how many of this request's forwards preceded it."""
         self.first_at = time.perf_counter()
-        self.forwards_before_first = self._stats.forward_calls - self._forwards_at_start
+        self.forwards_before_first = self.forwards.now()
 
     def emit(self, token: int, *, forced: bool = False) -> bool:
         """Send ``token``; True when the answer is finished."""
@@ -282,6 +316,8 @@ class Engine:
         spill = Spill(spill_dir, self.pool, 4 * self.budget.limit) if spill_on and spill_dir else None
         limits = Limits(self.config.max_sessions, self.config.idle_expiry_s)
         self.sessions = SessionRegistry(self.pool, self.book, self.scheduler, self.budget, limits, store, spill)
+        # Turns are committed off the model thread, in order (writer.py).
+        self.writer = Writer() if store is not None else None
         self.book.make_room = self.sessions.make_room
         self.context_limit = min(info.context_length, self.config.max_context or info.context_length)
         self.prefix_cache = (
@@ -307,6 +343,8 @@ class Engine:
         self._reaper_stop.set()
         self.scheduler.stop()
         if self.sessions.store is not None:
+            if self.writer is not None:
+                self.writer.stop()  # what is queued is committed first
             self.sessions.store.close()  # and let the next server on it claim it
 
     def _reap_loop(self, interval: float) -> None:
@@ -314,8 +352,12 @@ class Engine:
             self.sessions.reap()
 
     def wait_idle(self, timeout: float = 120.0) -> bool:
-        """Wait until no foreground or background work is left."""
-        return self.scheduler.wait_idle(timeout)
+        """Wait until no foreground or background work is left, and nothing waits to be committed."""
+        deadline = time.monotonic() + timeout
+        if not self.scheduler.wait_idle(timeout):
+            return False
+        writer = self.writer
+        return writer is None or writer.drain(max(0.0, deadline - time.monotonic()))
 
     def report(self) -> dict[str, Any]:
         """Everything the engine counts, for the metrics door, the benchmark and the CLI."""
@@ -383,11 +425,14 @@ class Engine:
         """Validate ``req`` and queue it; the handle streams its output.
 
         Raises the engine's errors at once (bad input, unknown or busy session) so a door
-        can answer them before any streaming starts.
+        can answer them before any streaming starts. It renders and tokenises the whole
+        conversation, so a door with an event loop calls it from a worker thread.
         """
+        arrival = time.perf_counter() if req.arrival is None else req.arrival
         if not req.messages:
             raise BadRequest("messages must hold at least one message", param="messages")
-        prompt = self.template.render(req.messages, tools=req.tools)
+        known = self.sessions.find(req.session_id) if req.session_id is not None else None
+        prompt = self.template.render(req.messages, tools=req.tools, cache=known.renders if known else None)
         try:
             tool_plan = plan_tools(
                 self.template, req.messages, req.tools, req.tool_choice, parallel=req.parallel_tool_calls
@@ -418,7 +463,7 @@ class Engine:
                 param="max_tokens",
             )
         candidates = self._candidates(req.fast_answer)
-        handle = Handle(loop)
+        handle = Handle(loop, arrival)
         if req.session_id is None:
             s = Session(f"oneoff-{uuid.uuid4().hex[:12]}", self.pool, req.owner)
             self.sessions.one_off(s)
@@ -427,7 +472,7 @@ class Engine:
             s = self.sessions.acquire(req.session_id, req.owner, create=req.create)
             persistent = True
         threshold = next((x for x in (req.gap_threshold, s.settings.gap_threshold) if x is not None), None)
-        job = Job(iter(()), submitted=handle.arrival, admit=lambda: self.sessions.admit(s, reserve_tokens))
+        job = Job(iter(()), admit=lambda: self.sessions.admit(s, reserve_tokens))
         turn = Turn(
             req, params, prompt, candidates, s, persistent, handle, job,
             _Emitter(self, handle, params, tool_plan), params.generator(self.backend.info.device), threshold,
@@ -437,7 +482,7 @@ class Engine:
             *([session_key(s.id)] if persistent else []),
             SERVER_KEY,
         )
-        job.steps = self._serve(turn)
+        job.steps = turn.emitter.forwards.steps(self._serve(turn))
         job.on_error = lambda exc: self._fail(s, handle, exc)
         self.scheduler.submit(job)
         return handle
@@ -509,10 +554,36 @@ class Engine:
         if t.verify is not None:
             yield  # the answer is out: verify the gate's answer before the final chunk says so
             t.verify()
-        completion = self._finish(t)
+        completion, committed = self._finish(t)
         self._after(t)
         # Delivered once the session is free, so a client's next request never finds it busy.
-        t.handle.put(completion)
+        self._deliver(t.handle, completion, committed)
+
+    def _commit(self, s: Session, before: tuple[Any, ...]) -> Future[None]:
+        """Commit the session's new turn on the writer thread, so the model thread goes on at
+        once; a store that cannot commit undoes the turn, and the request fails with its error."""
+        if self.writer is None:
+            return done()
+
+        def write() -> None:
+            try:
+                self.sessions.persist(s)
+            except StoreUnavailable:
+                s.messages, s.tools, s.turns, s.last_delta = before  # not durable: no turn, and a 503
+                raise
+
+        return self.writer.submit(write)
+
+    @staticmethod
+    def _deliver(handle: Handle, completion: Completion, committed: Future[None]) -> None:
+        """Send the completion once its turn is committed (by the writer thread, so the
+        model thread goes on at once); a failed commit fails the request instead."""
+
+        def send(f: Future[None]) -> None:
+            exc = f.exception()
+            handle.put(completion if exc is None else exc)
+
+        committed.add_done_callback(send)
 
     def _serve_ready(self, t: Turn, rp: ReadyPosition) -> Generator[None, None, None]:
         """``ready_exact``: the prompt is the ready position's; its KV and logits are the real ones."""
@@ -616,24 +687,28 @@ class Engine:
             is_draft = bool(drafts) and token == drafts[0]
             if em.emit(token, forced=is_draft):
                 break
-            if is_draft:
-                drafts.pop(0)
-                logits = draft_logits.pop(0)
-            else:
-                if drafts:
-                    self.book.crop(s, len(s.kv_ids) - len(drafts))
-                    drafts, draft_logits = [], []
-                logits = self.book.feed(s, [token], background=False)[-1]
             if t.handle.cancelled:
                 em.finish_reason = "cancelled"
                 break
+            if is_draft:
+                drafts.pop(0)
+                logits = draft_logits.pop(0)
+                continue
+            if drafts:
+                self.book.crop(s, len(s.kv_ids) - len(drafts))
+                drafts, draft_logits = [], []
+            # A step ends with a token sent, and the forward that decides the next token is
+            # followed by its pick at once: an answer's end goes out with the forward that
+            # found it, not a round of other sessions' steps later.
             yield
+            logits = self.book.feed(s, [token], background=False)[-1]
         if drafts:
             self.book.crop(s, len(s.kv_ids) - len(drafts))
         self.book.take(s, len(s.kv_ids))
 
-    def _finish(self, t: Turn) -> Completion:
-        """Record the request and the session's new transcript; the completion to send."""
+    def _finish(self, t: Turn) -> tuple[Completion, Future[None]]:
+        """Record the request and queue the session's new transcript; the completion to send
+        and the commit it must wait for."""
         em, s, handle = t.emitter, t.session, t.handle
         answer = em.close()
         text = answer.content or ""
@@ -652,6 +727,8 @@ class Engine:
             decided_ms=((em.decided_at or first) - handle.arrival) * 1000,
             e2e_ms=(now - handle.arrival) * 1000,
             foreground_wait_ms=(t.started - handle.arrival) * 1000,
+            door_ms=(t.job.submitted - handle.arrival) * 1000,
+            queue_ms=(t.started - t.job.submitted) * 1000,
             background_wait_ms=t.job.background_wait * 1000,
             logit_gap=t.gap,
             speculative=t.speculative,
@@ -680,6 +757,7 @@ class Engine:
             except Exception:  # an observer must never fail a request
                 log.exception("completion observer failed")
         req = t.req
+        committed = done()
         if t.persistent and not req.ephemeral and completion.finish_reason != "cancelled":
             reply: Message = {"role": "assistant", "content": text}
             if answer.calls:  # as the template renders a call, so the next turn's prefix matches
@@ -690,12 +768,8 @@ class Engine:
             s.turns += 1
             last = req.messages[-1]
             s.last_delta = last.get("content") if isinstance(last.get("content"), str) else None
-            try:
-                self.sessions.persist(s)  # committed before the client hears of the turn
-            except StoreUnavailable:
-                s.messages, s.tools, s.turns, s.last_delta = before  # not durable: no turn, and a 503
-                raise
-        return completion
+            committed = self._commit(s, before)  # committed before the client hears of the turn
+        return completion, committed
 
     def _after(self, t: Turn) -> None:
         """Tidy the session once its request is answered, and queue its idle-time work."""
@@ -706,7 +780,7 @@ class Engine:
             s.kv.release()  # a one-off request's KV goes with it
         if t.req.ephemeral and t.persistent:
             # Leave only the session's own context: the question was a one-off.
-            own = self.template.entry(s.messages, "user", tools=s.tools) if s.messages else []
+            own = self.template.entry(s.messages, "user", tools=s.tools, cache=s.renders) if s.messages else []
             self.book.crop(s, common_prefix(s.kv_ids, own))
         for key, rp in list(s.ready.items()):
             if not self.book.valid(s, rp):

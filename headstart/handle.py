@@ -40,8 +40,10 @@ class Completion:
     ttft_ms: float
     decided_ms: float
     e2e_ms: float
-    foreground_wait_ms: float
+    foreground_wait_ms: float  # arrival to the request's first step on the model thread: door_ms + queue_ms
     background_wait_ms: float = 0.0  # of foreground_wait_ms, the time spent behind background chunks
+    door_ms: float = 0.0  # arrival to queued: parsing, checks, rendering, tokenising, tool planning
+    queue_ms: float = 0.0  # queued to the first step on the model thread
     logit_gap: float | None = None
     speculative: bool = False
     verified: bool | None = None
@@ -60,8 +62,8 @@ _END = object()
 class Handle:
     """One request's output queue, readable from a thread or an event loop."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        self.arrival = time.perf_counter()
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None, arrival: float | None = None) -> None:
+        self.arrival = time.perf_counter() if arrival is None else arrival  # the door's receipt of the request
         self.cancelled = False
         self.completion: Completion | None = None
         self.job: Any = None  # the scheduler's job, set by the engine (its background wait)

@@ -210,7 +210,7 @@ def ingest_batch(
         return 0
     content = "\n".join(e.text for e in batch)
     messages, dropped = fit_window(template, [*s.messages, {"role": DATA_ROLE, "content": content}], s.tools, limit)
-    entry = template.entry(messages, DATA_ROLE, tools=s.tools)
+    entry = template.entry(messages, DATA_ROLE, tools=s.tools, cache=s.renders)
     if len(entry) > limit:
         # Cannot happen for entries the door accepted (each is at most half the window);
         # refuse the batch rather than overflow the model's context.

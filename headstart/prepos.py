@@ -31,8 +31,10 @@ SURE_GAP = 2.0
 
 @dataclass(frozen=True)
 class PreposConfig:
-    """Knobs of the background job; sizes are in tokens."""
+    """Knobs of the background job; sizes are in tokens. ``threshold`` is the gate's (from
+    EngineConfig), which bounds how far the sure tail is decoded."""
 
+    threshold: float
     predictor: str = DEFAULT_PREDICTOR
     chunk: int = 16
     continuation_cap: int = 32
@@ -146,12 +148,12 @@ def _pre_position(
 ) -> Generator[None, None, None]:
     """Entry, predicted message, ready position: see the module docstring."""
     role = next_role(s.messages)
-    entry = template.entry(s.messages, role, tools=s.tools)
+    entry = template.entry(s.messages, role, tools=s.tools, cache=s.renders)
     entry_logits = yield from book.advance(s, entry, background=True, chunk=config.chunk)
     s.entry_len = len(entry)
     yield
     content, source = yield from predicted_prompt(book, template, s, role, config, entry_logits)
-    prompt = template.render([*s.messages, {"role": role, "content": content}], tools=s.tools)
+    prompt = template.render([*s.messages, {"role": role, "content": content}], tools=s.tools, cache=s.renders)
     # The predicted content can merge with the entry's last token; the ready position
     # then starts where the two renderings part, and the entry is prefilled again.
     base = common_prefix(entry, prompt)

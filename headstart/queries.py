@@ -140,12 +140,12 @@ def evaluate(
     """Answer ``q`` on ``s``'s current context and park the state; False if it cannot run."""
     version, turns = s.data.version, s.turns
     messages = [*s.messages, {"role": QUESTION_ROLE, "content": q.question}]
-    prompt = template.render(messages, tools=s.tools)
+    prompt = template.render(messages, tools=s.tools, cache=s.renders)
     if len(prompt) + q.max_tokens > context_length:
         q.error = f"the question needs {len(prompt) + q.max_tokens} tokens; the context holds {context_length}"
         q.data_version, q.turns = version, turns
         return False
-    own = template.entry(s.messages, QUESTION_ROLE, tools=s.tools) if s.messages else []
+    own = template.entry(s.messages, QUESTION_ROLE, tools=s.tools, cache=s.renders) if s.messages else []
     base = common_prefix(own, prompt)
     logits = yield from book.advance(s, prompt, background=True, chunk=chunk)
     seq = [logits]

@@ -104,6 +104,12 @@ class SessionRegistry:
         with self._lock:
             return [*self._sessions.values(), *self._oneoff]
 
+    def find(self, session_id: str) -> Session | None:
+        """This replica's copy of a session, if it holds one, whoever owns it (for caches whose
+        use cannot change a result; use get or acquire for anything a caller may see)."""
+        with self._lock:
+            return self._sessions.get(session_id)
+
     def one_off(self, s: Session) -> None:
         """Count a sessionless request's KV while it is served."""
         with self._lock:

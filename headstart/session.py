@@ -20,7 +20,7 @@ from headstart.events import EventHub
 from headstart.ingest import DataFeed
 from headstart.kv import BlockPool, KVSeq, Reservation
 from headstart.store import StoredSession
-from headstart.template import Message
+from headstart.template import Message, RenderCache
 
 DEFAULT_MAX_PENDING = 1024
 
@@ -80,6 +80,7 @@ class Session:
         self.settings = SessionSettings()
         self.messages: list[Message] = []
         self.tools: list[dict[str, Any]] | None = None
+        self.renders = RenderCache()  # what its next rendering reuses
         self.kv = KVSeq(pool)
         # Which KV rows background work computed and no request has used yet.
         self.kv_background: list[bool] = []
@@ -104,7 +105,7 @@ class Session:
         self.prepos_epoch = 0  # bumped when someone asks for a fresh pre-positioning
         self.positioned_epoch = -1
         self.positioned_entry: list[int] | None = None
-        self.evicted = False
+        self._evicted = False
         self.deleted = False
         self.epoch = 0  # this replica's claim on the session in a shared store (registry.py)
 
@@ -122,7 +123,7 @@ class Session:
             last_used=self.last_used,
             turns=self.turns,
             settings=self.settings.to_dict(),
-            messages=self.messages,
+            messages=list(self.messages),  # a snapshot: the writer thread serialises it later
             tools=self.tools,
             paths=dict(self.paths),
             state={
@@ -151,6 +152,18 @@ class Session:
             s.queries[q["id"]] = Query(q["id"], q["question"], q["max_tokens"], q["fast_answer"], q["created"])
         s.evicted = True
         return s
+
+    @property
+    def evicted(self) -> bool:
+        """Its KV was evicted or lost in a restart, and nothing has rebuilt any of it since
+        (a request or idle work that computes KV for it ends this)."""
+        if self._evicted and self.kv_ids:
+            self._evicted = False
+        return self._evicted
+
+    @evicted.setter
+    def evicted(self, value: bool) -> None:
+        self._evicted = value
 
     def ready_bytes(self) -> int:
         """Bytes the ready positions add to the session's own KV: the blocks only they hold

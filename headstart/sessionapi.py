@@ -160,9 +160,11 @@ def ask(
     gap_threshold: float | None = None,
     gate: bool | None = None,
     loop: asyncio.AbstractEventLoop | None = None,
+    arrival: float | None = None,
 ) -> tuple[Handle, int]:
     """Ask ``prompt`` against ``s``'s current context without changing it (an ephemeral
-    request); returns the handle and the data version the question sees."""
+    request); returns the handle and the data version the question sees. It renders and
+    tokenises, so a door calls it off its event loop."""
     if fast_answer is not None:
         _check_candidates(engine, fast_answer)
     version = s.data.version
@@ -178,18 +180,20 @@ def ask(
         fast_answer=fast_answer,
         ephemeral=True,
         create=False,
+        arrival=arrival,
     )
     return engine.submit(req, loop=loop), version
 
 
 def warm(engine: Engine, s: Session, req: Request) -> upkeep.WarmTicket:
-    """Prefill the request the next turn would send (no generation)."""
+    """Prefill the request the next turn would send (no generation). It renders and
+    tokenises, so a door calls it off its event loop."""
     from headstart.engine import ContextTooLong, SessionBusy
 
     if s.busy:
         raise SessionBusy(f"session {s.id!r} has a request in flight")
-    prompt = engine.template.render(req.messages, tools=req.tools)
-    limit = engine.backend.info.context_length
+    prompt = engine.template.render(req.messages, tools=req.tools, cache=s.renders)
+    limit = engine.context_limit  # --max-context, as for the request this warm prepares
     if len(prompt) >= limit:
         raise ContextTooLong(len(prompt), limit)
     return upkeep.request_warm(engine, s, prompt)

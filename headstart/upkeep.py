@@ -147,7 +147,7 @@ def _run(engine: Engine, s: Session) -> Generator[None, None, None]:
             if s.queries.get(q.id) is not q:
                 continue  # deleted meanwhile
             ok = yield from queries.evaluate(
-                engine.book, engine.template, s, q, chunk=chunk, context_length=info.context_length
+                engine.book, engine.template, s, q, chunk=chunk, context_length=engine.context_limit
             )
             engine.stream_stats.add(query_evaluations=1)
             if ok and s.queries.get(q.id) is q:
@@ -246,14 +246,16 @@ def _needs_prepos(engine: Engine, s: Session) -> bool:
     nxt = s.ready.get("next")
     if nxt is None or not book.valid(s, nxt):
         return True
-    return s.positioned_entry != engine.template.entry(s.messages, next_role(s.messages), tools=s.tools)
+    return s.positioned_entry != engine.template.entry(
+        s.messages, next_role(s.messages), tools=s.tools, cache=s.renders
+    )
 
 
 def _pre_position(engine: Engine, s: Session) -> Generator[None, None, bool]:
     """Run the pre-positioning job, giving way as soon as data, a question or a warm arrives.
     True when it ran to the end."""
     epoch = s.prepos_epoch
-    entry = engine.template.entry(s.messages, next_role(s.messages), tools=s.tools)
+    entry = engine.template.entry(s.messages, next_role(s.messages), tools=s.tools, cache=s.renders)
     steps = pre_position(engine.book, engine.template, s, engine.prepos_config)
     try:
         for _ in steps:

@@ -73,6 +73,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reps", type=int, default=5, help="--model-only: timed repetitions per figure (median)")
     p.add_argument("--no-engine", action="store_true",
                    help="--model-only: skip the engine figures (ready_exact TTFT, decode beside 1,000 idle sessions)")
+    p.add_argument("--http", action="store_true",
+                   help="instead: time to first token at an openai client over loopback HTTP, beside the server's "
+                        "ttft_ms, on gate and ready_exact hits of one ~1,500-token session (bench/http.py)")
 
 
 def _workload(args: argparse.Namespace, real_tools: bool = False) -> Workload:
@@ -117,6 +120,10 @@ def run_bench(args: argparse.Namespace) -> int:
     from headstart.model.loader import resolve
     from headstart.template import ChatTemplate
 
+    if args.http:
+        from headstart.bench.http import run_http
+
+        return run_http(args)
     try:
         workload = _workload(args)
         auto = args.gap_threshold == "auto"

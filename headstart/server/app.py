@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from headstart.engine import Engine, EngineConfig
 from headstart.server.errors import HTTPError, error_response, to_response
@@ -105,6 +107,19 @@ async def health(request: Request) -> Response:
     return JSONResponse({"status": status, "error": state.error}, status_code=503)
 
 
+class StampArrival:
+    """Notes when a request reached the app, before anything reads it: the engine's
+    times (ttft_ms, decided_ms, e2e_ms) count from here."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            scope.setdefault("state", {})["arrival"] = time.perf_counter()
+        await self.app(scope, receive, send)
+
+
 def wrap(handler: Callable) -> Callable:
     """Answer every exception a route raises in the OpenAI error shape."""
 
@@ -162,7 +177,9 @@ def create_app(config: ServerConfig | None = None, factory: Callable[[], Engine]
         *chat.routes(wrap),
         *sessions.routes(wrap),
     ]
-    middleware = [Middleware(APIKeyAuth, keys=config.api_keys)] if config.api_keys else []
+    middleware = [Middleware(StampArrival)]  # outermost: before auth reads a header
+    if config.api_keys:
+        middleware.append(Middleware(APIKeyAuth, keys=config.api_keys))
     app = Starlette(
         routes=routes,
         lifespan=lifespan,

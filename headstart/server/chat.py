@@ -15,10 +15,12 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from headstart.engine import Engine
 from headstart.handle import Completion, Delta, Handle
 from headstart.server.gone import unless_gone
 from headstart.server.schema import ChatCompletionRequest
@@ -31,6 +33,11 @@ def owner_of(request: Request) -> str | None:
     return getattr(request.state, "owner", None)
 
 
+def arrival_of(request: Request) -> float:
+    """When the request reached the app (app.StampArrival; now, for an app without it)."""
+    return getattr(request.state, "arrival", None) or time.perf_counter()
+
+
 def extension(c: Completion, replica: str | None) -> dict[str, Any]:
     """The ``headstart`` object: how the request was served, and by which replica (None: a single server)."""
     return {
@@ -41,6 +48,8 @@ def extension(c: Completion, replica: str | None) -> dict[str, Any]:
         "decided_ms": round(c.decided_ms, 3),
         "e2e_ms": round(c.e2e_ms, 3),
         "foreground_wait_ms": round(c.foreground_wait_ms, 3),
+        "door_ms": round(c.door_ms, 3),
+        "queue_ms": round(c.queue_ms, 3),
         # A gap over a single fast_answer candidate is infinite; JSON has no infinity.
         "logit_gap": c.logit_gap if c.logit_gap is None or math.isfinite(c.logit_gap) else None,
         "speculative": c.speculative,
@@ -79,15 +88,24 @@ def tool_call_deltas(c: Completion) -> list[dict[str, Any]]:
 
 async def create_chat_completion(request: Request) -> Response:
     """Generate a chat answer, streamed as SSE when ``stream`` is true."""
-    from headstart.server.errors import read_json
+    from headstart.server.errors import read_body
 
+    arrival = arrival_of(request)
     state = request.app.state.headstart
     engine = state.require_engine()
-    body = await read_json(request, state.config.max_body_bytes)
-    req = ChatCompletionRequest.model_validate(body)
+    body = await read_body(request, state.config.max_body_bytes)
     session_id = request.headers.get(SESSION_HEADER) or None
-    engine_req = req.to_engine(session_id, owner_of(request), state.config.default_temperature)
-    handle = engine.submit(engine_req, loop=asyncio.get_running_loop())
+    opened: list[Handle] = []
+    try:
+        req = await run_in_threadpool(
+            _open, engine, body, session_id, owner_of(request), state.config.default_temperature,
+            asyncio.get_running_loop(), arrival, opened,
+        )
+    except asyncio.CancelledError:  # the client left while the request was being opened
+        for h in opened:
+            h.cancel()
+        raise
+    handle = opened[0]
     model = engine.backend.info.name
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
@@ -113,6 +131,28 @@ async def create_chat_completion(request: Request) -> Response:
         "headstart": extension(completion, state.config.replica),
     }
     return JSONResponse(body_out)
+
+
+def _open(
+    engine: Engine,
+    body: bytes,
+    session_id: str | None,
+    owner: str | None,
+    default_temperature: float,
+    loop: asyncio.AbstractEventLoop,
+    arrival: float,
+    opened: list[Handle],
+) -> ChatCompletionRequest:
+    """Parse, validate and submit a chat request, putting its handle in ``opened``: on a
+    worker thread, since parsing a long conversation and rendering and tokenising it would
+    hold the event loop for milliseconds."""
+    from headstart.server.errors import parse_json
+
+    req = ChatCompletionRequest.model_validate(parse_json(body))
+    engine_req = req.to_engine(session_id, owner, default_temperature)
+    engine_req.arrival = arrival
+    opened.append(engine.submit(engine_req, loop=loop))
+    return req
 
 
 async def collect(handle: Handle) -> Completion:

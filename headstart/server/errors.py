@@ -94,6 +94,11 @@ def to_response(exc: BaseException) -> JSONResponse:
 
 async def read_json(request: Request, limit: int) -> object:
     """The request body as JSON: 413 past ``limit`` bytes, 400 when it is not JSON."""
+    return parse_json(await read_body(request, limit))
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body's bytes: 413 past ``limit``."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise HTTPError(413, f"request body over {limit} bytes", code="body_too_large")
@@ -102,6 +107,12 @@ async def read_json(request: Request, limit: int) -> object:
         body.extend(chunk)
         if len(body) > limit:
             raise HTTPError(413, f"request body over {limit} bytes", code="body_too_large")
+    return bytes(body)
+
+
+def parse_json(body: bytes) -> object:
+    """A body as JSON: 400 when it is not JSON or holds text no tokenizer can encode
+    (a door whose body may be large calls this off its event loop)."""
     try:
         value = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:

@@ -174,7 +174,17 @@ class Metrics:
         self.speculative = Counter("headstart_speculative_answers", "answers given from a cached distribution",
                                    registry=r)
         self.queue_wait = Histogram(
-            "headstart_queue_wait_seconds", "time a request waited before the model started on it",
+            "headstart_queue_wait_seconds", "time from a request's arrival to the model's first step on it",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        # The two parts of that wait: the door's work (parsing, rendering, tokenising, tool
+        # planning) and the queue for the model thread.
+        self.door = Histogram(
+            "headstart_door_seconds", "time from arrival to queued: parsing, checks, rendering, tokenising",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.queue = Histogram(
+            "headstart_queue_seconds", "time from queued to the model's first step on the request",
             buckets=LATENCY_BUCKETS, registry=r,
         )
         self.background_wait = Histogram(
@@ -197,6 +207,8 @@ class Metrics:
         self.tokens.labels("cached").inc(c.cached_tokens)
         self.tokens.labels("completion").inc(c.completion_tokens)
         self.queue_wait.observe(c.foreground_wait_ms / 1000)
+        self.door.observe(c.door_ms / 1000)
+        self.queue.observe(c.queue_ms / 1000)
         if c.speculative:
             self.speculative.inc()
 

@@ -203,10 +203,14 @@ class Usage(BaseModel):
 
 
 class Timing(BaseModel):
+    """Every time counts from the server's receipt of the request, before parsing."""
+
     ttft_ms: float
     decided_ms: float
     e2e_ms: float
-    foreground_wait_ms: float
+    foreground_wait_ms: float = Field(description="arrival to the model's first step on it: door_ms + queue_ms")
+    door_ms: float = Field(description="arrival to queued: parsing, checks, rendering, tokenising")
+    queue_ms: float = Field(description="queued to the model's first step on the request")
     forwards_before_first_token: int | None = Field(
         default=None, description="model forward passes before the first token (0: answered from a cached state)"
     )

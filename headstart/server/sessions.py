@@ -25,8 +25,9 @@ from starlette.routing import Route
 from headstart import queries, sessionapi, upkeep
 from headstart.engine import Engine
 from headstart.errors import BadRequest
-from headstart.server.chat import SESSION_HEADER, collect, owner_of
-from headstart.server.errors import read_json
+from headstart.ingest import PushResult
+from headstart.server.chat import SESSION_HEADER, arrival_of, collect, owner_of
+from headstart.server.errors import parse_json, read_body, read_json
 from headstart.server.gone import unless_gone
 from headstart.server.schema import ChatCompletionRequest
 from headstart.server.session_schema import (
@@ -95,7 +96,7 @@ async def delete_session(request: Request) -> Response:
     """Forget a session and its KV; its event streams end with ``closed``."""
     engine = _engine(request)
     s = _session(request, engine)
-    engine.delete_session(s.id, owner_of(request))
+    await run_in_threadpool(engine.delete_session, s.id, owner_of(request))  # waits for the commit
     return respond(Deleted, {"id": s.id, "object": "session.deleted"})
 
 
@@ -103,9 +104,14 @@ async def warm(request: Request) -> Response:
     """Prefill the chat request the next turn would send, generating nothing."""
     engine = _engine(request)
     s = _session(request, engine)
-    req = ChatCompletionRequest.model_validate(await _body(request))
-    engine_req = req.to_engine(s.id, owner_of(request), request.app.state.headstart.config.default_temperature)
-    ticket = sessionapi.warm(engine, s, engine_req)
+    body = await read_body(request, request.app.state.headstart.config.max_body_bytes)
+    temperature = request.app.state.headstart.config.default_temperature
+
+    def queue_warm() -> upkeep.WarmTicket:  # parses, renders and tokenises: off the event loop
+        req = ChatCompletionRequest.model_validate(parse_json(body))
+        return sessionapi.warm(engine, s, req.to_engine(s.id, owner_of(request), temperature))
+
+    ticket = await run_in_threadpool(queue_warm)
     result = await unless_gone(
         request, asyncio.wrap_future(ticket.future), lambda: upkeep.cancel_warm(engine, s, ticket)
     )
@@ -117,8 +123,11 @@ async def push(request: Request) -> Response:
     engine = _engine(request)
     s = _session(request, engine)
     req = PushRequest.model_validate(await _body(request))
-    entries = await run_in_threadpool(sessionapi.measure, engine, s, req.entries)
-    result = sessionapi.push(engine, s, entries)
+
+    def measure_and_push() -> PushResult:  # tokenises, then waits for the commit
+        return sessionapi.push(engine, s, sessionapi.measure(engine, s, req.entries))
+
+    result = await run_in_threadpool(measure_and_push)
     return respond(
         PushResponse,
         {"session_id": s.id, "pushed": result.pushed, "dropped": result.dropped, "pending": result.pending,
@@ -128,13 +137,17 @@ async def push(request: Request) -> Response:
 
 async def generate(request: Request) -> Response:
     """Ask a prompt against the session's current context without changing it."""
+    arrival = arrival_of(request)
     state = request.app.state.headstart
     engine = _engine(request)
     s = _session(request, engine)
     req = GenerateRequest.model_validate(await _body(request))
-    handle, version = sessionapi.ask(
-        engine, s, req.prompt, req.sampling(state.config.default_temperature), owner=owner_of(request),
-        fast_answer=req.fast_answer, gap_threshold=req.gap_threshold, gate=req.gate, loop=asyncio.get_running_loop(),
+    loop = asyncio.get_running_loop()
+    handle, version = await run_in_threadpool(  # renders and tokenises: off the event loop
+        lambda: sessionapi.ask(
+            engine, s, req.prompt, req.sampling(state.config.default_temperature), owner=owner_of(request),
+            fast_answer=req.fast_answer, gap_threshold=req.gap_threshold, gate=req.gate, loop=loop, arrival=arrival,
+        )
     )
     c = await unless_gone(request, collect(handle), handle.cancel)
     return respond(
@@ -155,7 +168,7 @@ async def generate(request: Request) -> Response:
             "usage": {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
                       "total_tokens": c.prompt_tokens + c.completion_tokens, "cached_tokens": c.cached_tokens},
             "timing": {"ttft_ms": c.ttft_ms, "decided_ms": c.decided_ms, "e2e_ms": c.e2e_ms,
-                       "foreground_wait_ms": c.foreground_wait_ms,
+                       "foreground_wait_ms": c.foreground_wait_ms, "door_ms": c.door_ms, "queue_ms": c.queue_ms,
                        "forwards_before_first_token": c.extra.get("forwards_before_first_token")},
         },
     )
@@ -191,7 +204,7 @@ async def delete_query(request: Request) -> Response:
     engine = _engine(request)
     s = _session(request, engine)
     query_id = request.path_params["query_id"]
-    sessionapi.remove_query(engine, s, query_id)
+    await run_in_threadpool(sessionapi.remove_query, engine, s, query_id)  # waits for the commit
     return respond(Deleted, {"id": query_id, "object": "session.query.deleted"})
 
 
