@@ -239,10 +239,15 @@ def test_evicted_clears_once_the_kv_is_rebuilt(tiny: HFBackend, tmp_path: Path) 
         engine.generate(Request(messages=first, params=short, session_id="a"))
         a = engine.get_session("a")
         again = [*a.messages, {"role": "user", "content": QUESTIONS[1]}]
-        per_token = tiny.info.kv_bytes_per_token
+        pool = engine.pool
+
+        def reserve(messages: list) -> int:  # what a turn reserves: whole blocks (engine.submit)
+            tokens = len(engine.template.render(messages)) + short.max_tokens + engine.config.forced_cap
+            return (pool.blocks_for(tokens) + 1) * pool.block_bytes
+
         # Room for a's second turn, but not for b's turn beside a's first.
-        engine.budget.limit = (len(engine.template.render(again)) + 6 + engine.config.forced_cap + 2) * per_token
-        assert a.kv_bytes() + (len(engine.template.render(first)) + 6 + 16) * per_token > engine.budget.limit
+        engine.budget.limit = reserve(again)
+        assert a.kv_bytes() + reserve(first) > engine.budget.limit
         engine.generate(Request(messages=first, params=short, session_id="b"))
         assert engine.get_session("a").describe()["evicted"]
         assert engine.generate(Request(messages=again, params=short, session_id="a")).path == "cold"
