@@ -164,23 +164,6 @@ def test_the_sessions_api_reaches_the_session_s_replica_by_path(cluster: Cluster
         assert "headstart_requests_total" in m.text
 
 
-def test_event_listeners_do_not_take_the_turns_places(cluster: Cluster) -> None:
-    """Open streams hold Serve slots for their whole life: more listeners than Serve's
-    default slots (5) on one replica, and the session's turn is still served."""
-    import contextlib
-
-    assert httpx.post(cluster.url + "/v1/sessions", json={}, headers={"x-session-id": "listened"},
-                      timeout=60).status_code == 200
-    with contextlib.ExitStack() as streams:
-        for _ in range(8):
-            client = streams.enter_context(httpx.Client(timeout=60))
-            events = streams.enter_context(client.stream("GET", cluster.url + "/v1/sessions/listened/events"))
-            assert events.status_code == 200 and next(events.iter_lines()) == "event: subscribed"
-        r = httpx.post(cluster.url + "/v1/chat/completions", headers={"x-session-id": "listened"}, timeout=60,
-                       json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "temperature": 0})
-        assert r.status_code == 200, r.text
-
-
 def test_a_client_disconnect_through_the_proxy_cancels_the_turn(cluster: Cluster) -> None:
     body = {"model": "any", "messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 400,
             "temperature": 0, "stream": True}
