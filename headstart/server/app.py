@@ -40,6 +40,7 @@ class ServerConfig:
     db: str | None = None  # SQLite file for transcripts; None: in the data folder; "" keeps nothing
     spill_dir: str | None = None  # None: in the data folder
     heartbeat_seconds: float = 15.0  # between SSE heartbeats on a quiet event stream
+    served_model_names: tuple[str, ...] = ()  # names the OpenAI door answers to; () for the model's own
 
 
 class State:

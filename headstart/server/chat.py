@@ -30,8 +30,28 @@ def owner_of(request: Request) -> str | None:
     return getattr(request.state, "owner", None)
 
 
-def extension(c: Completion) -> dict[str, Any]:
-    """The ``headstart`` object: how the request was served."""
+def served_names(request: Request) -> tuple[str, ...]:
+    """The names this server answers to: ``--served-model-name``, else the model's own."""
+    state = request.app.state.headstart
+    return state.config.served_model_names or (state.require_engine().backend.info.name,)
+
+
+def model_name(request: Request, requested: str | None) -> str:
+    """The name a request asked for (the first served name when it named none); an unknown
+    one is a 404 in OpenAI's shape, as vLLM answers it."""
+    from headstart.server.errors import HTTPError
+
+    names = served_names(request)
+    if requested is None:
+        return names[0]
+    if requested not in names:
+        raise HTTPError(404, f"The model `{requested}` does not exist (this server serves {', '.join(names)}).",
+                        "invalid_request_error", param="model", code="model_not_found")
+    return requested
+
+
+def extension(c: Completion, ignored: list[str] | None = None) -> dict[str, Any]:
+    """The ``headstart`` object: how the request was served, and what it did not honour."""
     return {
         "session_id": c.session_id,
         "path": c.path,
@@ -43,6 +63,7 @@ def extension(c: Completion) -> dict[str, Any]:
         "logit_gap": c.logit_gap if c.logit_gap is None or math.isfinite(c.logit_gap) else None,
         "speculative": c.speculative,
         "candidate": c.candidate,
+        "ignored_fields": ignored or [],
     }
 
 
@@ -80,15 +101,16 @@ async def create_chat_completion(request: Request) -> Response:
     engine = state.require_engine()
     body = await read_json(request, state.config.max_body_bytes)
     req = ChatCompletionRequest.model_validate(body)
+    model = model_name(request, req.model)
+    ignored = req.ignored()
     session_id = request.headers.get(SESSION_HEADER) or None
     engine_req = req.to_engine(session_id, owner_of(request), state.config.default_temperature)
     handle = engine.submit(engine_req, loop=asyncio.get_running_loop())
-    model = engine.backend.info.name
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     if req.stream:
         include_usage = bool((req.stream_options or {}).get("include_usage"))
-        stream = _sse(handle, completion_id, created, model, include_usage)
+        stream = _sse(handle, completion_id, created, model, include_usage, ignored)
         return StreamingResponse(stream, media_type="text/event-stream", headers={"cache-control": "no-cache"})
     try:
         completion = await _collect(handle)
@@ -109,7 +131,7 @@ async def create_chat_completion(request: Request) -> Response:
             }
         ],
         "usage": usage(completion),
-        "headstart": extension(completion),
+        "headstart": extension(completion, ignored),
     }
     return JSONResponse(body_out)
 
@@ -136,7 +158,7 @@ def _sse_line(payload: dict[str, Any]) -> str:
 
 
 async def _sse(
-    handle: Handle, completion_id: str, created: int, model: str, include_usage: bool
+    handle: Handle, completion_id: str, created: int, model: str, include_usage: bool, ignored: list[str]
 ) -> AsyncIterator[str]:
     """OpenAI chunks; a client that goes away cancels the generation."""
     try:
@@ -153,7 +175,7 @@ async def _sse(
                         yield _sse_line(last)
                         last = {**_chunk(completion_id, created, model, {}, None), "choices": [],
                                 "usage": usage(item)}
-                    last["headstart"] = extension(item)
+                    last["headstart"] = extension(item, ignored)
                     yield _sse_line(last)
         except Exception as exc:  # the headers are gone: report in-band, as OpenAI does
             from headstart.server.errors import to_response
@@ -164,18 +186,25 @@ async def _sse(
         handle.cancel()
 
 
-async def list_models(request: Request) -> Response:
-    """The one model this server runs."""
+def _model_object(request: Request, name: str) -> dict[str, Any]:
     engine = request.app.state.headstart.require_engine()
-    info = engine.backend.info
-    return JSONResponse(
-        {"object": "list", "data": [{"id": info.name, "object": "model", "created": int(engine.started),
-                                     "owned_by": "headstart"}]}
-    )
+    return {"id": name, "object": "model", "created": int(engine.started), "owned_by": "headstart",
+            "root": engine.backend.info.name, "max_model_len": engine.context_limit}
+
+
+async def list_models(request: Request) -> Response:
+    """The model this server runs, under each name it answers to."""
+    return JSONResponse({"object": "list", "data": [_model_object(request, n) for n in served_names(request)]})
+
+
+async def get_model(request: Request) -> Response:
+    """One served name, or a 404 ``model_not_found``."""
+    return JSONResponse(_model_object(request, model_name(request, request.path_params["model_id"])))
 
 
 def routes(wrap: Callable) -> list[Route]:
     return [
         Route("/v1/chat/completions", wrap(create_chat_completion), methods=["POST"]),
         Route("/v1/models", wrap(list_models), methods=["GET"]),
+        Route("/v1/models/{model_id}", wrap(get_model), methods=["GET"]),
     ]

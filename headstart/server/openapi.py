@@ -43,6 +43,7 @@ CHAT_RESPONSE = {
         "headstart": {"type": "object"},
     },
 }
+MODEL_RESPONSE = {"type": "object", "properties": {"id": {"type": "string"}, "object": {"const": "model"}}}
 MODELS_RESPONSE = {"type": "object", "properties": {"object": {"const": "list"}, "data": {"type": "array"}}}
 
 
@@ -52,7 +53,9 @@ def operations() -> list[Doc]:
         Doc("GET", "/metrics", "Prometheus metrics (no key needed)", media="text/plain", open=True,
             raw={"type": "string"}),
         Doc("GET", "/openapi.json", "This document", raw={"type": "object"}),
-        Doc("GET", "/v1/models", "The model this server runs", raw=MODELS_RESPONSE),
+        Doc("GET", "/v1/models", "The model this server runs, under each name it answers to", raw=MODELS_RESPONSE),
+        Doc("GET", "/v1/models/{model_id}", "One served model name (404 model_not_found otherwise)",
+            raw=MODEL_RESPONSE),
         Doc("POST", "/v1/chat/completions",
             "OpenAI chat completions; the x-session-id header joins (or creates) a session",
             ChatCompletionRequest, raw=CHAT_RESPONSE),
@@ -90,7 +93,7 @@ def document() -> dict[str, Any]:
         op: dict[str, Any] = {"summary": d.summary, "operationId": _op_id(d)}
         params = [
             {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
-            for name in ("session_id", "query_id")
+            for name in ("session_id", "query_id", "model_id")
             if "{" + name + "}" in d.path
         ]
         if d.path == "/v1/chat/completions":

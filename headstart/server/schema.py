@@ -1,26 +1,114 @@
 """Request bodies of the OpenAI door, validated with pydantic.
 
-Unknown OpenAI fields are accepted and ignored (clients send many); fields we support
-are checked strictly so a bad value is a 400 naming the field, never a surprise later.
+Fields we support are checked strictly, with OpenAI's ranges, so a bad value is a 400
+naming the field. A field that would change what the answer must be and that headstart
+does not implement is refused with a 400 naming it (``REFUSED``); advisory fields that
+never change an answer are accepted (``ADVISORY``); any other field is accepted, named in
+the answer's ``headstart.ignored_fields`` and logged once, as vLLM warns.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import threading
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from headstart.engine import Request
+from headstart.engine import BadRequest, Request
 from headstart.sampling import SamplingParams
 
+log = logging.getLogger("headstart.server")
+
 DEFAULT_MAX_TOKENS = 256
+
+# Fields that by OpenAI's definition never change the answer's content.
+ADVISORY = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier",
+                      "prediction"})
+# Fields that would change what the answer must be, and why headstart refuses them.
+REFUSED: dict[str, str] = {
+    "audio": "audio output is not supported: this server writes text only",
+    "functions": "the deprecated `functions` field is not supported: declare them in `tools`",
+    "function_call": "the deprecated `function_call` field is not supported: use `tool_choice`",
+    "web_search_options": "web search is not supported",
+    "reasoning_effort": "the served models do not reason in a separate channel",
+    "verbosity": "the served models have no verbosity control",
+    # vLLM's extensions that headstart does not implement
+    "best_of": "best_of is not supported",
+    "use_beam_search": "beam search is not supported",
+    "length_penalty": "beam search is not supported",
+    "min_tokens": "min_tokens is not supported",
+    "ignore_eos": "ignore_eos is not supported",
+    "stop_token_ids": "stop_token_ids is not supported: use `stop` strings",
+    "bad_words": "bad_words is not supported: use `logit_bias`",
+    "allowed_token_ids": "allowed_token_ids is not supported: use `logit_bias`",
+    "prompt_logprobs": "prompt_logprobs is not supported",
+    "include_stop_str_in_output": "include_stop_str_in_output is not supported",
+    "skip_special_tokens": "skip_special_tokens is not supported",
+    "spaces_between_special_tokens": "spaces_between_special_tokens is not supported",
+    "truncate_prompt_tokens": "truncate_prompt_tokens is not supported",
+    "guided_json": "use `response_format` with a json_schema",
+    "guided_regex": "regular-expression constraints are not supported",
+    "guided_choice": "use `response_format` with a json_schema enum",
+    "guided_grammar": "grammar constraints are not supported: use `response_format`",
+    "guided_decoding_backend": "use `response_format`",
+    "structured_outputs": "use `response_format`",
+    "chat_template": "the model's own chat template is always used",
+    "chat_template_kwargs": "the model's own chat template is always used",
+    "add_generation_prompt": "the generation prompt is always added",
+    "continue_final_message": "continuing the final message is not supported",
+    "documents": "documents are not supported: put them in the messages",
+}
+_warned: set[str] = set()
+_warned_lock = threading.Lock()
+
+
+def unsupported(name: str, why: str) -> BadRequest:
+    """A refusal in the shape OpenAI gives an unsupported parameter."""
+    error = BadRequest(f"Unsupported parameter: '{name}' is not supported by headstart ({why}).", param=name)
+    error.code = "unsupported_parameter"  # type: ignore[attr-defined]
+    return error
+
+
+def ignored_fields(extra: dict[str, Any] | None) -> list[str]:
+    """Refuse what must not be ignored; the names of the rest (logged once each)."""
+    names = sorted(extra or {})
+    for name in names:
+        if name in REFUSED:
+            raise unsupported(name, REFUSED[name])
+    ignored = [name for name in names if name not in ADVISORY]
+    with _warned_lock:
+        new = [name for name in ignored if name not in _warned]
+        _warned.update(new)
+    for name in new:
+        log.warning("request field %r is not an OpenAI field headstart knows; it is ignored", name)
+    return ignored
+
+
+_PART_KINDS = {"image_url": "image", "input_audio": "audio", "file": "file", "refusal": "refusal"}
 
 
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="allow")
     type: Literal["text"]
     text: str
+
+
+def _content(value: Any) -> Any:
+    """Text, text parts or nothing; a clear word for anything else (images above all)."""
+    if value is None or isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise ValueError(f"content must be a string, a list of text parts, or null, not {type(value).__name__}")
+    for j, part in enumerate(value):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in _PART_KINDS:
+            raise ValueError(f"part {j} is of type {kind!r}: {_PART_KINDS[kind]} input is not supported, "
+                             "the served models read text only")
+        if kind != "text" or not isinstance(part.get("text"), str):
+            raise ValueError(f'part {j} must be {{"type": "text", "text": "..."}}')
+    return value
 
 
 class ToolCallFunction(BaseModel):
@@ -53,6 +141,11 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _check_content(cls, value: Any) -> Any:
+        return _content(value)
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
 
@@ -159,9 +252,21 @@ class ChatCompletionRequest(SamplingFields):
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     n: int | None = Field(default=None, ge=1, le=1)
+    modalities: list[Literal["text"]] | None = None
     tools: list[Tool] | None = Field(default=None, min_length=1, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+
+    @field_validator("modalities", mode="before")
+    @classmethod
+    def _modalities(cls, value: Any) -> Any:
+        if isinstance(value, list) and any(m != "text" for m in value):
+            raise ValueError("only the 'text' modality is supported: the served models write text only")
+        return value
+
+    def ignored(self) -> list[str]:
+        """Unknown fields this answer does not honour (refusing those it must not ignore)."""
+        return ignored_fields(self.model_extra)
 
     def to_engine(self, session_id: str | None, owner: str | None, default_temperature: float) -> Request:
         return Request(
