@@ -9,6 +9,7 @@ scheduler's single thread; this module never blocks a door on the model.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -32,11 +33,12 @@ from headstart.errors import (
 from headstart.gate import Gate
 from headstart.handle import Completion, Delta, Handle
 from headstart.kvbook import KVBook
+from headstart.logits import Chooser, TokenLogprob
 from headstart.model.backend import Backend
 from headstart.prefixcache import PrefixCache
 from headstart.prepos import DEFAULT_PREDICTOR, PREDICTORS, PreposConfig
 from headstart.registry import Limits, SessionRegistry
-from headstart.sampling import SamplingParams, accept, candidate_gap, pick, top_gap
+from headstart.sampling import SamplingParams, accept, candidate_gap, top_gap
 from headstart.scheduler import Job, Scheduler
 from headstart.session import ReadyPosition, Session
 from headstart.spill import Spill
@@ -120,9 +122,12 @@ class EngineConfig:
 class _Emitter:
     """Turns chosen tokens into deltas on a handle and decides when to stop."""
 
-    def __init__(self, engine: Engine, handle: Handle, params: SamplingParams, tools: ToolPlan = NO_TOOLS) -> None:
+    def __init__(
+        self, engine: Engine, handle: Handle, params: SamplingParams, chooser: Chooser, tools: ToolPlan = NO_TOOLS
+    ) -> None:
         self.handle = handle
         self.params = params
+        self.chooser = chooser
         self.tools = tools
         # Forced answer tokens (a tool call's opening): already in the prompt's KV, sent
         # with the first token the model chooses.
@@ -131,6 +136,8 @@ class _Emitter:
         self.stream = TextStream(engine.template.tokenizer, params.stop)
         self.stop_ids = {*engine.backend.info.eos_token_ids, engine.template.end_of_message}
         self.tokens: list[int] = []
+        self.logprobs: list[TokenLogprob] = []  # of the chosen tokens, when asked for
+        self._unsent: list[TokenLogprob] = []  # not yet on a delta
         self.first_at: float | None = None
         self.decided_at: float | None = None
         self.finish_reason: str | None = None
@@ -154,6 +161,10 @@ class _Emitter:
         if token in self.stop_ids:
             self.finish_reason = "stop"
             return True
+        chosen = self.chooser.last
+        if chosen is not None and chosen.token == token:
+            self.logprobs.append(chosen)
+            self._unsent.append(chosen)
         self._push(token)
         if self.stream.stopped:
             self.finish_reason = "stop"
@@ -169,7 +180,11 @@ class _Emitter:
         """Send text to the handle, unless it may be a tool call still being written."""
         text = self.hold.push(text)
         if text:
-            self.handle.put(Delta(text, token_ids))
+            self.handle.put(Delta(text, token_ids, self._take_unsent()))
+
+    def _take_unsent(self) -> list[TokenLogprob] | None:
+        out, self._unsent = self._unsent, []
+        return out or None
 
     def emit_text(self, text: str, token_ids: list[int]) -> None:
         """A whole answer at once (a fast_answer candidate)."""
@@ -187,8 +202,8 @@ class _Emitter:
         text = self.stream.text
         parsed = self.tools.read(text) if self.finish_reason == "stop" else ParsedAnswer(text, [])
         tail += self.hold.finish(bool(parsed.calls))
-        if tail:
-            self.handle.put(Delta(tail, []))
+        if tail or self._unsent:
+            self.handle.put(Delta(tail, [], self._take_unsent()))
         return parsed
 
 
@@ -207,6 +222,7 @@ class Turn:
     emitter: _Emitter
     generator: torch.Generator | None
     threshold: float
+    chooser: Chooser
     started: float = 0.0
     path: str = "cold"
     cached: int = 0
@@ -362,13 +378,8 @@ class Engine:
             raise ContextTooLong(len(prompt), limit)
         params = req.params
         if len(prompt) + params.max_tokens > limit:
-            params = SamplingParams(
-                max_tokens=limit - len(prompt),
-                temperature=params.temperature,
-                top_p=params.top_p,
-                seed=params.seed,
-                stop=params.stop,
-            )
+            params = dataclasses.replace(params, max_tokens=limit - len(prompt))
+        self._check_params(params, req)
         # The most KV this request can hold: its prompt, its answer, a ready position's sure tail.
         reserve = (len(prompt) + params.max_tokens + self.config.forced_cap) * self.budget.bytes_per_token
         if reserve > self.budget.limit:
@@ -389,9 +400,12 @@ class Engine:
             (x for x in (req.gap_threshold, s.settings.gap_threshold) if x is not None), self.gate.threshold
         )
         job = Job(iter(()), submitted=handle.arrival, admit=lambda: self.sessions.admit(s, reserve))
+        generator = params.generator(self.backend.info.device)
+        chooser = Chooser(params, prompt, self.backend.info.vocab_size, self.backend.info.device, generator,
+                          output=tool_plan.prefix)
         turn = Turn(
             req, params, prompt, candidates, s, persistent, handle, job,
-            _Emitter(self, handle, params, tool_plan), params.generator(self.backend.info.device), threshold,
+            _Emitter(self, handle, params, chooser, tool_plan), generator, threshold, chooser,
         )
         job.steps = self._serve(turn)
         job.on_error = lambda exc: self._fail(s, handle, exc)
@@ -401,6 +415,17 @@ class Engine:
     def generate(self, req: Request) -> Completion:
         """Submit and wait (for scripts and tests)."""
         return self.submit(req).result()
+
+    def _check_params(self, params: SamplingParams, req: Request) -> None:
+        """What the logits rules need to be valid here (the door checked the ranges)."""
+        vocab = len(self.template.tokenizer)
+        for token, _ in params.logit_bias:
+            if not 0 <= token < vocab:
+                raise BadRequest(f"logit_bias: {token} is not a token id of this model (0..{vocab - 1})",
+                                 param="logit_bias")
+        if req.fast_answer is not None and (params.reshapes or params.logprobs):
+            raise BadRequest("fast_answer picks a whole candidate by its first token's logit; it cannot be "
+                             "combined with penalties, logit_bias, a response_format or logprobs", "fast_answer")
 
     def _candidates(self, fast_answer: list[str] | None) -> tuple[list[list[int]], torch.Tensor] | None:
         if fast_answer is None:
@@ -452,7 +477,7 @@ class Engine:
             nxt is not None
             and not t.emitter.tools.prefix  # a forced opening moves the answer past the decision point
             and self._gate_on(t)
-            and self.gate.fires(self._signal(nxt, t.candidates)[1], t.threshold)
+            and self.gate.fires(self._signal(nxt, t.candidates, t.chooser)[1], t.threshold)
         ):
             yield from self._serve_gate(t, nxt)
         else:
@@ -484,7 +509,7 @@ class Engine:
         then prefilled with the ready position's sure tail as drafts, and the first token checked."""
         s, prompt = t.session, t.prompt
         t.path, t.speculative = "gate", True
-        t.chosen, t.gap = self._signal(rp, t.candidates)
+        t.chosen, t.gap = self._signal(rp, t.candidates, t.chooser)
         s.ready.pop("next", None)
         self.book.discard(rp)
         lcp = min(common_prefix(prompt, s.kv_ids), len(prompt) - 1)
@@ -503,14 +528,16 @@ class Engine:
 
             t.verify = verify
             return
-        first = pick(rp.logits[0], t.params, t.generator)
+        first = t.chooser.choose(rp.logits[0], cached=True)
+        rules = t.chooser.last_step
+        assert rules is not None
         sure = bool(rp.forced) and first == rp.forced[0]
         done = t.emitter.emit(first, forced=sure)
         yield
         drafts = rp.forced[1:] if sure and not done else []
         tail = [] if done else [first, *drafts]
         out = self.book.feed(s, prompt[lcp:] + tail, background=False, keep=len(tail) + 1)
-        t.verified = accept(out[0], rp.logits[0], first, t.params, t.generator)
+        t.verified = accept(rules.apply(out[0]), rules.apply(rp.logits[0]), first, t.params, t.generator)
         self.gate.record(t.gap, t.verified, fired=True)
         if not done:
             yield from self._decode(t, out[1], drafts, list(out[2:]))
@@ -550,11 +577,15 @@ class Engine:
         t.emitter.emit_text(t.req.fast_answer[t.chosen], t.candidates[0][t.chosen])
 
     def _signal(
-        self, rp: ReadyPosition, candidates: tuple[list[list[int]], torch.Tensor] | None
+        self, rp: ReadyPosition, candidates: tuple[list[list[int]], torch.Tensor] | None,
+        chooser: Chooser | None = None,
     ) -> tuple[int, float]:
-        """The gate's signal at ``rp``: (choice, gap) over the vocabulary or the candidates."""
+        """The gate's signal at ``rp``: (choice, gap) over the vocabulary or the candidates;
+        under the request's logits rules when it has any (a masked distribution is scanned)."""
         if candidates is not None:
             return candidate_gap(rp.logits[0], candidates[1])
+        if chooser is not None and chooser.active:
+            return top_gap(chooser.step().apply(rp.logits[0]))
         return rp.token, rp.gap
 
     def _decode(
@@ -567,7 +598,7 @@ class Engine:
         s, em = t.session, t.emitter
         drafts, draft_logits = list(drafts), list(draft_logits)
         while True:
-            token = pick(logits, t.params, t.generator)
+            token = t.chooser.choose(logits)
             is_draft = bool(drafts) and token == drafts[0]
             if em.emit(token, forced=is_draft):
                 break
@@ -618,6 +649,7 @@ class Engine:
                 **({"shadow": t.shadow} if t.shadow else {}),
             },
             tool_calls=answer.calls or None,
+            logprobs=list(em.logprobs) if t.params.logprobs else None,
         )
         self.stats.record_request(
             t.path,

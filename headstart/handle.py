@@ -15,15 +15,18 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from headstart.logits import TokenLogprob
     from headstart.tools import ToolCall
 
 
 @dataclass
 class Delta:
-    """Newly final text and the token ids it came from."""
+    """Newly final text and the token ids it came from (with their log-probabilities when
+    the request asked: those of tokens whose text was held back ride on a later delta)."""
 
     text: str
     token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -48,6 +51,7 @@ class Completion:
     candidate: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     tool_calls: list[ToolCall] | None = None  # the answer read as calls (finish_reason "tool_calls")
+    logprobs: list[TokenLogprob] | None = None  # one per chosen token, when the request asked
 
     @property
     def completion_tokens(self) -> int:

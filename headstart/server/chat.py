@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from headstart.handle import Completion, Delta, Handle
+from headstart.logits import TokenLogprob
 from headstart.server.schema import ChatCompletionRequest
 
 SESSION_HEADER = "x-session-id"
@@ -64,7 +65,53 @@ def extension(c: Completion, ignored: list[str] | None = None) -> dict[str, Any]
         "speculative": c.speculative,
         "candidate": c.candidate,
         "ignored_fields": ignored or [],
+        # A gate answer's first token was chosen, and its logprob read, from a cached distribution.
+        "first_logprob_cached": bool(c.logprobs and c.logprobs[0].cached),
     }
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet (used by SmolLM2 and Qwen2.5): each byte is written as
+    one printable character; this maps the characters back to the bytes."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+class TokenText:
+    """Token ids as OpenAI's logprobs write them: the text and the exact bytes of each."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self._bytes = _byte_level_alphabet()
+
+    def entry(self, token: int, logprob: float) -> dict[str, Any]:
+        piece = self.tokenizer.convert_ids_to_tokens(token)
+        if isinstance(piece, str) and all(ch in self._bytes for ch in piece):  # a byte-level BPE token
+            raw = bytes(self._bytes[ch] for ch in piece)
+        else:
+            raw = self.tokenizer.decode([token]).encode()
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": max(logprob, -9999.0),
+                "bytes": list(raw)}
+
+    def content(self, entries: list[TokenLogprob]) -> list[dict[str, Any]]:
+        return [
+            {**self.entry(e.token, e.logprob), "top_logprobs": [self.entry(t, lp) for t, lp in e.top]}
+            for e in entries
+        ]
+
+
+def token_text(request: Request) -> TokenText:
+    state = request.app.state.headstart
+    if getattr(state, "token_text", None) is None:
+        state.token_text = TokenText(state.require_engine().template.tokenizer)
+    return state.token_text
 
 
 def usage(c: Completion) -> dict[str, Any]:
@@ -108,9 +155,10 @@ async def create_chat_completion(request: Request) -> Response:
     handle = engine.submit(engine_req, loop=asyncio.get_running_loop())
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
+    tokens = token_text(request) if req.logprobs else None
     if req.stream:
         include_usage = bool((req.stream_options or {}).get("include_usage"))
-        stream = _sse(handle, completion_id, created, model, include_usage, ignored)
+        stream = _sse(handle, completion_id, created, model, include_usage, ignored, tokens)
         return StreamingResponse(stream, media_type="text/event-stream", headers={"cache-control": "no-cache"})
     try:
         completion = await _collect(handle)
@@ -126,7 +174,8 @@ async def create_chat_completion(request: Request) -> Response:
             {
                 "index": 0,
                 "message": message(completion),
-                "logprobs": None,
+                "logprobs": {"content": tokens.content(completion.logprobs or []), "refusal": None}
+                if tokens is not None else None,
                 "finish_reason": _finish_reason(completion),
             }
         ],
@@ -143,13 +192,17 @@ async def _collect(handle: Handle) -> Completion:
     raise RuntimeError("the engine ended a request without a completion")
 
 
-def _chunk(completion_id: str, created: int, model: str, delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+def _chunk(
+    completion_id: str, created: int, model: str, delta: dict[str, Any], finish: str | None,
+    logprobs: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     return {
         "id": completion_id,
         "object": "chat.completion.chunk",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
+                     "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None}}],
     }
 
 
@@ -158,7 +211,8 @@ def _sse_line(payload: dict[str, Any]) -> str:
 
 
 async def _sse(
-    handle: Handle, completion_id: str, created: int, model: str, include_usage: bool, ignored: list[str]
+    handle: Handle, completion_id: str, created: int, model: str, include_usage: bool, ignored: list[str],
+    tokens: TokenText | None,
 ) -> AsyncIterator[str]:
     """OpenAI chunks; a client that goes away cancels the generation."""
     try:
@@ -166,7 +220,8 @@ async def _sse(
         try:
             async for item in handle:
                 if isinstance(item, Delta):
-                    yield _sse_line(_chunk(completion_id, created, model, {"content": item.text}, None))
+                    lp = tokens.content(item.logprobs or []) if tokens is not None else None
+                    yield _sse_line(_chunk(completion_id, created, model, {"content": item.text}, None, lp))
                 else:
                     for delta in tool_call_deltas(item):
                         yield _sse_line(_chunk(completion_id, created, model, delta, None))

@@ -14,7 +14,7 @@ import logging
 import threading
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from headstart.engine import BadRequest, Request
 from headstart.sampling import SamplingParams
@@ -216,6 +216,13 @@ class SamplingFields(BaseModel):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     stop: str | list[str] | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    # vLLM's sampling extensions
+    top_k: int | None = Field(default=None, ge=-1, le=1_000_000)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=100.0)
     # headstart extensions
     gate: bool | None = None
     gap_threshold: float | None = Field(default=None, ge=0.0)
@@ -226,6 +233,18 @@ class SamplingFields(BaseModel):
     def _stop(cls, value: str | list[str] | None) -> str | list[str] | None:
         if isinstance(value, list) and len(value) > 16:
             raise ValueError("at most 16 stop strings")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (value or {}).items():
+            if not key.isdigit():
+                raise ValueError(f"keys are token ids (integers as strings), not {key!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"the bias of token {key} must be between -100 and 100, not {bias}")
+        if value is not None and len(value) > 1024:
+            raise ValueError("at most 1024 biased tokens")
         return value
 
     @field_validator("fast_answer")
@@ -243,7 +262,18 @@ class SamplingFields(BaseModel):
             top_p=1.0 if self.top_p is None else self.top_p,
             seed=self.seed,
             stop=stop,
+            top_k=max(self.top_k or 0, 0),
+            min_p=self.min_p or 0.0,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            logit_bias=tuple(sorted((int(k), float(b)) for k, b in (self.logit_bias or {}).items())),
+            **self.output_fields(),
         )
+
+    def output_fields(self) -> dict[str, Any]:
+        """What a door adds to the parameters (log-probabilities, a format)."""
+        return {}
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -253,6 +283,8 @@ class ChatCompletionRequest(SamplingFields):
     stream_options: dict[str, Any] | None = None
     n: int | None = Field(default=None, ge=1, le=1)
     modalities: list[Literal["text"]] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
     tools: list[Tool] | None = Field(default=None, min_length=1, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
@@ -263,6 +295,16 @@ class ChatCompletionRequest(SamplingFields):
         if isinstance(value, list) and any(m != "text" for m in value):
             raise ValueError("only the 'text' modality is supported: the served models write text only")
         return value
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs set to true")
+        return value
+
+    def output_fields(self) -> dict[str, Any]:
+        return {"logprobs": bool(self.logprobs), "top_logprobs": self.top_logprobs or 0}
 
     def ignored(self) -> list[str]:
         """Unknown fields this answer does not honour (refusing those it must not ignore)."""
