@@ -79,6 +79,8 @@ class Request:
     fast_answer: list[str] | None = None
     ephemeral: bool = False
     create: bool = True
+    n: int = 1  # choices; more than one only for one-off requests (they share one prefill)
+    prompt_ids: list[int] | None = None  # a raw prompt (text completions): no template, no transcript
 
 
 @dataclass(frozen=True)
@@ -361,9 +363,12 @@ class Engine:
         Raises the engine's errors at once (bad input, unknown or busy session) so a door
         can answer them before any streaming starts.
         """
-        if not req.messages:
+        if req.prompt_ids is not None:
+            prompt = self._raw_prompt(req)
+        elif not req.messages:
             raise BadRequest("messages must hold at least one message", param="messages")
-        prompt = self.template.render(req.messages, tools=req.tools)
+        else:
+            prompt = self.template.render(req.messages, tools=req.tools)
         try:
             tool_plan = plan_tools(
                 self.template, req.messages, req.tools, req.tool_choice, parallel=req.parallel_tool_calls
@@ -388,6 +393,9 @@ class Engine:
                 param="max_tokens",
             )
         candidates = self._candidates(req.fast_answer)
+        if req.n > 1 and (req.session_id is not None or req.fast_answer is not None):
+            raise BadRequest("n > 1 is for one-off requests: a session holds one continuation, and a fast_answer "
+                             "is one choice", param="n")
         handle = Handle(loop)
         if req.session_id is None:
             s = Session(f"oneoff-{uuid.uuid4().hex[:12]}", self.backend, req.owner)
@@ -401,13 +409,16 @@ class Engine:
         )
         job = Job(iter(()), submitted=handle.arrival, admit=lambda: self.sessions.admit(s, reserve))
         generator = params.generator(self.backend.info.device)
-        chooser = Chooser(params, prompt, self.backend.info.vocab_size, self.backend.info.device, generator,
-                          output=tool_plan.prefix)
-        turn = Turn(
-            req, params, prompt, candidates, s, persistent, handle, job,
-            _Emitter(self, handle, params, chooser, tool_plan), generator, threshold, chooser,
-        )
-        job.steps = self._serve(turn)
+
+        def turn(h: Handle) -> Turn:
+            chooser = Chooser(params, prompt, self.backend.info.vocab_size, self.backend.info.device, generator,
+                              output=tool_plan.prefix)
+            return Turn(req, params, prompt, candidates, s, persistent, h, job,
+                        _Emitter(self, h, params, chooser, tool_plan), generator, threshold, chooser)
+
+        handle.choices = [handle, *(Handle(loop) for _ in range(req.n - 1))]
+        turns = [turn(h) for h in handle.choices]
+        job.steps = self._serve(turns[0]) if req.n == 1 else self._serve_choices(turns)
         job.on_error = lambda exc: self._fail(s, handle, exc)
         self.scheduler.submit(job)
         return handle
@@ -415,6 +426,20 @@ class Engine:
     def generate(self, req: Request) -> Completion:
         """Submit and wait (for scripts and tests)."""
         return self.submit(req).result()
+
+    def _raw_prompt(self, req: Request) -> list[int]:
+        """A text completion's prompt, as given; it keeps its session's KV warm but leaves the
+        chat transcript (and so pre-positioning) alone."""
+        ids = list(req.prompt_ids or ())
+        vocab = len(self.template.tokenizer)
+        if not ids:
+            raise BadRequest("the prompt is empty", param="prompt")
+        bad = next((i for i in ids if not 0 <= i < vocab), None)
+        if bad is not None:
+            raise BadRequest(f"{bad} is not a token id of this model (0..{vocab - 1})", param="prompt")
+        if req.tools or req.messages:
+            raise BadRequest("a raw prompt takes neither messages nor tools", param="prompt")
+        return ids
 
     def _check_params(self, params: SamplingParams, req: Request) -> None:
         """What the logits rules need to be valid here (the door checked the ranges)."""
@@ -446,7 +471,8 @@ class Engine:
             self.book.discard(rp)
         s.ready.clear()
         self.sessions.release(s)
-        handle.put(exc)
+        for h in handle.choices:
+            h.put(exc)
 
     def _gate_on(self, t: Turn) -> bool:
         """Off on the server is off everywhere; else the request, then the session, decide."""
@@ -492,6 +518,22 @@ class Engine:
         self._after(t)
         # Delivered once the session is free, so a client's next request never finds it busy.
         t.handle.put(completion)
+
+    def _serve_choices(self, turns: list[Turn]) -> Generator[None, None, None]:
+        """``n`` choices of a one-off request: one prefill, then each choice decoded in turn
+        from the prompt's logits, the KV cut back to the prompt between them."""
+        first = turns[0]
+        s, prompt = first.session, first.prompt
+        for t in turns:
+            t.started = time.perf_counter()
+        logits = yield from self.book.advance(s, prompt, background=False, chunk=len(prompt))
+        for t in turns:
+            t.gap = top_gap(logits)[1]
+            self.book.crop(s, len(prompt), wasted=False)
+            if not first.handle.cancelled:
+                yield from self._decode(t, logits, [], [])
+            t.handle.put(self._finish(t))
+        self._after(first)
 
     def _serve_ready(self, t: Turn, rp: ReadyPosition) -> Generator[None, None, None]:
         """``ready_exact``: the prompt is the ready position's; its KV and logits are the real ones."""
@@ -667,7 +709,7 @@ class Engine:
             except Exception:  # an observer must never fail a request
                 log.exception("completion observer failed")
         req = t.req
-        if t.persistent and not req.ephemeral and completion.finish_reason != "cancelled":
+        if t.persistent and not req.ephemeral and req.prompt_ids is None and completion.finish_reason != "cancelled":
             reply: Message = {"role": "assistant", "content": text}
             if answer.calls:  # as the template renders a call, so the next turn's prefix matches
                 reply["tool_calls"] = [c.message() for c in answer.calls]
@@ -693,6 +735,8 @@ class Engine:
                 s.ready.pop(key)
                 self.book.discard(rp)
         self.sessions.release(s)
+        if t.req.prompt_ids is not None:
+            return  # a raw prompt says nothing about the next chat turn
         if t.persistent and not t.req.ephemeral:
             self.schedule_pre_position(s)
         elif t.persistent:

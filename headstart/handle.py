@@ -69,6 +69,7 @@ class Handle:
         self.cancelled = False
         self.completion: Completion | None = None
         self.job: Any = None  # the scheduler's job, set by the engine (its background wait)
+        self.choices: list[Handle] = [self]  # every choice's handle, when a request asks for n > 1
         self._loop = loop
         self._async: asyncio.Queue[Any] | None = asyncio.Queue() if loop is not None else None
         self._sync: queue.Queue[Any] = queue.Queue()

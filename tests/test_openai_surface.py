@@ -112,3 +112,39 @@ def test_image_parts_and_non_string_content_get_clear_words(srv: Served, content
     error = r.json()["error"]
     assert error["param"] == "messages[0].content"
     assert words in error["message"] and "Input should be" not in error["message"]
+
+
+def test_n_choices_come_from_one_prefill(srv: Served, oa: openai.OpenAI) -> None:
+    stats = srv.engine.stats
+    greedy = oa.chat.completions.create(model="smollm2-135m", messages=HI, max_tokens=6, temperature=0)
+    before = stats.forward_calls
+    r = oa.chat.completions.create(model="smollm2-135m", messages=HI, max_tokens=6, temperature=1.0, seed=7, n=3,
+                                   logprobs=True)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    # One prefill, then one forward per token of each choice but its last (fed too when a stop token ended it).
+    lengths = [len(c.logprobs.content) for c in r.choices]
+    assert sum(lengths) == r.usage.completion_tokens
+    feeds = sum(n - (c.finish_reason == "length") for n, c in zip(lengths, r.choices, strict=True))
+    assert stats.forward_calls - before == 1 + feeds
+    assert len({c.message.content for c in r.choices}) > 1  # sampled choices differ
+    same = oa.chat.completions.create(model="smollm2-135m", messages=HI, max_tokens=6, temperature=0, n=2)
+    assert [c.message.content for c in same.choices] == [greedy.choices[0].message.content] * 2
+    assert same.usage.prompt_tokens == greedy.usage.prompt_tokens
+    text: dict[int, str] = {0: "", 1: "", 2: ""}
+    finished = set()
+    for chunk in oa.chat.completions.create(model="smollm2-135m", messages=HI, max_tokens=6, temperature=1.0,
+                                            seed=7, n=3, stream=True):
+        for choice in chunk.choices:
+            text[choice.index] += choice.delta.content or ""
+            if choice.finish_reason:
+                finished.add(choice.index)
+    assert finished == {0, 1, 2}
+    assert [text[i] for i in range(3)] == [c.message.content for c in r.choices]  # same seed, same draws
+
+
+def test_n_in_a_session_is_a_400_saying_why(srv: Served) -> None:
+    r = srv.client.post("/v1/chat/completions", json={"messages": HI, "n": 2, "max_tokens": 2},
+                        headers={"x-session-id": "n-session"})
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["param"] == "n" and "session holds one continuation" in error["message"]

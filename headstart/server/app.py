@@ -120,7 +120,7 @@ async def _server_error(request: Request, exc: Exception) -> Response:
 
 def create_app(config: ServerConfig | None = None, factory: Callable[[], Engine] | None = None) -> Starlette:
     """The app; ``factory`` builds the engine (tests pass a prepared one)."""
-    from headstart.server import chat, sessions
+    from headstart.server import chat, completions, sessions
     from headstart.server.auth import APIKeyAuth
     from headstart.server.metrics import Metrics, metrics
     from headstart.server.openapi import openapi
@@ -148,6 +148,7 @@ def create_app(config: ServerConfig | None = None, factory: Callable[[], Engine]
         Route("/metrics", wrap(metrics), methods=["GET"]),
         Route("/openapi.json", wrap(openapi), methods=["GET"]),
         *chat.routes(wrap),
+        *completions.routes(wrap),
         *sessions.routes(wrap),
     ]
     middleware = [Middleware(APIKeyAuth, keys=config.api_keys)] if config.api_keys else []

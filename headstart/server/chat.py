@@ -153,36 +153,50 @@ async def create_chat_completion(request: Request) -> Response:
     session_id = request.headers.get(SESSION_HEADER) or None
     engine_req = req.to_engine(session_id, owner_of(request), state.config.default_temperature)
     handle = engine.submit(engine_req, loop=asyncio.get_running_loop())
-    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-    created = int(time.time())
-    tokens = token_text(request) if req.logprobs else None
+    shape = ChatShape(f"chatcmpl-{uuid.uuid4().hex}", model, token_text(request) if req.logprobs else None)
     if req.stream:
         include_usage = bool((req.stream_options or {}).get("include_usage"))
-        stream = _sse(handle, completion_id, created, model, include_usage, ignored, tokens)
-        return StreamingResponse(stream, media_type="text/event-stream", headers={"cache-control": "no-cache"})
-    try:
-        completion = await _collect(handle)
-    except asyncio.CancelledError:
-        handle.cancel()
-        raise
-    body_out = {
-        "id": completion_id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": message(completion),
-                "logprobs": {"content": tokens.content(completion.logprobs or []), "refusal": None}
-                if tokens is not None else None,
-                "finish_reason": _finish_reason(completion),
-            }
-        ],
-        "usage": usage(completion),
-        "headstart": extension(completion, ignored),
-    }
-    return JSONResponse(body_out)
+        return stream_response(handle, shape, include_usage, ignored)
+    return JSONResponse(await answer(handle, shape, ignored))
+
+
+class ChatShape:
+    """How chat completions write an answer: messages and deltas, logprobs as ``content``.
+    The text completions door has its own shape; the streaming and collecting are shared."""
+
+    object = "chat.completion"
+
+    def __init__(self, completion_id: str, model: str, tokens: TokenText | None) -> None:
+        self.id, self.model, self.tokens = completion_id, model, tokens
+        self.created = int(time.time())
+
+    def envelope(self, obj: str) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def logprobs(self, entries: list[TokenLogprob] | None) -> dict[str, Any] | None:
+        if self.tokens is None:
+            return None
+        return {"content": self.tokens.content(entries or []), "refusal": None}
+
+    def choice(self, index: int, c: Completion) -> dict[str, Any]:
+        return {"index": index, "message": message(c), "logprobs": self.logprobs(c.logprobs),
+                "finish_reason": _finish_reason(c)}
+
+    def opening(self, index: int) -> dict[str, Any] | None:
+        return self.chunk(index, {"role": "assistant", "content": ""}, None)
+
+    def delta(self, index: int, d: Delta) -> dict[str, Any]:
+        return self.chunk(index, {"content": d.text}, None, self.logprobs(d.logprobs))
+
+    def closing(self, index: int, c: Completion) -> list[dict[str, Any]]:
+        return [*(self.chunk(index, delta, None) for delta in tool_call_deltas(c)),
+                self.chunk(index, {}, _finish_reason(c))]
+
+    def chunk(
+        self, index: int, delta: dict[str, Any], finish: str | None, logprobs: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        return {**self.envelope("chat.completion.chunk"),
+                "choices": [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]}
 
 
 async def _collect(handle: Handle) -> Completion:
@@ -192,53 +206,67 @@ async def _collect(handle: Handle) -> Completion:
     raise RuntimeError("the engine ended a request without a completion")
 
 
-def _chunk(
-    completion_id: str, created: int, model: str, delta: dict[str, Any], finish: str | None,
-    logprobs: list[dict[str, Any]] | None = None,
-) -> dict[str, Any]:
-    return {
-        "id": completion_id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
-                     "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None}}],
-    }
+def total_usage(completions: list[Completion]) -> dict[str, Any]:
+    """One prompt, every choice's tokens."""
+    out = usage(completions[0])
+    out["completion_tokens"] = sum(c.completion_tokens for c in completions)
+    out["total_tokens"] = out["prompt_tokens"] + out["completion_tokens"]
+    return out
+
+
+async def answer(handle: Handle, shape: Any, ignored: list[str]) -> dict[str, Any]:
+    """The whole answer, every choice (a client that goes away cancels them)."""
+    try:
+        completions = [await _collect(h) for h in handle.choices]
+    except asyncio.CancelledError:
+        for h in handle.choices:
+            h.cancel()
+        raise
+    return {**shape.envelope(shape.object), "choices": [shape.choice(i, c) for i, c in enumerate(completions)],
+            "usage": total_usage(completions), "headstart": extension(completions[0], ignored)}
 
 
 def _sse_line(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
 
-async def _sse(
-    handle: Handle, completion_id: str, created: int, model: str, include_usage: bool, ignored: list[str],
-    tokens: TokenText | None,
-) -> AsyncIterator[str]:
-    """OpenAI chunks; a client that goes away cancels the generation."""
+def stream_response(handle: Handle, shape: Any, include_usage: bool, ignored: list[str]) -> StreamingResponse:
+    return StreamingResponse(_sse(handle, shape, include_usage, ignored), media_type="text/event-stream",
+                             headers={"cache-control": "no-cache"})
+
+
+async def _sse(handle: Handle, shape: Any, include_usage: bool, ignored: list[str]) -> AsyncIterator[str]:
+    """Chunks of every choice in turn; a client that goes away cancels the generation."""
     try:
-        yield _sse_line(_chunk(completion_id, created, model, {"role": "assistant", "content": ""}, None))
+        completions: list[Completion] = []
         try:
-            async for item in handle:
-                if isinstance(item, Delta):
-                    lp = tokens.content(item.logprobs or []) if tokens is not None else None
-                    yield _sse_line(_chunk(completion_id, created, model, {"content": item.text}, None, lp))
-                else:
-                    for delta in tool_call_deltas(item):
-                        yield _sse_line(_chunk(completion_id, created, model, delta, None))
-                    last = _chunk(completion_id, created, model, {}, _finish_reason(item))
-                    if include_usage:
-                        yield _sse_line(last)
-                        last = {**_chunk(completion_id, created, model, {}, None), "choices": [],
-                                "usage": usage(item)}
-                    last["headstart"] = extension(item, ignored)
-                    yield _sse_line(last)
+            for index, h in enumerate(handle.choices):
+                opening = shape.opening(index)
+                if opening is not None:
+                    yield _sse_line(opening)
+                async for item in h:
+                    if isinstance(item, Delta):
+                        yield _sse_line(shape.delta(index, item))
+                    else:
+                        completions.append(item)
+                        closing = shape.closing(index, item)
+                        last = index == len(handle.choices) - 1
+                        if last and not include_usage:
+                            closing[-1]["headstart"] = extension(completions[0], ignored)
+                        for payload in closing:
+                            yield _sse_line(payload)
+            if include_usage:
+                yield _sse_line({**shape.envelope(shape.chunk(0, {}, None)["object"]), "choices": [],
+                                 "usage": total_usage(completions),
+                                 "headstart": extension(completions[0], ignored)})
         except Exception as exc:  # the headers are gone: report in-band, as OpenAI does
             from headstart.server.errors import to_response
 
             yield f"data: {to_response(exc).body.decode()}\n\n"
         yield "data: [DONE]\n\n"
     finally:
-        handle.cancel()
+        for h in handle.choices:
+            h.cancel()
 
 
 def _model_object(request: Request, name: str) -> dict[str, Any]:

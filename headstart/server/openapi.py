@@ -13,7 +13,7 @@ from starlette.responses import JSONResponse, Response
 
 from headstart import __version__
 from headstart.server import sessions
-from headstart.server.schema import ChatCompletionRequest
+from headstart.server.schema import ChatCompletionRequest, CompletionRequest
 from headstart.server.session_schema import ErrorResponse, Health
 
 REF = "#/components/schemas/{model}"
@@ -43,6 +43,12 @@ CHAT_RESPONSE = {
         "headstart": {"type": "object"},
     },
 }
+COMPLETION_RESPONSE = {
+    "type": "object",
+    "description": "an OpenAI text completion plus a `headstart` object; with `stream: true`, Server-Sent Events",
+    "properties": {"id": {"type": "string"}, "object": {"const": "text_completion"},
+                   "choices": {"type": "array", "items": {"type": "object"}}, "usage": {"type": "object"}},
+}
 MODEL_RESPONSE = {"type": "object", "properties": {"id": {"type": "string"}, "object": {"const": "model"}}}
 MODELS_RESPONSE = {"type": "object", "properties": {"object": {"const": "list"}, "data": {"type": "array"}}}
 
@@ -59,6 +65,9 @@ def operations() -> list[Doc]:
         Doc("POST", "/v1/chat/completions",
             "OpenAI chat completions; the x-session-id header joins (or creates) a session",
             ChatCompletionRequest, raw=CHAT_RESPONSE),
+        Doc("POST", "/v1/completions",
+            "OpenAI text completions (a prompt as text or token ids, no chat template); x-session-id reuses a "
+            "session's KV", CompletionRequest, raw=COMPLETION_RESPONSE),
     ]
     for e in sessions.ENDPOINTS:
         docs.append(Doc(e.method, e.path, e.summary, e.body, e.response,
@@ -96,7 +105,7 @@ def document() -> dict[str, Any]:
             for name in ("session_id", "query_id", "model_id")
             if "{" + name + "}" in d.path
         ]
-        if d.path == "/v1/chat/completions":
+        if d.path in ("/v1/chat/completions", "/v1/completions"):
             params.append({"name": "x-session-id", "in": "header", "required": False, "schema": {
                 "type": "string", "pattern": r"^[A-Za-z0-9_-]{1,128}$"}})
         if params:

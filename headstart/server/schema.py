@@ -254,10 +254,10 @@ class SamplingFields(BaseModel):
             raise ValueError("candidates must be non-empty strings")
         return value
 
-    def sampling(self, default_temperature: float) -> SamplingParams:
+    def sampling(self, default_temperature: float, default_max_tokens: int = DEFAULT_MAX_TOKENS) -> SamplingParams:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         return SamplingParams(
-            max_tokens=self.max_completion_tokens or self.max_tokens or DEFAULT_MAX_TOKENS,
+            max_tokens=self.max_completion_tokens or self.max_tokens or default_max_tokens,
             temperature=default_temperature if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             seed=self.seed,
@@ -281,7 +281,7 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
-    n: int | None = Field(default=None, ge=1, le=1)
+    n: int | None = Field(default=None, ge=1, le=128)
     modalities: list[Literal["text"]] | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
@@ -323,4 +323,67 @@ class ChatCompletionRequest(SamplingFields):
             gate=self.gate,
             gap_threshold=self.gap_threshold,
             fast_answer=self.fast_answer,
+            n=self.n or 1,
+        )
+
+
+class CompletionRequest(SamplingFields):
+    """``POST /v1/completions``: one prompt, as text or token ids, continued as it stands."""
+
+    model: str | None = None
+    prompt: str | list[int]
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    n: int | None = Field(default=None, ge=1, le=128)
+    echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+    suffix: str | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt(cls, value: Any) -> Any:
+        if isinstance(value, list) and value and all(isinstance(p, str) for p in value):
+            if len(value) == 1:
+                return value[0]
+            raise ValueError("one prompt per request: send each prompt as its own request")
+        if isinstance(value, list) and value and all(isinstance(p, list) for p in value):
+            raise ValueError("one prompt per request: send each list of token ids as its own request")
+        if isinstance(value, list | str) and not value:
+            raise ValueError("the prompt is empty")
+        return value
+
+    @field_validator("suffix")
+    @classmethod
+    def _suffix(cls, value: str | None) -> str | None:
+        if value:
+            raise ValueError("insertion (a suffix) is not supported: the served models only continue a prompt")
+        return value
+
+    @field_validator("logprobs")
+    @classmethod
+    def _echo(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and info.data.get("echo"):
+            raise ValueError("echo with logprobs would need the prompt's log-probabilities, which headstart "
+                             "does not compute; ask for one or the other")
+        return value
+
+    def output_fields(self) -> dict[str, Any]:
+        return {"logprobs": self.logprobs is not None, "top_logprobs": self.logprobs or 0}
+
+    def ignored(self) -> list[str]:
+        return ignored_fields(self.model_extra)
+
+    def to_engine(
+        self, prompt_ids: list[int], session_id: str | None, owner: str | None, default_temperature: float
+    ) -> Request:
+        return Request(
+            messages=[],
+            prompt_ids=prompt_ids,
+            params=self.sampling(default_temperature, default_max_tokens=16),  # OpenAI's default here
+            session_id=session_id,
+            owner=owner,
+            gate=False,  # ready positions are chat turns'; a raw prompt is served exactly
+            gap_threshold=self.gap_threshold,
+            fast_answer=self.fast_answer,
+            n=self.n or 1,
         )
