@@ -31,6 +31,7 @@ from headstart.errors import (
     TooManySessions,
 )
 from headstart.gate import Gate
+from headstart.grammar import GrammarError, GrammarMatcher, Grammars
 from headstart.handle import Completion, Delta, Handle
 from headstart.kvbook import KVBook
 from headstart.logits import Chooser, TokenLogprob
@@ -273,6 +274,7 @@ class Engine:
         self.started = time.time()
         self._reaper_stop = threading.Event()
         self.stream_stats = StreamStats()
+        self._grammars: Grammars | None = None  # built on the first constrained request
         # Called on the model thread with every finished request (metrics, benchmarks).
         self.observers: list[Callable[[Completion], None]] = []
 
@@ -412,7 +414,7 @@ class Engine:
 
         def turn(h: Handle) -> Turn:
             chooser = Chooser(params, prompt, self.backend.info.vocab_size, self.backend.info.device, generator,
-                              output=tool_plan.prefix)
+                              matcher=self._matcher(params), output=tool_plan.prefix)
             return Turn(req, params, prompt, candidates, s, persistent, h, job,
                         _Emitter(self, h, params, chooser, tool_plan), generator, threshold, chooser)
 
@@ -441,6 +443,18 @@ class Engine:
             raise BadRequest("a raw prompt takes neither messages nor tools", param="prompt")
         return ids
 
+    def _matcher(self, params: SamplingParams) -> GrammarMatcher | None:
+        """A fresh position in the request's grammar (compiled once per distinct constraint)."""
+        if params.constraint is None:
+            return None
+        if self._grammars is None:
+            stop = {*self.backend.info.eos_token_ids, self.template.end_of_message}
+            self._grammars = Grammars(self.template.tokenizer, self.backend.info.vocab_size, stop)
+        try:
+            return self._grammars.matcher(params.constraint)
+        except GrammarError as exc:
+            raise BadRequest(str(exc), param="response_format") from exc
+
     def _check_params(self, params: SamplingParams, req: Request) -> None:
         """What the logits rules need to be valid here (the door checked the ranges)."""
         vocab = len(self.template.tokenizer)
@@ -448,6 +462,9 @@ class Engine:
             if not 0 <= token < vocab:
                 raise BadRequest(f"logit_bias: {token} is not a token id of this model (0..{vocab - 1})",
                                  param="logit_bias")
+        if params.constraint is not None and req.tool_choice not in (None, "auto", "none"):
+            raise BadRequest("response_format cannot be combined with a tool_choice that forces a call",
+                             param="response_format")
         if req.fast_answer is not None and (params.reshapes or params.logprobs):
             raise BadRequest("fast_answer picks a whole candidate by its first token's logit; it cannot be "
                              "combined with penalties, logit_bias, a response_format or logprobs", "fast_answer")

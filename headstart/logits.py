@@ -67,7 +67,7 @@ class Step:
         if self._counts is not None:
             out -= p.frequency_penalty * self._counts + p.presence_penalty * (self._counts > 0)
         if self._forbidden is not None:
-            out = out.masked_fill(self._forbidden.to(out.device)[: out.numel()], float("-inf"))
+            out = out.masked_fill(self._forbidden.to(out.device), float("-inf"))
         return out
 
 

@@ -17,7 +17,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from headstart.engine import BadRequest, Request
-from headstart.sampling import SamplingParams
+from headstart.grammar import schema_text
+from headstart.sampling import Constraint, SamplingParams
 
 log = logging.getLogger("headstart.server")
 
@@ -206,6 +207,36 @@ class NamedToolChoice(BaseModel):
     function: FunctionName
 
 
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``: plain text, any JSON object, or JSON under a schema
+    (enforced by constrained decoding whether ``strict`` is set or not)."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("a json_schema response_format needs its json_schema: {name, schema, strict}")
+        return self
+
+    def constraint(self) -> Constraint | None:
+        if self.type == "json_object":
+            return Constraint("json_object")
+        if self.type == "json_schema" and self.json_schema is not None:
+            return Constraint("json_schema", schema_text(self.json_schema.schema_ or {}))
+        return None
+
+
 class SamplingFields(BaseModel):
     """Fields shared by every request that generates."""
 
@@ -223,6 +254,7 @@ class SamplingFields(BaseModel):
     top_k: int | None = Field(default=None, ge=-1, le=1_000_000)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=100.0)
+    response_format: ResponseFormat | None = None
     # headstart extensions
     gate: bool | None = None
     gap_threshold: float | None = Field(default=None, ge=0.0)
@@ -268,6 +300,7 @@ class SamplingFields(BaseModel):
             frequency_penalty=self.frequency_penalty or 0.0,
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             logit_bias=tuple(sorted((int(k), float(b)) for k, b in (self.logit_bias or {}).items())),
+            constraint=self.response_format.constraint() if self.response_format is not None else None,
             **self.output_fields(),
         )
 
