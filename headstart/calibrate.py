@@ -1,13 +1,14 @@
-"""``headstart calibrate``: the gate threshold that reaches a target precision, and what it leaves.
+"""``headstart calibrate``: where the guaranteed gate would fire on a workload, and what it leaves.
 
 A workload (generated, or replayed from a JSONL trace) runs with pre-positioning on and
 the gate *silent*: every request whose session had a ready position and whose prompt
 differed from it records what the gate would have answered (the logit gap at the ready
 position and whether its choice equals the real computation's first token). That is the
 same (gap, verified) pair a gate at threshold 0 would record by answering, without
-letting a false accept change the answer and everything after it. From the pairs comes
-the lowest threshold whose answers reach the target precision, the coverage it leaves,
-how many requests it rests on, and the whole precision-coverage curve.
+letting a false accept change the answer and everything after it. From the pairs, with the
+same math the server's gate uses online (:func:`headstart.gate.calibrate`), comes the lowest
+threshold whose answers' lower precision bound reaches the target, the coverage it leaves,
+how many requests it rests on, and the whole precision-coverage curve with its bounds.
 """
 
 from __future__ import annotations
@@ -48,8 +49,9 @@ def run_calibrate(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as exc:
         print(f"headstart calibrate: {exc}", file=sys.stderr)
         return 2
-    if not 0.0 < args.target <= 1.0:
-        print("headstart calibrate: --target is a precision in (0, 1]", file=sys.stderr)
+    target, confidence = args.gate_target, args.gate_confidence
+    if not (0.0 < target < 1.0 and 0.0 < confidence < 1.0):
+        print("headstart calibrate: --gate-target and --gate-confidence must be in (0, 1)", file=sys.stderr)
         return 2
     config = replace(engine_config(args), pre_position=True, gate=False)
     spec = ModeSpec("calibrate", "pre-positioning on, gate silent", config, sessions=True, exact=True, query=True)
@@ -59,8 +61,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
     run = run_mode(backend, spec, workload, getattr(args, "clients", None) or 2)
     hits = sum(r.path == "ready_exact" for r in run.records)
     n = len(run.records)
-    cal = calibration_figures(shadow_pairs(run), args.target, hits, n)
-    fresh = calibration_figures(shadow_pairs(run, repeats(run.records)), args.target, hits, n)
+    cal = calibration_figures(shadow_pairs(run), target, hits, n, confidence)
+    fresh = calibration_figures(shadow_pairs(run, repeats(run.records)), target, hits, n, confidence)
     result = {
         "workload": workload.describe(),
         "model": backend.info.name,
@@ -72,18 +74,17 @@ def run_calibrate(args: argparse.Namespace) -> int:
     print(f"{workload.name}: {n} requests, {hits} answered exactly from a ready position, "
           f"{cal['rests_on']} had a ready position and a different prompt (the calibration rests on these).")
     if cal["threshold"] is None:
-        print(f"No threshold reaches precision {args.target:g}: the gate should stay off for this model "
-              "and traffic (only exact ready positions are safe).")
+        print(f"The gate stays closed for this model and traffic: {cal['reason']} (only exact ready "
+              "positions answer).")
     else:
-        print(f"Threshold for precision {args.target:g}: logit gap {cal['threshold']:.3f} -> precision "
-              f"{cal['precision']:.3f} on {cal['fired']} answers, coverage {cal['coverage']:.1%} of requests "
-              f"(ready_exact + gate).")
-    if cal["rests_on"] < 30:
-        print(f"Warning: {cal['rests_on']} requests is too few for a trustworthy threshold; run more sessions.")
-    print("\n threshold  fires  precision  coverage")
+        print(f"Threshold where the lower bound of precision reaches {target:g} at confidence {confidence:g}: "
+              f"logit gap {cal['threshold']:.3f} -> precision {cal['precision']:.3f} (bound {cal['bound']:.3f}) "
+              f"on {cal['fired']} answers, coverage {cal['coverage']:.1%} of requests (ready_exact + gate).")
+    print("\n threshold  fires  precision  bound  coverage")
     for p in cal["curve"]:
         prec = "-" if p["precision"] is None else f"{p['precision']:.3f}"
-        print(f" {p['threshold']:9.3f}  {p['fired']:5d}  {prec:>9}  {p['coverage']:8.1%}")
+        bound = "-" if p["bound"] is None else f"{p['bound']:.3f}"
+        print(f" {p['threshold']:9.3f}  {p['fired']:5d}  {prec:>9}  {bound:>5}  {p['coverage']:8.1%}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
         print(f"\nwritten: {args.json}", file=sys.stderr)

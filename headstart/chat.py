@@ -4,7 +4,8 @@ After each answer it prints the time to first token, the path the request took a
 many prompt tokens came from cache, so the effect of idle-time work is visible: type
 slowly and watch ``entry`` or ``gate`` replace ``session``. With ``--url`` it talks to a
 running server through its OpenAI door (the session rides on ``x-session-id``); without,
-it loads the model in this process.
+it loads the model in this process. Ctrl-C during an answer stops it (in process the engine
+ends it within a step; over HTTP closing the stream does) and asks again.
 """
 
 from __future__ import annotations
@@ -50,11 +51,17 @@ def in_process(args: argparse.Namespace, session_id: str) -> tuple[Talker, Calla
 
     def talk(messages: list[dict[str, str]]) -> Iterator[str | Served]:
         completion: Completion | None = None
-        for item in engine.submit(Request(messages=list(messages), params=params, session_id=session_id)):
-            if isinstance(item, Delta):
-                yield item.text
-            else:
-                completion = item
+        handle = engine.submit(Request(messages=list(messages), params=params, session_id=session_id, stream=True))
+        try:
+            for item in handle:
+                if isinstance(item, Delta):
+                    yield item.text
+                else:
+                    completion = item
+        finally:
+            if completion is None:  # stopped: the engine ends the answer and keeps no turn of it
+                handle.cancel()
+                handle.result()
         assert completion is not None
         yield Served(completion.text, completion.path, completion.ttft_ms, completion.cached_tokens,
                      completion.prompt_tokens, completion.completion_tokens, completion.e2e_ms)
@@ -107,24 +114,30 @@ def run_chat(args: argparse.Namespace) -> int:
     messages: list[dict[str, str]] = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
-    print(f"{where}, session {session_id}. Empty line or Ctrl-D to quit.", file=sys.stderr)
+    print(f"{where}, session {session_id}. Ctrl-C stops an answer; "
+          "an empty line, Ctrl-D or Ctrl-C at the prompt quits.", file=sys.stderr)
     try:
         while True:
             try:
                 text = input("you> ").strip()
-            except EOFError:
+            except (EOFError, KeyboardInterrupt):
                 break
             if not text:
                 break
             messages.append({"role": "user", "content": text})
             print("bot> ", end="", flush=True)
-            served: Served | None = None
-            for item in talk(messages):
-                if isinstance(item, Served):
-                    served = item
-                else:
-                    print(item, end="", flush=True)
-            assert served is not None
+            answer = talk(messages)
+            try:
+                served = _show(answer)
+            except KeyboardInterrupt:
+                # Stop this answer, wait for that, and ask again; a second Ctrl-C meanwhile quits.
+                try:
+                    answer.close()
+                except KeyboardInterrupt:
+                    break
+                print("\n     [stopped]", file=sys.stderr)
+                messages.pop()
+                continue
             print()
             print(
                 f"     [{served.path}  ttft {served.ttft_ms:.1f} ms  "
@@ -136,3 +149,12 @@ def run_chat(args: argparse.Namespace) -> int:
     finally:
         close()
     return 0
+
+
+def _show(answer: Iterator[str | Served]) -> Served:
+    """Print an answer as it comes; what the status line shows about it."""
+    for item in answer:
+        if isinstance(item, Served):
+            return item
+        print(item, end="", flush=True)
+    raise RuntimeError("the answer ended without a completion")

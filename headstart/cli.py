@@ -8,13 +8,14 @@ import os
 import sys
 
 from headstart.engine import EngineConfig
-from headstart.gate import DEFAULT_THRESHOLD
+from headstart.gate import DEFAULT_CONFIDENCE, DEFAULT_TARGET, DEFAULT_WINDOW
 from headstart.prepos import DEFAULT_PREDICTOR, PREDICTORS
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=os.environ.get("HEADSTART_MODEL"),
-                   help="short name (smollm2-135m, qwen2.5-coder-0.5b), a .gguf file or an HF folder")
+                   help="short name (smollm2-135m, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b), a .gguf file or an "
+                        "HF folder")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when present)")
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
     p.add_argument("--cache-dir", default=None, help="model cache (default $HEADSTART_CACHE or ~/.cache/headstart)")
@@ -36,7 +37,14 @@ def set_threads(args: argparse.Namespace) -> None:
 def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-pre-position", action="store_true", help="no idle-time work")
     p.add_argument("--no-gate", action="store_true", help="exact paths only")
-    p.add_argument("--gap-threshold", type=float, default=DEFAULT_THRESHOLD, help="gate threshold (logit gap)")
+    p.add_argument("--gate-target", type=float, default=DEFAULT_TARGET,
+                   help="the gate fires only where the lower confidence bound of its precision reaches this")
+    p.add_argument("--gate-confidence", type=float, default=DEFAULT_CONFIDENCE,
+                   help="the confidence of that bound (one-sided Clopper-Pearson)")
+    p.add_argument("--gate-window", type=int, default=DEFAULT_WINDOW,
+                   help="recent verified answers the gate's calibration rests on, per key")
+    p.add_argument("--gap-threshold", type=float, default=None,
+                   help="a fixed logit-gap threshold instead: no guarantee (default: none, the guaranteed gate)")
     p.add_argument("--predictor", choices=PREDICTORS, default=DEFAULT_PREDICTOR,
                    help="what pre-positioning assumes the next message is")
     p.add_argument("--background-chunk", type=int, default=16, help="tokens per background chunk")
@@ -60,10 +68,17 @@ def parse_bytes(text: str) -> int:
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
+    if not (0.0 < args.gate_target < 1.0 and 0.0 < args.gate_confidence < 1.0 and args.gate_window >= 1):
+        print("headstart: --gate-target and --gate-confidence must be in (0, 1), --gate-window at least 1",
+              file=sys.stderr)
+        raise SystemExit(2)
     return EngineConfig(
         pre_position=not args.no_pre_position,
         gate=not args.no_gate,
         gap_threshold=args.gap_threshold,
+        gate_target=args.gate_target,
+        gate_confidence=args.gate_confidence,
+        gate_window=args.gate_window,
         predictor=args.predictor,
         background_chunk=args.background_chunk,
         kv_budget=args.kv_budget,
@@ -91,7 +106,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    from headstart.ownership import Claimed
     from headstart.server.app import ServerConfig, create_app
+    from headstart.store import SchemaError
 
     set_threads(args)
     engine = dataclasses.replace(
@@ -114,7 +131,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         heartbeat_seconds=args.heartbeat,
         served_model_names=tuple(args.served_model_name or ()),
     )
-    uvicorn.run(create_app(config), host=args.host, port=args.port, log_level=args.log_level.lower())
+    try:
+        app = create_app(config)
+    except (Claimed, SchemaError) as exc:  # another server's data, or a newer headstart's
+        print(f"headstart serve: {exc}", file=sys.stderr)
+        return 1
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
     return 0
 
 
@@ -138,7 +160,8 @@ def cmd_load(args: argparse.Namespace) -> int:
 
     report = asyncio.run(
         run_load(args.url, clients=args.clients, sessions_per_client=args.sessions, seconds=args.seconds,
-                 max_tokens=args.max_tokens, think_s=args.think, api_key=args.api_key, seed=args.seed)
+                 max_tokens=args.max_tokens, think_s=args.think, api_key=args.api_key, seed=args.seed,
+                 turns_per_session=args.turns_per_session)
     )
     print(json.dumps(report.summary(), indent=2))
     return 0 if report.ok else 1
@@ -194,8 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_flags(chat)
     chat.set_defaults(func=cmd_chat)
 
-    cal = sub.add_parser("calibrate", help="find the gate threshold that reaches a target precision")
-    cal.add_argument("--target", type=float, default=0.95, help="precision to reach")
+    cal = sub.add_parser("calibrate", help="find the gate threshold whose precision bound reaches a target")
+    cal.add_argument("--target", dest="gate_target", type=float, default=argparse.SUPPRESS,
+                     help="the same as --gate-target")
     cal.add_argument("--trace", default=None, help="JSONL trace (one session per line); default: generated")
     cal.add_argument("--workload", choices=("agent", "stream", "chat"), default="agent",
                      help="generated workload when no trace is given")
@@ -218,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--think", type=float, default=0.5, help="most seconds a client waits between turns")
     load.add_argument("--api-key", default=None)
     load.add_argument("--seed", type=int, default=0)
+    load.add_argument("--turns-per-session", type=int, default=None,
+                      help="turns per conversation, then a client starts a fresh session (default: no limit)")
     load.set_defaults(func=cmd_load)
 
     from headstart.bench.command import add_bench_arguments

@@ -28,16 +28,26 @@ from headstart.errors import (
     SessionBusy,
     SessionExists,
     SessionNotFound,
+    StoreUnavailable,
     TooManySessions,
 )
-from headstart.gate import Gate
+from headstart.gate import (
+    DEFAULT_CONFIDENCE,
+    DEFAULT_TARGET,
+    DEFAULT_WINDOW,
+    SERVER_KEY,
+    Decision,
+    Gate,
+    answers_key,
+    session_key,
+)
 from headstart.grammar import GrammarError, GrammarMatcher, Grammars
 from headstart.handle import Completion, Delta, Handle
 from headstart.kvbook import KVBook
 from headstart.logits import Chooser, TokenLogprob
 from headstart.model.backend import Backend
 from headstart.prefixcache import PrefixCache
-from headstart.prepos import DEFAULT_PREDICTOR, PREDICTORS, PreposConfig
+from headstart.prepos import DEFAULT_PREDICTOR, PREDICTORS, SURE_GAP, PreposConfig
 from headstart.registry import Limits, SessionRegistry
 from headstart.sampling import SamplingParams, accept, candidate_gap, top_gap
 from headstart.scheduler import Job, Scheduler
@@ -82,6 +92,10 @@ class Request:
     create: bool = True
     n: int = 1  # choices; more than one only for one-off requests (they share one prefill)
     prompt_ids: list[int] | None = None  # a raw prompt (text completions): no template, no transcript
+    # The client reads the answer as it is made. Only then may the gate answer: a client
+    # that waits for the whole answer gains nothing from an early first token, and its
+    # answer is always the exact one.
+    stream: bool = False
 
 
 @dataclass(frozen=True)
@@ -90,7 +104,14 @@ class EngineConfig:
 
     pre_position: bool = True
     gate: bool = True
-    gap_threshold: float = 2.0
+    # The gate fires where the lower confidence bound of its precision reaches gate_target
+    # (calibrated online per key, over the last gate_window verified answers), unless a
+    # fixed logit-gap threshold is set: that one carries no guarantee.
+    gap_threshold: float | None = None
+    gate_target: float = DEFAULT_TARGET
+    gate_confidence: float = DEFAULT_CONFIDENCE
+    gate_window: int = DEFAULT_WINDOW
+    sure_gap: float = SURE_GAP  # pre-positioning decodes past the exit while the gap is at least this
     predictor: str = DEFAULT_PREDICTOR
     background_chunk: int = 16
     continuation_cap: int = 32
@@ -118,7 +139,7 @@ class EngineConfig:
             chunk=self.background_chunk,
             continuation_cap=self.continuation_cap,
             forced_cap=self.forced_cap,
-            threshold=self.gap_threshold,
+            threshold=self.sure_gap,
         )
 
 
@@ -224,7 +245,7 @@ class Turn:
     job: Job
     emitter: _Emitter
     generator: torch.Generator | None
-    threshold: float
+    threshold: float | None  # the request's or session's own; None: the server's gate decides
     chooser: Chooser
     started: float = 0.0
     path: str = "cold"
@@ -236,6 +257,7 @@ class Turn:
     verify: Callable[[], None] | None = None
     reloaded: int = 0
     shadow: dict[str, Any] | None = None  # what the gate would have said on an exact path
+    gate_keys: tuple[str, ...] = ()  # its calibration keys, most specific first
 
 
 class Engine:
@@ -255,7 +277,13 @@ class Engine:
         self.config = config or EngineConfig()
         self.prepos_config = self.config.prepos()
         self.stats = EngineStats()
-        self.gate = Gate(threshold=self.config.gap_threshold, enabled=self.config.gate)
+        self.gate = Gate(
+            enabled=self.config.gate,
+            threshold=self.config.gap_threshold,
+            target=self.config.gate_target,
+            confidence=self.config.gate_confidence,
+            window=self.config.gate_window,
+        )
         self.book = KVBook(backend, self.stats)
         self.scheduler = Scheduler()
         info = backend.info
@@ -284,11 +312,15 @@ class Engine:
         self.scheduler.start()
         interval = min(60.0, max(0.5, self.config.idle_expiry_s / 4))
         threading.Thread(target=self._reap_loop, args=(interval,), name="headstart-reaper", daemon=True).start()
+        for s in self.sessions.all():  # sessions restored from the store take up their idle-time work
+            self.schedule_upkeep(s)
         return self
 
     def stop(self) -> None:
         self._reaper_stop.set()
         self.scheduler.stop()
+        if self.sessions.store is not None:
+            self.sessions.store.close()  # and let the next server on it claim it
 
     def _reap_loop(self, interval: float) -> None:
         while not self._reaper_stop.wait(interval):
@@ -306,7 +338,7 @@ class Engine:
         return {
             **self.stats.snapshot(),
             "gate": {
-                "enabled": self.gate.enabled,
+                **self.gate.describe(),
                 "threshold": self.gate.threshold,
                 "fires": counters.fires,
                 "verified": counters.verified,
@@ -339,6 +371,7 @@ class Engine:
 
     def delete_session(self, session_id: str, owner: str | None = None) -> None:
         self.sessions.delete(session_id, owner)
+        self.gate.forget(session_key(session_id))
 
     def list_sessions(self, owner: str | None = None) -> list[Session]:
         return self.sessions.visible(owner)
@@ -406,9 +439,7 @@ class Engine:
         else:
             s = self.sessions.acquire(req.session_id, req.owner, create=req.create)
             persistent = True
-        threshold = next(
-            (x for x in (req.gap_threshold, s.settings.gap_threshold) if x is not None), self.gate.threshold
-        )
+        threshold = next((x for x in (req.gap_threshold, s.settings.gap_threshold) if x is not None), None)
         job = Job(iter(()), submitted=handle.arrival, admit=lambda: self.sessions.admit(s, reserve))
         generator = params.generator(self.backend.info.device)
 
@@ -420,6 +451,12 @@ class Engine:
 
         handle.choices = [handle, *(Handle(loop) for _ in range(req.n - 1))]
         turns = [turn(h) for h in handle.choices]
+        for t in turns:
+            t.gate_keys = (
+                *([answers_key(req.fast_answer)] if req.fast_answer is not None else []),
+                *([session_key(s.id)] if persistent else []),
+                SERVER_KEY,
+            )
         job.steps = self._serve(turns[0]) if req.n == 1 else self._serve_choices(turns)
         job.on_error = lambda exc: self._fail(s, handle, exc)
         self.scheduler.submit(job)
@@ -492,13 +529,18 @@ class Engine:
             h.put(exc)
 
     def _gate_on(self, t: Turn) -> bool:
-        """Off on the server is off everywhere; else the request, then the session, decide."""
-        if not self.gate.enabled:
+        """Off on the server is off everywhere, and for a client that does not stream; else
+        the request, then the session, decide."""
+        if not self.gate.enabled or not t.req.stream:
             return False
         for choice in (t.req.gate, t.session.settings.gate):
             if choice is not None:
                 return choice
         return True
+
+    def gate_decision(self, s: Session) -> Decision:
+        """Where the gate stands for a plain request on ``s`` (the session object shows it)."""
+        return self.gate.decide((session_key(s.id), SERVER_KEY), s.settings.gap_threshold)
 
     def _serve(self, t: Turn) -> Generator[None, None, None]:
         """The foreground job of one request: pick its path, answer, tidy up."""
@@ -520,18 +562,15 @@ class Engine:
             nxt is not None
             and not t.emitter.tools.prefix  # a forced opening moves the answer past the decision point
             and self._gate_on(t)
-            and self.gate.fires(self._signal(nxt, t.candidates, t.chooser)[1], t.threshold)
+            and self.gate.decide(t.gate_keys, t.threshold).fires(self._signal(nxt, t.candidates, t.chooser)[1])
         ):
             yield from self._serve_gate(t, nxt)
         else:
             yield from self._serve_exact(t, nxt)
-        completion = self._finish(t)
         if t.verify is not None:
-            t.handle.put(completion)
-            yield  # the answer is out: verify the gate's answer off the critical path
+            yield  # the answer is out: verify the gate's answer before the final chunk says so
             t.verify()
-            self._after(t)
-            return
+        completion = self._finish(t)
         self._after(t)
         # Delivered once the session is free, so a client's next request never finds it busy.
         t.handle.put(completion)
@@ -582,8 +621,7 @@ class Engine:
             def verify() -> None:
                 real = self.book.feed(s, prompt[lcp:], background=False)[-1]
                 t.verified = candidate_gap(real, first_ids)[0] == t.chosen
-                self.gate.record(t.gap, t.verified, fired=True)
-                t.handle.completion.verified = t.verified  # type: ignore[union-attr]
+                self.gate.record(t.gate_keys, t.gap, t.verified, fired=True)
 
             t.verify = verify
             return
@@ -597,7 +635,7 @@ class Engine:
         tail = [] if done else [first, *drafts]
         out = self.book.feed(s, prompt[lcp:] + tail, background=False, keep=len(tail) + 1)
         t.verified = accept(rules.apply(out[0]), rules.apply(rp.logits[0]), first, t.params, t.generator)
-        self.gate.record(t.gap, t.verified, fired=True)
+        self.gate.record(t.gate_keys, t.gap, t.verified, fired=True)
         if not done:
             yield from self._decode(t, out[1], drafts, list(out[2:]))
 
@@ -619,7 +657,7 @@ class Engine:
             # Shadow check: what the gate would have said here, recorded for calibration.
             choice, gap = self._signal(rp, t.candidates)
             real = candidate_gap(logits, t.candidates[1])[0] if t.candidates is not None else int(logits.argmax())
-            self.gate.record(gap, choice == real, fired=False)
+            self.gate.record(t.gate_keys, gap, choice == real, fired=False)
             t.shadow = {"gap": gap, "agree": choice == real, "choice": choice}
             if self._gate_on(t):
                 self.gate.decline()
@@ -730,12 +768,17 @@ class Engine:
             reply: Message = {"role": "assistant", "content": text}
             if answer.calls:  # as the template renders a call, so the next turn's prefix matches
                 reply["tool_calls"] = [c.message() for c in answer.calls]
+            before = s.messages, s.tools, s.turns, s.last_delta
             s.messages = [*req.messages, reply]
             s.tools = req.tools
             s.turns += 1
             last = req.messages[-1]
             s.last_delta = last.get("content") if isinstance(last.get("content"), str) else None
-            self.sessions.persist(s)  # committed before the client hears of the turn
+            try:
+                self.sessions.persist(s)  # committed before the client hears of the turn
+            except StoreUnavailable:
+                s.messages, s.tools, s.turns, s.last_delta = before  # not durable: no turn, and a 503
+                raise
         return completion
 
     def _after(self, t: Turn) -> None:

@@ -37,3 +37,8 @@ class SessionExists(EngineError):
 
 class TooManySessions(EngineError):
     pass
+
+
+class StoreUnavailable(EngineError):
+    """The session store could not commit (disk full, read-only, I/O error): what was asked
+    is not durable, so it is refused rather than acknowledged."""

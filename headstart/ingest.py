@@ -53,7 +53,8 @@ class DataFeed:
     """A session's data queue and counters; safe to use from the door and the model thread."""
 
     def __init__(self, max_pending: int, window: int | None = None) -> None:
-        self.lock = threading.Lock()
+        # Re-entrant: a push holds it while the session is stored, which snapshots the feed.
+        self.lock = threading.RLock()
         self.max_pending = max_pending
         self.window = window
         self.pending: deque[Entry] = deque()
@@ -65,15 +66,28 @@ class DataFeed:
         self.trimmed_messages = 0
 
     def push(self, entries: list[Entry]) -> PushResult:
-        """Queue ``entries``; drop the oldest waiting ones past ``max_pending``."""
+        """Queue ``entries``; drop the oldest waiting ones past ``max_pending`` (the batch in
+        flight counts too: it is pending until ingested, and is never dropped)."""
         with self.lock:
             self.pending.extend(entries)
-            over = max(0, len(self.pending) - self.max_pending)
+            over = min(len(self.pending), max(0, len(self.pending) + len(self.inflight) - self.max_pending))
             for _ in range(over):
                 self.pending.popleft()
             self.pushed += len(entries)
             self.dropped += over
             return PushResult(len(entries), over, len(self.pending) + len(self.inflight), self.version)
+
+    def mark(self) -> tuple[list[Entry], int, int]:
+        """What :meth:`rollback` puts back: the waiting entries and the push counters."""
+        with self.lock:
+            return list(self.pending), self.pushed, self.dropped
+
+    def rollback(self, mark: tuple[list[Entry], int, int]) -> None:
+        """Undo the pushes since ``mark`` (they could not be stored); call with the lock held
+        since the mark, so the batch in flight has not moved."""
+        with self.lock:
+            pending, self.pushed, self.dropped = mark
+            self.pending = deque(pending)
 
     def has_work(self) -> bool:
         with self.lock:

@@ -23,6 +23,10 @@ PREDICTORS = ("continuation", "empty", "repeat")
 # reach the same coverage at the target precision, and the empty message costs the least
 # background work, so it is the default.
 DEFAULT_PREDICTOR = "empty"
+# How sure the model must be (logit gap, top-1 minus top-2) for pre-positioning to decode a
+# token of the answer ahead. Always exact: each such token is a draft that the request
+# keeps only if it picks the same token, so this sets background work, not answers.
+SURE_GAP = 2.0
 
 
 @dataclass(frozen=True)
@@ -33,7 +37,7 @@ class PreposConfig:
     chunk: int = 16
     continuation_cap: int = 32
     forced_cap: int = 16
-    threshold: float = 2.0
+    threshold: float = SURE_GAP
 
 
 def next_role(messages: list[Message]) -> str:

@@ -17,7 +17,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from headstart.budget import Budget, Eviction
-from headstart.errors import BadRequest, SessionBusy, SessionExists, SessionNotFound, TooManySessions
+from headstart.errors import (
+    BadRequest,
+    SessionBusy,
+    SessionExists,
+    SessionNotFound,
+    StoreUnavailable,
+    TooManySessions,
+)
 from headstart.kvbook import KVBook
 from headstart.model.backend import Backend
 from headstart.scheduler import Scheduler
@@ -114,7 +121,7 @@ class SessionRegistry:
             if setup is not None:
                 setup(s)
             self._sessions[session_id] = s
-        self.persist(s)
+        self._persist_new(s)
         return s
 
     def get(self, session_id: str, owner: str | None) -> Session:
@@ -146,7 +153,7 @@ class SessionRegistry:
             s.busy = True
             s.last_used = time.time()
         if fresh:
-            self.persist(s)
+            self._persist_new(s)
         self.scheduler.cancel_background(s.id)  # a request takes over from idle-time work
         return s
 
@@ -164,15 +171,28 @@ class SessionRegistry:
             )
 
     def persist(self, s: Session) -> None:
-        """Commit a session's durable part (call before acknowledging anything about it)."""
+        """Commit a session's durable part (call before acknowledging anything about it).
+        Raises :class:`StoreUnavailable` when the store cannot commit: the caller then undoes
+        its change and refuses the request."""
         if self.store is not None:
             self.store.save(s.to_stored())
+
+    def _persist_new(self, s: Session) -> None:
+        """Store a session just made; one that cannot be stored does not exist."""
+        try:
+            self.persist(s)
+        except StoreUnavailable:
+            with self._lock:
+                self._sessions.pop(s.id, None)
+            raise
 
     def delete(self, session_id: str, owner: str | None) -> Session:
         s = self.get(session_id, owner)
         with self._lock:
             if s.busy:
                 raise SessionBusy(f"session {session_id!r} has a request in flight")
+            if self.store is not None:
+                self.store.delete(s.id)  # first: a delete that cannot be stored changes nothing
             self._sessions.pop(session_id, None)
             s.deleted = True
         self._forget(s)
@@ -180,8 +200,6 @@ class SessionRegistry:
 
     def _forget(self, s: Session) -> None:
         self.scheduler.cancel_background(s.id)
-        if self.store is not None:
-            self.store.delete(s.id)
         if self.spill is not None:
             self.spill.drop(s.id)
         for rp in list(s.ready.values()):  # a copy: the model thread may still be ending a chunk
@@ -201,6 +219,11 @@ class SessionRegistry:
                 self._sessions.pop(s.id, None)
                 s.deleted = True
         for s in expired:
+            if self.store is not None:
+                try:
+                    self.store.delete(s.id)
+                except StoreUnavailable:  # it stays stored, and expires again after a restart
+                    log.warning("could not delete expired session %s from the store", s.id, exc_info=True)
             self._forget(s)
         self.evictions.expired += len(expired)
         return [s.id for s in expired]

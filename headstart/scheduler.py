@@ -94,6 +94,7 @@ class Scheduler:
                 return False
             job.cancelled = True
             self._closing.append(job)
+            self._cond.notify_all()  # the model thread closes it even when it has nothing else to do
         if job.on_cancel is not None:
             job.on_cancel()
         return True
@@ -106,23 +107,33 @@ class Scheduler:
         with self._cond:
             return not self._foreground and not self._background
 
+    def _settled(self) -> bool:
+        """The wait_idle invariant (call with ``_cond`` held): no job is queued, none is in a
+        step, and no cancelled job waits to be closed. A job leaves a queue and becomes busy
+        in one critical section, and stops being busy only in the one that re-queues or
+        drops it, so a job is never in neither place; a gate answer's completion is sent
+        inside a step, so its verification step is still queued when the client hears it."""
+        return not self._foreground and not self._background and not self._busy and not self._closing
+
     def wait_idle(self, timeout: float = 60.0) -> bool:
-        """Block until both queues are empty (tests and benchmarks use this)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.idle() and not self._busy:
-                return True
-            time.sleep(0.005)
-        return False
+        """Block until every submitted job has run its last step (tests and benchmarks)."""
+        with self._cond:
+            return self._cond.wait_for(self._settled, timeout)
 
     def _close_cancelled(self) -> None:
         with self._cond:
-            closing, self._closing = self._closing, []
+            closing = list(self._closing)
+        if not closing:
+            return
         for job in closing:
             try:
                 job.steps.close()
             except Exception:
                 log.exception("closing a cancelled job failed")
+        with self._cond:
+            # Only this thread removes from _closing; others only append behind these.
+            del self._closing[: len(closing)]
+            self._cond.notify_all()
 
     def _admitted(self) -> Job | None:
         """The first foreground job that has started or may start now, taken off the queue.
@@ -136,11 +147,13 @@ class Scheduler:
             if job.started is not None or job.admit is None or job.admit():
                 with self._cond:
                     self._foreground.remove(job)
+                    self._busy = True  # with the removal: wait_idle never sees it in neither place
                 return job
         return None
 
     def _next(self) -> tuple[Job, bool] | None:
         while True:
+            self._close_cancelled()
             job = self._admitted()
             if job is not None:
                 return job, True
@@ -154,6 +167,7 @@ class Scheduler:
                 if self._background:
                     key, bg = self._background.popitem(last=False)
                     self._background[key] = bg  # round-robin: back of the line
+                    self._busy = True
                     return bg, False
                 self._cond.wait()
 
@@ -167,12 +181,10 @@ class Scheduler:
 
     def _loop(self) -> None:
         while True:
-            self._close_cancelled()
             picked = self._next()
             if picked is None:
                 return
             job, foreground = picked
-            self._busy = True
             chunk_started = time.perf_counter()
             if job.started is None:
                 job.started = chunk_started
@@ -189,10 +201,10 @@ class Scheduler:
                     job.on_error(exc)
                 else:
                     log.exception("background job failed")
-            finally:
-                self._busy = False
             now = time.perf_counter()
             with self._cond:
+                self._busy = False  # in the same critical section that re-queues or drops the job
+                self._cond.notify_all()
                 if foreground:
                     if not done and not job.cancelled:
                         self._foreground.append(job)

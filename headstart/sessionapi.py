@@ -12,6 +12,7 @@ from typing import Any
 
 from headstart import queries, upkeep
 from headstart.engine import BadRequest, Engine, Request
+from headstart.errors import StoreUnavailable
 from headstart.handle import Handle
 from headstart.ingest import MIN_WINDOW, Entry, PushResult, window_limit
 from headstart.sampling import SamplingParams
@@ -87,8 +88,14 @@ def measure(engine: Engine, s: Session, texts: list[str]) -> list[Entry]:
 def push(engine: Engine, s: Session, entries: list[Entry]) -> PushResult:
     """Queue data entries on ``s``; they are ingested in the background, in order."""
     s.data.max_pending = engine.config.max_pending
-    result = s.data.push(entries)
-    engine.sessions.persist(s)  # what the client is told was pushed survives a crash
+    with s.data.lock:  # held until the push is stored: no batch takes it before
+        mark = s.data.mark()
+        result = s.data.push(entries)
+        try:
+            engine.sessions.persist(s)  # what the client is told was pushed survives a crash
+        except StoreUnavailable:
+            s.data.rollback(mark)  # and what it is told failed is not ingested
+            raise
     engine.stream_stats.add(pushed=result.pushed, dropped=result.dropped)
     engine.schedule_upkeep(s)
     return result
@@ -113,7 +120,12 @@ def add_query(
     q = queries.register(
         s, question, query_id=query_id, max_tokens=max_tokens, fast_answer=fast_answer, limit=engine.config.max_queries
     )
-    engine.sessions.persist(s)
+    try:
+        engine.sessions.persist(s)
+    except StoreUnavailable:
+        with s.data.lock:
+            s.queries.pop(q.id, None)
+        raise
     engine.schedule_upkeep(s)
     return q
 
@@ -122,7 +134,12 @@ def remove_query(engine: Engine, s: Session, query_id: str) -> None:
     q = queries.get(s, query_id)
     with s.data.lock:
         s.queries.pop(q.id, None)
-    engine.sessions.persist(s)
+    try:
+        engine.sessions.persist(s)
+    except StoreUnavailable:
+        with s.data.lock:
+            s.queries.setdefault(q.id, q)
+        raise
     engine.schedule_upkeep(s)  # its parked state is dropped on the model thread
 
 
@@ -185,4 +202,24 @@ def describe(engine: Engine, s: Session) -> dict[str, Any]:
     out["working"] = engine.scheduler.has_background(s.id)
     out["kv_bytes"] = s.kv_bytes()
     out["listeners"] = s.events.listeners
+    out["gate"] = gate_state(engine, s)
     return out
+
+
+def gate_state(engine: Engine, s: Session) -> dict[str, Any]:
+    """Where the gate stands for a streamed turn on ``s``, and the calibration of each key
+    it rests on (the session's own, the server's)."""
+    from headstart.gate import SERVER_KEY, session_key
+
+    decision = engine.gate_decision(s)
+    keys = (session_key(s.id), SERVER_KEY)
+    return {
+        "enabled": engine.gate.enabled and s.settings.gate is not False,
+        "open": decision.threshold is not None,
+        "threshold": decision.threshold,
+        "key": decision.key,
+        "reason": decision.reason,
+        "target": engine.gate.target,
+        "confidence": engine.gate.confidence,
+        "keys": {k: engine.gate.calibration(k).describe() for k in keys},
+    }

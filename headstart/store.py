@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from headstart.errors import StoreUnavailable
+from headstart.ownership import Claim
+
 # One statement per schema version: _MIGRATIONS[v] brings a database from version v to v+1.
 _MIGRATIONS = [
     """
@@ -63,18 +66,24 @@ class SchemaError(RuntimeError):
 
 
 class SessionStore:
-    """One SQLite file, one writer connection guarded by a lock."""
+    """One SQLite file, one writer connection guarded by a lock, owned by one process at a
+    time (a second one gets :class:`~headstart.ownership.Claimed`, naming the holder)."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._claim = Claim(self.path.with_name(self.path.name + ".lock"), f"the database {self.path}")
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # NORMAL is durable against a process crash in WAL mode; FULL would add an fsync
-        # per turn to survive power loss too. A process crash is what we promise.
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._migrate()
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL is durable against a process crash in WAL mode; FULL would add an fsync
+            # per turn to survive power loss too. A process crash is what we promise.
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._migrate()
+        except BaseException:
+            self._claim.release()
+            raise
 
     def _migrate(self) -> None:
         with self._lock:
@@ -93,6 +102,17 @@ class SessionStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+        self._claim.release()
+
+    def _write(self, sql: str, args: tuple[Any, ...]) -> None:
+        """Commit one statement; a failed commit (disk full, read-only, I/O error) is a
+        :class:`StoreUnavailable`, so the caller refuses what it could not make durable."""
+        with self._lock:
+            try:
+                self._db.execute(sql, args)
+            except sqlite3.Error as exc:
+                raise StoreUnavailable(f"the session store could not be written ({exc}); nothing was saved, "
+                                       "retry once the disk accepts writes again") from exc
 
     def save(self, s: StoredSession) -> None:
         """Insert or replace a session's durable part in one transaction."""
@@ -108,21 +128,18 @@ class SessionStore:
             json.dumps(s.paths),
             json.dumps(s.state),
         )
-        with self._lock:
-            self._db.execute(
-                "INSERT OR REPLACE INTO sessions "
-                "(id, owner, created, last_used, turns, settings, messages, tools, paths, state) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                row,
-            )
+        self._write(
+            "INSERT OR REPLACE INTO sessions "
+            "(id, owner, created, last_used, turns, settings, messages, tools, paths, state) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            row,
+        )
 
     def touch(self, session_id: str, last_used: float) -> None:
-        with self._lock:
-            self._db.execute("UPDATE sessions SET last_used = ? WHERE id = ?", (last_used, session_id))
+        self._write("UPDATE sessions SET last_used = ? WHERE id = ?", (last_used, session_id))
 
     def delete(self, session_id: str) -> None:
-        with self._lock:
-            self._db.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+        self._write("DELETE FROM sessions WHERE id = ?", (session_id,))
 
     def load_all(self) -> list[StoredSession]:
         with self._lock:

@@ -85,6 +85,17 @@ def request_warm(engine: Engine, s: Session, prompt: list[int]) -> WarmTicket:
     return ticket
 
 
+def cancel_warm(engine: Engine, s: Session, ticket: WarmTicket) -> None:
+    """Drop ``ticket`` if it is still waiting or running (its client left): the job stops
+    warming after its current chunk."""
+    with s.upkeep_lock:
+        if s.warm_ticket is not ticket:
+            return
+        s.warm_ticket = None
+    engine.stream_stats.add(warm_cancelled=1)
+    ticket.resolve("cancelled", 0)
+
+
 def _interrupted(engine: Engine, s: Session) -> None:
     """A foreground request (or a delete) took the session: a waiting warm is cancelled,
     and the KV rows it computed stay for that request to reuse."""
@@ -191,7 +202,15 @@ def _warm(engine: Engine, s: Session, ticket: WarmTicket) -> Generator[None, Non
         ticket.resolve("covered", 0)
         engine.stream_stats.add(warm_covered=1)
         return
-    logits = yield from book.advance(s, ticket.prompt, background=True, chunk=engine.config.background_chunk)
+    steps = book.advance(s, ticket.prompt, background=True, chunk=engine.config.background_chunk)
+    try:
+        while True:
+            next(steps)
+            if s.warm_ticket is not ticket:
+                return  # cancelled (its client left, or a newer warm came): the rows computed stay
+            yield
+    except StopIteration as done:
+        logits = done.value
     base = len(ticket.prompt) - 1
     token, gap = top_gap(logits)
     rp = ReadyPosition(

@@ -104,6 +104,7 @@ class SSEReader:
         self.seen: list[tuple[str, dict[str, Any]]] = []
         self.status: int | None = None
         self.ended = threading.Event()
+        self.failure: BaseException | None = None  # what ended the reader thread, if not the stream's end
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._read, daemon=True)
 
@@ -123,6 +124,8 @@ class SSEReader:
                         if data:
                             self.events.put((name, json.loads(data)))
                         name, data = "message", ""
+        except BaseException as exc:  # surfaced by next(), not lost with the thread
+            self.failure = exc
         finally:
             self.ended.set()
 
@@ -144,6 +147,8 @@ class SSEReader:
             try:
                 got, data = self.events.get(timeout=min(left, 1.0))
             except queue.Empty:
+                if self.failure is not None:
+                    raise AssertionError(f"the event stream failed: {self.failure!r}") from self.failure
                 continue
             self.seen.append((got, data))
             if got == name and (where is None or where(data)):

@@ -31,15 +31,33 @@ def real() -> HFBackend:
 def qwen() -> HFBackend:
     """The second, tool-capable model (the ``qwen`` extra). Skipped when it is not installed,
     unless ``HEADSTART_REQUIRE_QWEN`` is set (CI sets it, so there it must run)."""
-    from headstart.model import qwen_chunks
+    from headstart.model.qwen_chunks import QWEN05
 
     try:
-        qwen_chunks.chunk_paths()
+        QWEN05.chunk_paths()
     except FileNotFoundError as exc:
         if os.environ.get("HEADSTART_REQUIRE_QWEN"):
             raise
         pytest.skip(f"the second model is not installed: {exc}")
-    return load(qwen_chunks.NAME)
+    return load(QWEN05.name)
+
+
+@pytest.fixture
+def qwen15() -> Iterator[HFBackend]:
+    """The third model (the opt-in ``qwen15`` extra, ~7 GB in float32), for the tests that
+    need it only: loaded per test and freed after, so one large model is held at a time."""
+    import gc
+
+    from headstart.model.qwen_chunks import QWEN15
+
+    try:
+        QWEN15.chunk_paths()
+    except FileNotFoundError as exc:
+        pytest.skip(f"the third model is not installed: {exc}")
+    backend = load(QWEN15.name)
+    yield backend
+    del backend
+    gc.collect()
 
 
 @pytest.fixture(scope="session")
@@ -85,15 +103,26 @@ def free_port() -> int:
 
 
 class LiveServer:
-    """A real uvicorn server on a loopback port, in a thread of the test process."""
+    """A real uvicorn server on a loopback port, in a thread of the test process.
 
-    def __init__(self, app: object) -> None:
+    ``sndbuf`` fixes the kernel send buffer of every connection it accepts (they inherit
+    the listening socket's), so a client that stops reading pushes back after that much.
+    """
+
+    def __init__(self, app: object, sndbuf: int | None = None) -> None:
         import uvicorn
 
-        self.port = free_port()
+        listener = None
+        if sndbuf is not None:
+            listener = socket.socket()
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+            listener.bind(("127.0.0.1", 0))
+        self.port = listener.getsockname()[1] if listener else free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.sndbuf = listener.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) if listener else None
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        run = (lambda: self.server.run(sockets=[listener])) if listener else self.server.run
+        self.thread = threading.Thread(target=run, daemon=True)
 
     def __enter__(self) -> LiveServer:
         import httpx

@@ -44,3 +44,22 @@ def cold(
 ) -> Completion:
     """The same prompt computed from scratch (a one-off request, no session)."""
     return engine.generate(Request(messages=messages, params=params, **fields))
+
+
+def greedy_after(engine: Engine, messages: list[dict[str, str]], first: int, max_tokens: int) -> list[int]:
+    """The greedy answer to ``messages`` that starts with ``first``, computed directly on the
+    backend (one prefill, then one token at a time; not the engine's decode loop)."""
+    backend = engine.backend
+    stop = {*backend.info.eos_token_ids, engine.template.end_of_message}
+    if first in stop:
+        return []
+    state = backend.new_state()
+    tokens = [first]
+    logits = backend.forward(state, [*engine.template.render(messages), first])[-1]
+    while len(tokens) < max_tokens:
+        token = int(logits.argmax())
+        if token in stop:
+            break
+        tokens.append(token)
+        logits = backend.forward(state, [token])[-1]
+    return tokens

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -51,15 +52,28 @@ def test_metrics_count_the_requests_made_by_path(tiny: HFBackend) -> None:
         settle(srv, "m")
         turn2 = [*HI, {"role": "assistant", "content": first["choices"][0]["message"]["content"]},
                  {"role": "user", "content": "More."}]
-        chat("m", turn2)  # entry (pre-positioned) or ready_exact
+        second = chat("m", turn2)  # entry (pre-positioned) or ready_exact
         c.post("/v1/sessions", json={"id": "d", "system": "Say yes or no."})
         c.post("/v1/sessions/d/queries", json={"id": "q", "question": "Yes?", "max_tokens": 2})
         c.post("/v1/sessions/d/push", json={"entries": ["x"]})
         settle(srv, "d")
         assert generate("d", prompt="Yes?")["path"] == "ready_exact"
-        assert generate("d", prompt="No?", fast_answer=["yes", "no"], gap_threshold=0)["path"] == "gate"
-        settle(srv, "d")  # a gate answer is verified after it is sent; the session is busy until then
+        # generate is not streamed, so even a forced gate leaves its answer exact
+        assert generate("d", prompt="No?", fast_answer=["yes", "no"], gap_threshold=0)["path"] != "gate"
+        settle(srv, "d")
         generate("d", prompt="Maybe?", gate=False)
+        settle(srv, "m")
+        # A streamed turn with the gate forced open by the request: answered by the gate.
+        turn3 = [*turn2, {"role": "assistant", "content": second["choices"][0]["message"]["content"]},
+                 {"role": "user", "content": "Yes or no?"}]
+        with c.stream("POST", "/v1/chat/completions", headers={"x-session-id": "m"},
+                      json={"messages": turn3, "max_tokens": 2, "temperature": 0, "stream": True,
+                            "stream_options": {"include_usage": True}, "gap_threshold": 0,
+                            "fast_answer": ["yes", "no"]}) as r:
+            last = json.loads([line for line in r.iter_lines() if line.startswith("data: {")][-1][6:])
+        assert last["headstart"]["path"] == "gate" and isinstance(last["headstart"]["verified"], bool)
+        paths["gate"] += 1
+        prompt_tokens += last["usage"]["prompt_tokens"]
         settle(srv)
 
         after = scrape(c.get("/metrics").text)
@@ -71,6 +85,12 @@ def test_metrics_count_the_requests_made_by_path(tiny: HFBackend) -> None:
         assert after["headstart_tokens_total"][(("kind", "cached"),)] > 0
         assert after["headstart_gate_fires_total"][()] == paths["gate"] == 1
         assert after["headstart_gate_verified_total"][()] + after["headstart_gate_false_accepts_total"][()] == 1
+        # the server's own gate is the guaranteed one, closed on this little evidence, and says why
+        assert after["headstart_gate_guaranteed"][()] == 1.0 and after["headstart_gate_target"][()] == 0.95
+        assert after["headstart_gate_evidence"][(("key", "server"),)] >= 2
+        assert after["headstart_gate_evidence"][(("key", "session:m"),)] >= 1
+        (closed,) = [dict(k)["reason"] for k in after["headstart_gate_closed"] if dict(k)["key"] == "server"]
+        assert "too little evidence" in closed
         assert after["headstart_background_tokens_total"][(("kind", "computed"),)] > 0
         assert after["headstart_background_tokens_total"][(("kind", "reused"),)] > 0
         assert (("kind", "wasted"),) in after["headstart_background_tokens_total"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -11,6 +12,7 @@ import openai
 import pytest
 
 from headstart.model import HFBackend
+from headstart.queries import QUESTION_ROLE
 from headstart.template import ChatTemplate
 from tests.apiutil import Blocker, Served, SSEReader, serve, settle, wait_until
 
@@ -133,24 +135,32 @@ def test_generate_is_ephemeral_and_reports_its_path(srv: Served) -> None:
                                                   "temperature": 0}).json()
     assert f["text"] in ("yes", "no") and f["candidate"] in (0, 1)
     err = error_of(c.post("/v1/sessions/gen/generate", json={"prompt": "word " * 5000}), 400)
-    assert err["code"] == "context_length_exceeded" and "4096" in err["message"]
+    asked = [*srv.engine.get_session("gen").messages, {"role": QUESTION_ROLE, "content": "word " * 5000}]
+    prompt_tokens = len(srv.engine.template.render(asked))
+    assert err["code"] == "context_length_exceeded"
+    assert {str(prompt_tokens), "4096"} <= set(re.findall(r"\d+", err["message"])), err  # both lengths
     assert error_of(c.post("/v1/sessions/gen/generate", json={"prompt": ""}), 400)["param"] == "prompt"
     assert error_of(c.post("/v1/sessions/gen/generate", json={"prompt": "x", "temperature": 9}), 400)["param"] == \
         "temperature"
 
 
-def test_generate_speculative_from_the_ready_position(srv: Served) -> None:
-    """With a ready position parked and the gate forced open, a question is answered from
-    the cached distribution: path gate, speculative true."""
+def test_generate_is_exact_even_with_the_gate_forced_open(srv: Served) -> None:
+    """generate answers whole, not streamed: with a ready position parked and the gate forced
+    open, the question still gets the answer of the full computation (the gate would save
+    this client nothing), and the session object says where the gate stands."""
     c = srv.client
     c.post("/v1/sessions", json={"id": "spec", "system": "Answer yes or no."})
     settle(srv, "spec")
-    assert c.get("/v1/sessions/spec").json()["ready"] is True
-    g = c.post("/v1/sessions/spec/generate", json={
-        "prompt": "Is the sky blue?", "fast_answer": ["yes", "no"], "gap_threshold": 0, "temperature": 0,
-    }).json()
-    assert (g["path"], g["speculative"]) == ("gate", True)
+    described = c.get("/v1/sessions/spec").json()
+    assert described["ready"] is True
+    assert described["gate"]["open"] is False and "too little evidence" in described["gate"]["reason"]
+    body = {"prompt": "Is the sky blue?", "fast_answer": ["yes", "no"], "temperature": 0}
+    g = c.post("/v1/sessions/spec/generate", json={**body, "gap_threshold": 0}).json()
+    assert (g["speculative"], g["verified"]) == (False, None) and g["path"] != "gate"
     assert g["text"] in ("yes", "no") and g["logit_gap"] >= 0
+    settle(srv, "spec")
+    again = c.post("/v1/sessions/spec/generate", json={**body, "gate": False}).json()
+    assert again["text"] == g["text"]
 
 
 def test_registered_questions(srv: Served) -> None:
@@ -255,8 +265,15 @@ def test_warm_cancelled_by_a_real_request_keeps_its_work(tiny: HFBackend) -> Non
         t.start()
         session = srv.engine.get_session("w")
         wait_until(lambda: len(session.kv_ids) >= 40)
-        r = c.post("/v1/chat/completions", headers={"x-session-id": "w"},
-                   json={"messages": messages, "max_tokens": 1})
+        chat: dict = {}
+        with Blocker(srv.engine):  # the warm is held within one chunk of here while the request arrives
+            assert len(session.kv_ids) < len(srv.engine.template.render(messages))
+            asker = threading.Thread(target=lambda: chat.update(r=c.post(
+                "/v1/chat/completions", headers={"x-session-id": "w"}, json={"messages": messages, "max_tokens": 1})))
+            asker.start()
+            wait_until(lambda: session.busy)  # the request took the session over, cancelling the warm
+        asker.join(60)
+        r = chat["r"]
         t.join(60)
         w = out["r"].json()
         assert w["status"] == "cancelled" and w["warmed_tokens"] >= 40, w

@@ -43,7 +43,8 @@ def test_quick_agent_bench_compares_every_mode_exactly_and_draws_its_plots(tmp_p
         assert set(m["foreground_wait_ms"]) >= {"p50", "p99"}
         assert sum(m["paths"].values()) == requests
     for name in EXACT:
-        assert report["modes"][name]["mismatches"] == 0, name
+        assert report["modes"][name]["compared"] == requests, name  # every request compared...
+        assert report["modes"][name]["mismatches"] == 0, name  # ...and every one the same
     modes = report["modes"]
     assert modes["stateless"]["paths"] == {"cold": requests}
     assert modes["prefix_cache"]["paths"].get("prefix", 0) > 0
@@ -63,6 +64,7 @@ def test_stream_questions_meet_their_ready_position_and_are_judged_by_the_rule(t
     report = _bench(tmp_path, "--workload", "stream", "--quick", "--sessions", "1", "--turns", "3",
                     "--modes", "stateless,prepositioned,gate")
     modes = report["modes"]
+    assert modes["prepositioned"]["compared"] == modes["prepositioned"]["requests"] == 3
     assert modes["prepositioned"]["mismatches"] == 0
     # The second question comes with no new data: the registered question's ready position is exact.
     assert modes["prepositioned"]["paths"].get("ready_exact", 0) >= 1
@@ -80,4 +82,7 @@ def test_calibrate_prints_a_threshold_and_the_requests_it_rests_on(tmp_path: Pat
     result = json.loads(out.read_text())
     assert result["requests"] == 4
     assert result["rests_on"] >= 1 and result["curve"]
-    assert "rests on these" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"{result['rests_on']} had a ready position and a different prompt (the calibration rests on these)" in out
+    # Four requests are far fewer than 30: the README's warning must be printed.
+    assert f"Warning: {result['rests_on']} requests is too few for a trustworthy threshold" in out

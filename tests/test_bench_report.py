@@ -104,13 +104,15 @@ def test_the_report_has_the_promised_shape_and_figures() -> None:
     assert (g["threshold"], g["fires"], g["false_accepts"], g["precision"], g["coverage"]) == (2.0, 2, 1, 0.5, 0.75)
     cal = g["calibration"]
     assert cal["source"] == "prepositioned" and cal["rests_on"] == 2
-    assert cal["threshold"] == 4.0 and cal["fired"] == 1
-    assert cal["coverage"] == 0.5  # one exact hit plus one gate answer, of four requests
+    # Two verified answers cannot bound a precision near 0.9: the guaranteed gate stays closed.
+    assert cal["threshold"] is None and cal["fired"] == 0 and "too little evidence" in cal["reason"]
+    assert cal["coverage"] == 0.25  # the one exact hit, of four requests
+    assert [(p["threshold"], p["precision"], p["bound"]) for p in cal["curve"]] == [(1.0, 0.5, None), (4.0, 1.0, None)]
     assert g["correctness"]["real_answers"] == {"correct": 0.5, "n": 4}
     assert g["correctness"]["gate_answers"] == {"correct": 1.0, "n": 1}
     assert failures(report) == []
     text = markdown(report)
-    assert "| prepositioned |" in text and "Calibration" in text
+    assert "| prepositioned |" in text and "Guaranteed calibration" in text and "too little evidence" in text
 
 
 def test_an_exact_mode_that_differs_from_stateless_is_a_failure() -> None:
@@ -119,6 +121,16 @@ def test_an_exact_mode_that_differs_from_stateless_is_a_failure() -> None:
     report = build_report({"name": "t", "seed": 0, "sessions": 1, "requests": 4, "gaps": "x"},
                           {"name": "m"}, runs, target=0.9, clients=1)
     assert failures(report) == ["session: 1 of 4 outputs differ from stateless"]
+
+
+def test_an_exact_mode_not_compared_on_every_request_is_a_failure() -> None:
+    runs = _runs()
+    # Keys the reference does not have: nothing to compare, so 0 mismatches proves nothing.
+    runs["session"] = run("session", [rec("session", "other", i, "session", 300, [10 + i]) for i in range(4)])
+    report = build_report({"name": "t", "seed": 0, "sessions": 1, "requests": 4, "gaps": "x"},
+                          {"name": "m"}, runs, target=0.9, clients=1)
+    assert report["modes"]["session"]["mismatches"] == 0
+    assert failures(report) == ["session: only 0 of 4 outputs compared with stateless"]
 
 
 def test_ratios_put_each_mode_over_the_baselines() -> None:
@@ -142,10 +154,12 @@ def test_predicted_deltas_are_compared_by_coverage_at_the_target_and_cost() -> N
         rec("prepositioned:empty", "s", 3, "entry", 200, [13], shadow={"gap": 0.5, "agree": False, "choice": 1}),
     ], bg={"computed": 8, "reused": 8, "wasted": 0})
     report = build_report({"name": "t", "seed": 0, "sessions": 1, "requests": 4, "gaps": "x"},
-                          {"name": "m"}, runs, target=0.9, clients=1, predictor="continuation")
+                          {"name": "m"}, runs, target=0.2, clients=1, predictor="continuation")
     preds = report["predictors"]
     assert set(preds) == {"continuation", "empty"}
-    assert preds["continuation"]["coverage_at_target"] == 0.5  # one exact hit, one gate answer
+    # A bound of 0.2 needs two verified answers: continuation has one agreeing and one not
+    # (closed: its exact hit only), empty two agreeing at gap 3 (open there).
+    assert preds["continuation"]["coverage_at_target"] == 0.25 and preds["continuation"]["threshold"] is None
     assert preds["empty"]["coverage_at_target"] == 0.5 and preds["empty"]["threshold"] == 3.0
     assert preds["empty"]["background_tokens_per_request"]["computed"] == 2.0
     assert "| empty |" in markdown(report)

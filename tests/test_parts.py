@@ -1,4 +1,4 @@
-"""Fast tests of the parts below the engine: text stream, sampling, gate calibration,
+"""Fast tests of the parts below the engine: text stream, sampling,
 template entry, scheduler order."""
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ import time
 import pytest
 import torch
 
-from headstart.gate import Gate, calibrate
 from headstart.model import HFBackend
 from headstart.sampling import SamplingParams, accept, candidate_gap, distribution, pick, top_gap
 from headstart.scheduler import Job, Scheduler
@@ -79,27 +78,6 @@ def test_speculative_acceptance_rate_is_min_one_p_over_q() -> None:
     assert not accept(target, draft, 0, SamplingParams(), None)
 
 
-def test_calibration_finds_the_lowest_threshold_reaching_the_target() -> None:
-    pairs = [(0.5, False), (1.0, True), (1.5, False), (2.0, True), (3.0, True), (4.0, True)]
-    result = calibrate(pairs, target=0.95)
-    assert result.threshold == 2.0 and result.fired == 3 and result.samples == 6
-    assert result.coverage == 0.5 and result.precision == 1.0
-    assert [p.threshold for p in result.curve] == [0.5, 1.0, 1.5, 2.0, 3.0, 4.0]
-    assert calibrate([(1.0, False)], target=0.9).threshold is None
-    assert calibrate([], target=0.9).samples == 0
-
-
-def test_gate_counts_only_fired_answers() -> None:
-    gate = Gate(threshold=1.0)
-    assert gate.fires(1.0) and not gate.fires(0.5) and not gate.fires(float("nan"))
-    assert gate.fires(0.5, threshold=0.0)
-    gate.record(2.0, True, fired=True)
-    gate.record(2.0, False, fired=True)
-    gate.record(0.1, False, fired=False)
-    assert (gate.counters.fires, gate.counters.verified, gate.counters.false_accepts) == (2, 1, 1)
-    assert gate.counters.precision == 0.5 and len(gate.pairs()) == 3
-
-
 def test_entry_is_the_common_part_of_two_renderings(tiny: HFBackend) -> None:
     template = ChatTemplate(tiny.tokenizer)
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
@@ -115,18 +93,19 @@ def test_entry_is_the_common_part_of_two_renderings(tiny: HFBackend) -> None:
 def test_scheduler_runs_foreground_before_background_and_round_robin() -> None:
     scheduler = Scheduler()
     log: list[str] = []
-    gate = threading.Event()
+    inside, gate = threading.Event(), threading.Event()
 
     def job(name: str, steps: int, wait: bool = False):
         for i in range(steps):
             if wait and i == 0:
-                gate.wait(5)
+                inside.set()
+                assert gate.wait(5)
             log.append(f"{name}{i}")
             yield
 
     scheduler.submit_background("bg", Job(job("b", 3, wait=True)))
     scheduler.start()
-    time.sleep(0.05)  # the background job is now inside its first chunk
+    assert inside.wait(5)  # the background job is inside its first chunk
     scheduler.submit(Job(job("x", 2)))
     scheduler.submit(Job(job("y", 2)))
     gate.set()
@@ -138,19 +117,50 @@ def test_scheduler_runs_foreground_before_background_and_round_robin() -> None:
 def test_cancelled_background_job_stops_after_its_chunk() -> None:
     scheduler = Scheduler()
     log: list[int] = []
+    inside, go_on = threading.Event(), threading.Event()
 
     def job():
         for i in range(100):
             log.append(i)
-            time.sleep(0.002)
+            if i == 0:
+                inside.set()
+                assert go_on.wait(5)
             yield
 
-    scheduler.submit_background("k", Job(job()))
+    steps = job()
+    scheduler.submit_background("k", Job(steps))
     scheduler.start()
-    time.sleep(0.03)
+    assert inside.wait(5)  # cancelled while it is inside its first chunk
     assert scheduler.cancel_background("k")
+    go_on.set()
     assert scheduler.wait_idle(5)
-    n = len(log)
-    time.sleep(0.05)
     scheduler.stop()
-    assert len(log) == n < 100
+    assert log == [0]  # it finished the chunk it was in, and no other
+    assert steps.gi_frame is None  # and was closed, so it never runs again
+
+
+def test_wait_idle_returns_only_after_every_jobs_last_step() -> None:
+    """A gate answer's completion goes out inside a step and its verification is the next
+    step: a wait_idle right after the answer must wait for the verification too, even if
+    it looks while the model thread is between the end of a step and the job's re-queue."""
+    scheduler = Scheduler()
+    log: list[str] = []
+    answered, finish = threading.Event(), threading.Event()
+
+    def gate_like():
+        answered.set()  # the client hears of the answer here
+        assert finish.wait(5)
+        yield
+        log.append("verified")
+
+    scheduler.start()
+    scheduler.submit(Job(gate_like()))
+    assert answered.wait(5)
+    with scheduler._cond:  # hold the model thread where the step has ended, before the re-queue
+        finish.set()
+        deadline = time.monotonic() + 0.5
+        while scheduler._busy and time.monotonic() < deadline:
+            pass
+        assert scheduler.wait_idle(5)
+        assert log == ["verified"]
+    scheduler.stop()

@@ -10,8 +10,9 @@ from collections.abc import Callable
 import torch
 
 from headstart.engine import Engine, Request
-from headstart.model import HFBackend, qwen_chunks
+from headstart.model import HFBackend
 from headstart.model.loader import resolve
+from headstart.model.qwen_chunks import QWEN05
 from headstart.prepos import next_role
 from headstart.sampling import SamplingParams
 from headstart.template import ChatTemplate
@@ -41,7 +42,7 @@ def test_qwen_converted_output_layer_is_the_ggufs(qwen: HFBackend) -> None:
     from gguf.quants import dequantize
 
     assert not qwen.model.config.tie_word_embeddings
-    source = resolve(qwen_chunks.NAME)
+    source = resolve(QWEN05.name)
     tensors = {t.name: t for t in GGUFReader(source.path / str(source.gguf_file)).tensors}
     for name, weight in (("output.weight", qwen.model.lm_head.weight),
                          ("token_embd.weight", qwen.model.model.embed_tokens.weight)):
@@ -73,7 +74,7 @@ def test_qwen_every_exact_path_equals_cold(qwen: HFBackend, make_engine: Callabl
 
 def test_qwen_gate_at_threshold_zero(qwen: HFBackend, make_engine: Callable[..., Engine]) -> None:
     engine = make_engine(qwen, gap_threshold=0.0, **SMALL_IDLE)
-    outs, prompts = converse(engine, "qwen-gate", QUESTIONS[:2], params=SHORT)
+    outs, prompts = converse(engine, "qwen-gate", QUESTIONS[:2], params=SHORT, stream=True)
     c = outs[1]
     assert c.path in ("gate", "ready_exact")
     reference = cold(engine, prompts[1], params=SHORT)

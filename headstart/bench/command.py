@@ -22,7 +22,7 @@ from typing import Any
 
 from headstart.bench import modes as modes_mod
 from headstart.bench.workloads import WORKLOADS, Workload, load_trace, make_workload, parse_gaps
-from headstart.gate import DEFAULT_THRESHOLD
+from headstart.gate import DEFAULT_CONFIDENCE, DEFAULT_TARGET
 from headstart.prepos import DEFAULT_PREDICTOR, PREDICTORS
 
 
@@ -45,10 +45,12 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modes", default=",".join(modes_mod.BASE_MODES),
                    help="comma-separated; also prepositioned:PREDICTOR to compare predicted deltas "
                         f"({', '.join(PREDICTORS)})")
-    p.add_argument("--gap-threshold", default=str(DEFAULT_THRESHOLD),
-                   help="the gate's logit-gap threshold, or 'auto': calibrated on this run's prepositioned "
-                        "mode to --target (in-sample)")
-    p.add_argument("--target", type=float, default=0.95, help="precision the calibration aims for")
+    p.add_argument("--gap-threshold", default=str(modes_mod.BENCH_GAP),
+                   help="the gate mode's fixed logit-gap threshold; 'guaranteed': the server's default gate "
+                        "(fires where the precision bound reaches --target, calibrated online); 'auto': "
+                        "calibrated on this run's prepositioned mode with the same bound (in-sample)")
+    p.add_argument("--target", type=float, default=DEFAULT_TARGET, help="precision the calibration's bound aims for")
+    p.add_argument("--confidence", type=float, default=DEFAULT_CONFIDENCE, help="the confidence of that bound")
     p.add_argument("--predictor", choices=PREDICTORS, default=DEFAULT_PREDICTOR, help="predicted next message")
     p.add_argument("--prefix-blocks", type=int, default=1024, help="prefix_cache capacity in blocks")
     p.add_argument("--prefix-block", type=int, default=16, help="prefix_cache block size in tokens")
@@ -106,11 +108,16 @@ def run_bench(args: argparse.Namespace) -> int:
     try:
         workload = _workload(args)
         auto = args.gap_threshold == "auto"
-        threshold = DEFAULT_THRESHOLD if auto else float(args.gap_threshold)
+        threshold = (modes_mod.BENCH_GAP if auto else None if args.gap_threshold == "guaranteed"
+                     else float(args.gap_threshold))
+        if not (0.0 < args.target < 1.0 and 0.0 < args.confidence < 1.0):
+            raise ValueError("--target and --confidence must be in (0, 1)")
         names = [m.strip() for m in args.modes.split(",") if m.strip()]
         specs = modes_mod.mode_specs(
             names,
             gap_threshold=threshold,
+            target=args.target,
+            confidence=args.confidence,
             predictor=args.predictor,
             prefix_blocks=args.prefix_blocks,
             prefix_block=args.prefix_block,
@@ -164,13 +171,13 @@ def run_bench(args: argparse.Namespace) -> int:
 
         pre = runs["prepositioned"]
         hits = sum(r.path == "ready_exact" for r in pre.records)
-        cal = calibration_figures(shadow_pairs(pre), args.target, hits, len(pre.records))
+        cal = calibration_figures(shadow_pairs(pre), args.target, hits, len(pre.records), args.confidence)
         chosen = cal["threshold"] if cal["threshold"] is not None else float("inf")
         notes.append(
             f"gate threshold calibrated on this run's prepositioned mode (in-sample) to precision "
             f"{args.target:g}: {chosen:g}, resting on {cal['rests_on']} requests"
         )
-        description = spec.description.replace(f"{threshold:g}", f"{chosen:g}")
+        description = spec.description.replace(f"{modes_mod.BENCH_GAP:g}", f"{chosen:g}")
         return replace(spec, config=replace(spec.config, gap_threshold=chosen), description=description)
 
     # Calibrating in-run needs the whole prepositioned run before the gate: one round then.
@@ -211,7 +218,7 @@ def run_bench(args: argparse.Namespace) -> int:
     command = "headstart " + " ".join(shlex.quote(a) for a in (args.argv or []))
     report = build_report(
         workload.describe(), model, runs, target=args.target, clients=clients, command=command, notes=notes,
-        predictor=args.predictor,
+        predictor=args.predictor, confidence=args.confidence,
     )
     report["elapsed_s"] = round(elapsed, 1)
     print(markdown(report))

@@ -13,7 +13,7 @@ from collections import Counter
 from typing import Any
 
 from headstart.bench.runner import ModeRun, Record
-from headstart.gate import calibrate
+from headstart.gate import DEFAULT_CONFIDENCE, calibrate
 from headstart.prepos import DEFAULT_PREDICTOR
 from headstart.stats import PATHS, percentile, summary
 
@@ -105,6 +105,7 @@ def mode_report(run: ModeRun, reference: ModeRun | None) -> dict[str, Any]:
         "exact": run.exact,
         "requests": len(recs),
         "ttft_ms": _times([r.ttft_ms for r in recs]),
+        "ttft_p50_by_path": {p: percentile([r.ttft_ms for r in recs if r.path == p], 50) for p in sorted(paths)},
         "decided_ms": _times([r.decided_ms for r in recs]),
         "e2e_ms": _times([r.e2e_ms for r in recs]),
         "paths": {p: paths[p] for p in [*PATHS, *sorted(set(paths) - set(PATHS))] if paths[p]},
@@ -130,16 +131,24 @@ def mode_report(run: ModeRun, reference: ModeRun | None) -> dict[str, Any]:
 
 
 def calibration_figures(
-    pairs: list[tuple[float, bool]], target: float, exact_hits: int, requests: int
+    pairs: list[tuple[float, bool]],
+    target: float,
+    exact_hits: int,
+    requests: int,
+    confidence: float = DEFAULT_CONFIDENCE,
 ) -> dict[str, Any]:
-    """:func:`headstart.gate.calibrate` on ``pairs``, with coverage also as a share of all
-    ``requests`` (exact hits count as covered at every threshold)."""
-    cal = calibrate(pairs, target)
+    """:func:`headstart.gate.calibrate` on ``pairs`` (the guaranteed gate's own math), with
+    coverage also as a share of all ``requests`` (exact hits count as covered at every
+    threshold)."""
+    cal = calibrate(pairs, target, confidence, curve_bounds=True)
     fired = cal.fired
     return {
         "target": target,
+        "confidence": confidence,
         "threshold": cal.threshold,
         "precision": None if cal.precision is None else round(cal.precision, 4),
+        "bound": None if cal.bound is None else round(cal.bound, 4),
+        "reason": cal.reason,
         "fired": fired,
         "rests_on": cal.samples,
         "coverage_of_pairs": round(cal.coverage, 4),
@@ -149,6 +158,7 @@ def calibration_figures(
                 "threshold": round(p.threshold, 4),
                 "fired": p.fired,
                 "precision": None if p.precision is None else round(p.precision, 4),
+                "bound": None if p.bound is None else round(p.bound, 4),
                 "coverage": _share(exact_hits + p.fired, requests),
             }
             for p in cal.curve
@@ -187,7 +197,9 @@ def add_correctness(curve: list[dict[str, Any]], records: list[Record]) -> None:
         point["correct"] = _share(sum(fired), len(fired))
 
 
-def gate_report(runs: dict[str, ModeRun], target: float) -> dict[str, Any] | None:
+def gate_report(
+    runs: dict[str, ModeRun], target: float, confidence: float = DEFAULT_CONFIDENCE
+) -> dict[str, Any] | None:
     """The gate at its operating threshold, and where calibration would put it.
 
     Live figures come from the ``gate`` mode. Calibration uses the ``prepositioned`` run,
@@ -229,13 +241,13 @@ def gate_report(runs: dict[str, ModeRun], target: float) -> dict[str, Any] | Non
     if cal_run is not None:
         exact_hits = sum(r.path == "ready_exact" for r in cal_run.records)
         n = len(cal_run.records)
-        cal = calibration_figures(shadow_pairs(cal_run), target, exact_hits, n)
+        cal = calibration_figures(shadow_pairs(cal_run), target, exact_hits, n, confidence)
         add_correctness(cal["curve"], cal_run.records)
         out["calibration"] = {"source": cal_run.name, **cal}
         fresh_pairs = shadow_pairs(cal_run, rep)
         out["calibration_without_repeats"] = {
             k: v
-            for k, v in calibration_figures(fresh_pairs, target, exact_hits, n).items()
+            for k, v in calibration_figures(fresh_pairs, target, exact_hits, n, confidence).items()
             if k != "curve"
         }
     judged = [r for r in reference.records if r.truth is not None]
@@ -268,7 +280,12 @@ def correctness(runs: dict[str, ModeRun], reference: ModeRun) -> dict[str, Any]:
     return out
 
 
-def predictor_report(runs: dict[str, ModeRun], target: float, default: str = DEFAULT_PREDICTOR) -> dict[str, Any]:
+def predictor_report(
+    runs: dict[str, ModeRun],
+    target: float,
+    default: str = DEFAULT_PREDICTOR,
+    confidence: float = DEFAULT_CONFIDENCE,
+) -> dict[str, Any]:
     """Coverage at the target precision per predicted delta (``prepositioned:PREDICTOR`` runs),
     with the background tokens each costs per request."""
     out = {}
@@ -277,7 +294,7 @@ def predictor_report(runs: dict[str, ModeRun], target: float, default: str = DEF
             continue
         predictor = name.partition(":")[2] or default
         exact_hits = sum(r.path == "ready_exact" for r in run.records)
-        cal = calibration_figures(shadow_pairs(run), target, exact_hits, len(run.records))
+        cal = calibration_figures(shadow_pairs(run), target, exact_hits, len(run.records), confidence)
         out[predictor] = {
             "ready_exact": exact_hits,
             "threshold": cal["threshold"],
@@ -314,6 +331,7 @@ def build_report(
     command: str | None = None,
     notes: list[str] | None = None,
     predictor: str = DEFAULT_PREDICTOR,
+    confidence: float = DEFAULT_CONFIDENCE,
 ) -> dict[str, Any]:
     reference = runs.get(REFERENCE)
     modes = {name: mode_report(run, reference if name != REFERENCE else None) for name, run in runs.items()}
@@ -325,21 +343,26 @@ def build_report(
         "command": command,
         "modes": modes,
         "ratios": ratios(modes),
-        "gate": gate_report(runs, target),
+        "gate": gate_report(runs, target, confidence),
         "notes": notes or [],
     }
-    preds = predictor_report(runs, target, predictor)
+    preds = predictor_report(runs, target, predictor, confidence)
     if len(preds) > 1:
         report["predictors"] = preds
     return report
 
 
 def failures(report: dict[str, Any]) -> list[str]:
-    """Exact modes whose outputs differ from ``stateless``: the run must fail on these."""
+    """Exact modes whose outputs differ from ``stateless``, or that were not compared on
+    every request (0 mismatches of nothing compared proves nothing): the run must fail."""
     bad = []
     for name, m in report["modes"].items():
-        if m.get("exact") and name != REFERENCE and m.get("mismatches"):
+        if not m.get("exact") or name == REFERENCE:
+            continue
+        if m.get("mismatches"):
             bad.append(f"{name}: {m['mismatches']} of {m['compared']} outputs differ from {REFERENCE}")
+        elif m.get("compared") != m.get("requests"):
+            bad.append(f"{name}: only {m.get('compared')} of {m.get('requests')} outputs compared with {REFERENCE}")
     return bad
 
 
@@ -406,9 +429,10 @@ def markdown(report: dict[str, Any]) -> str:
     g = report.get("gate")
     if g:
         lines.append("")
-        if g.get("threshold") is not None:
+        if g.get("requests") is not None:
+            where = "guaranteed (precision bound)" if g["threshold"] is None else f"at logit gap {g['threshold']:g}"
             lines.append(
-                f"Gate at logit gap {g['threshold']:g}: fired {g['fires']} of {g.get('requests', '?')} requests, "
+                f"Gate {where}: fired {g['fires']} of {g['requests']} requests, "
                 f"coverage {_pct(g['coverage'])} (ready_exact + gate), precision {_pct(g['precision'])}, "
                 f"false accepts {g['false_accepts']}; without answers that repeat the previous one: precision "
                 f"{_pct(g.get('precision_without_repeats'))} on {g.get('fires_without_repeats', 0)} fires. "
@@ -417,15 +441,17 @@ def markdown(report: dict[str, Any]) -> str:
             )
         cal = g.get("calibration")
         if cal:
-            thr = "none reaches it" if cal["threshold"] is None else f"logit gap {cal['threshold']:.2f}"
+            thr = (f"closed ({cal['reason']})" if cal["threshold"] is None
+                   else f"logit gap {cal['threshold']:.2f}, precision {_pct(cal['precision'])} (bound "
+                        f"{_pct(cal['bound'])})")
             lines.append(
-                f"Calibration on the {cal['source']} run for precision {cal['target']:g}: {thr}, coverage "
-                f"{_pct(cal['coverage'])}, resting on {cal['rests_on']} requests with a ready position "
-                f"({cal['fired']} would fire)."
+                f"Guaranteed calibration on the {cal['source']} run, lower bound of precision >= {cal['target']:g} "
+                f"at confidence {cal['confidence']:g}: {thr}, coverage {_pct(cal['coverage'])}, resting on "
+                f"{cal['rests_on']} requests with a ready position ({cal['fired']} would fire)."
             )
             cw = g.get("calibration_without_repeats")
             if cw:
-                thr = "none reaches it" if cw["threshold"] is None else f"logit gap {cw['threshold']:.2f}"
+                thr = "closed" if cw["threshold"] is None else f"logit gap {cw['threshold']:.2f}"
                 lines.append(f"Same, repeats left out: {thr}, resting on {cw['rests_on']} requests.")
         c = g.get("correctness")
         if c:

@@ -55,7 +55,6 @@ class Record:
     candidates: list[str] | None = None
     shadow: dict[str, Any] | None = None
     overlapped: bool = False  # in flight while another session's request was
-    completion: Completion | None = field(default=None, repr=False)
 
     @property
     def key(self) -> tuple[str, int]:
@@ -74,11 +73,6 @@ class Record:
         if self.shadow is not None and self.candidates:
             return self.candidates[int(self.shadow["choice"])]
         return None
-
-    def refresh(self) -> None:
-        """Pick up what the engine set after the answer went out (a candidate gate's check)."""
-        if self.completion is not None and self.completion.verified is not None:
-            self.verified = self.completion.verified
 
 
 @dataclass
@@ -143,6 +137,7 @@ def request_for(spec: ModeSpec, script: Script, step: Step, messages: list[Messa
         session_id=script.id if spec.sessions else None,
         fast_answer=list(step.fast_answer) if step.fast_answer else None,
         tools=list(script.tools) if script.tools else None,
+        stream=True,  # the benchmark reads each answer as it is made, as a streaming client does
     )
 
 
@@ -216,7 +211,6 @@ def _drive(
             truth=step.truth,
             candidates=list(step.fast_answer) if step.fast_answer else None,
             shadow=c.extra.get("shadow"),
-            completion=c,
         )
         with lock:
             sink.append(rec)
@@ -298,8 +292,6 @@ def run_mode(
         records, wall = run_clients(workload, clients, drive)
         # Outside the timed part: let work still queued finish, so what it computed is counted.
         engine.wait_idle(600)
-        for r in records:
-            r.refresh()
         snap = engine.stats.snapshot()
         bg = dict(snap["background_tokens"])
         counters = engine.gate.counters

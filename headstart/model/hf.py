@@ -116,6 +116,11 @@ class HFBackend:
         if length < state.length:
             state.cache.crop(length - state.length)
             state.length = length
+            # DynamicCache crops by slicing, and a slice pins its whole buffer: copy what is
+            # kept so the dropped rows' memory is freed now (the KV budget counts real bytes).
+            for layer in state.cache.layers:
+                if layer.is_initialized and layer.keys is not None:
+                    layer.keys, layer.values = layer.keys.clone(), layer.values.clone()
 
     def clone(self, state: HFState) -> HFState:
         copy = self.new_state()

@@ -69,7 +69,7 @@ def _named_models() -> dict[str, Callable[[Path], Path]]:
 
     return {
         DEFAULT_MODEL: _smollm2_gguf,
-        qwen_chunks.NAME: qwen_chunks.assemble,
+        **{name: m.assemble for name, m in qwen_chunks.MODELS.items()},
     }
 
 

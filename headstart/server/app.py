@@ -11,6 +11,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -70,15 +71,23 @@ def _load(state: State, factory: Callable[[], Engine]) -> None:
 
 
 def default_factory(config: ServerConfig) -> Callable[[], Engine]:
+    """The engine builder of ``headstart serve``. The database and the spill folder are
+    claimed here, before the model loads, so a second server on the same data stops at
+    once (:class:`~headstart.ownership.Claimed`, naming the holder) instead of serving."""
+    from headstart.ownership import Claim
+    from headstart.store import SessionStore, default_data_dir
+
+    data = default_data_dir()
+    db = config.db if config.db is not None else str(data / "headstart.db")
+    spill_dir = config.spill_dir if config.spill_dir is not None else str(data / "spill")
+    # What this server holds for as long as it lives: its database and its spill folder.
+    held = (SessionStore(db) if db else None, Claim(Path(spill_dir) / "owner.lock", f"the spill folder {spill_dir}"))
+
     def build() -> Engine:
         from headstart.model import load
-        from headstart.store import SessionStore, default_data_dir
 
+        store, _spill = held
         backend = load(config.model, device=config.device, dtype=config.dtype, cache_dir=config.cache_dir)
-        data = default_data_dir()
-        db = config.db if config.db is not None else str(data / "headstart.db")
-        store = SessionStore(db) if db else None
-        spill_dir = config.spill_dir if config.spill_dir is not None else str(data / "spill")
         return Engine(backend, config=config.engine, store=store, spill_dir=spill_dir)
 
     return build

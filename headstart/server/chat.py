@@ -21,6 +21,7 @@ from starlette.routing import Route
 
 from headstart.handle import Completion, Delta, Handle
 from headstart.logits import TokenLogprob
+from headstart.server.gone import unless_gone
 from headstart.server.schema import ChatCompletionRequest
 
 SESSION_HEADER = "x-session-id"
@@ -63,6 +64,9 @@ def extension(c: Completion, ignored: list[str] | None = None) -> dict[str, Any]
         # A gap over a single fast_answer candidate is infinite; JSON has no infinity.
         "logit_gap": c.logit_gap if c.logit_gap is None or math.isfinite(c.logit_gap) else None,
         "speculative": c.speculative,
+        # Whether the gate's first token (or candidate) is the one the full computation gives;
+        # None when the gate did not answer (every other path is exact).
+        "verified": c.verified,
         "candidate": c.candidate,
         "ignored_fields": ignored or [],
         # A gate answer's first token was chosen, and its logprob read, from a cached distribution.
@@ -157,7 +161,7 @@ async def create_chat_completion(request: Request) -> Response:
     if req.stream:
         include_usage = bool((req.stream_options or {}).get("include_usage"))
         return stream_response(handle, shape, include_usage, ignored)
-    return JSONResponse(await answer(handle, shape, ignored))
+    return JSONResponse(await answer(request, handle, shape, ignored))
 
 
 class ChatShape:
@@ -199,7 +203,8 @@ class ChatShape:
                 "choices": [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]}
 
 
-async def _collect(handle: Handle) -> Completion:
+async def collect(handle: Handle) -> Completion:
+    """The completion at the end of ``handle`` (the deltas before it are dropped)."""
     async for item in handle:
         if isinstance(item, Completion):
             return item
@@ -214,14 +219,17 @@ def total_usage(completions: list[Completion]) -> dict[str, Any]:
     return out
 
 
-async def answer(handle: Handle, shape: Any, ignored: list[str]) -> dict[str, Any]:
+async def answer(request: Request, handle: Handle, shape: Any, ignored: list[str]) -> dict[str, Any]:
     """The whole answer, every choice (a client that goes away cancels them)."""
-    try:
-        completions = [await _collect(h) for h in handle.choices]
-    except asyncio.CancelledError:
+
+    async def every_choice() -> list[Completion]:
+        return [await collect(h) for h in handle.choices]
+
+    def cancel() -> None:
         for h in handle.choices:
             h.cancel()
-        raise
+
+    completions = await unless_gone(request, every_choice(), cancel)
     return {**shape.envelope(shape.object), "choices": [shape.choice(i, c) for i, c in enumerate(completions)],
             "usage": total_usage(completions), "headstart": extension(completions[0], ignored)}
 

@@ -99,7 +99,7 @@ async def create_completion(request: Request) -> Response:
     if req.stream:
         include_usage = bool((req.stream_options or {}).get("include_usage"))
         return stream_response(handle, shape, include_usage, ignored)
-    return JSONResponse(await answer(handle, shape, ignored))
+    return JSONResponse(await answer(request, handle, shape, ignored))
 
 
 def routes(wrap: Any) -> list[Route]:

@@ -13,7 +13,15 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from headstart.errors import BadRequest, ContextTooLong, SessionBusy, SessionExists, SessionNotFound, TooManySessions
+from headstart.errors import (
+    BadRequest,
+    ContextTooLong,
+    SessionBusy,
+    SessionExists,
+    SessionNotFound,
+    StoreUnavailable,
+    TooManySessions,
+)
 from headstart.template import TemplateError
 
 log = logging.getLogger("headstart.server")
@@ -74,6 +82,8 @@ def to_response(exc: BaseException) -> JSONResponse:
         return error_response(409, str(exc), "conflict_error", code=getattr(exc, "code", "session_exists"))
     if isinstance(exc, TooManySessions):
         return error_response(429, str(exc), "rate_limit_error", code="too_many_sessions")
+    if isinstance(exc, StoreUnavailable):
+        return error_response(503, str(exc), "service_unavailable", code="store_unavailable")
     if isinstance(exc, RecursionError):
         return error_response(400, "the body is nested too deeply", code="invalid_value")
     log.exception("unexpected error", exc_info=exc)

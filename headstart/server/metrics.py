@@ -49,6 +49,45 @@ class EngineCollector(Collector):
         except Exception:  # a scrape must never fail the endpoint
             log.exception("metrics collection failed")
 
+    def _gate(self, engine: Engine) -> Iterator[Metric]:
+        """Per calibration key: where the gate fires (NaN: closed), the precision above it with
+        its lower bound, the coverage and the verified answers it rests on; and the reason of
+        each closed key as an info-style gauge."""
+        desc = engine.gate.describe()
+        fixed = desc["fixed_threshold"]
+        mode = GaugeMetricFamily("headstart_gate_guaranteed", "1: the gate fires only where its precision bound holds")
+        mode.add_metric([], 0.0 if fixed is not None else 1.0)
+        yield mode
+        target = GaugeMetricFamily("headstart_gate_target", "the precision the gate's lower bound must reach")
+        target.add_metric([], desc["target"])
+        yield target
+        if fixed is not None:
+            gate = GaugeMetricFamily("headstart_gate_fixed_threshold", "the server's fixed gate threshold (logit gap)")
+            gate.add_metric([], fixed)
+            yield gate
+        families = {
+            name: GaugeMetricFamily(f"headstart_gate_{name}", doc, labels=["key"])
+            for name, doc in (
+                ("threshold", "the calibrated logit-gap threshold per key (NaN: closed)"),
+                ("precision", "precision of the verified answers at or above the threshold (NaN: none)"),
+                ("precision_bound", "lower confidence bound of that precision (NaN: not tested)"),
+                ("coverage", "share of the key's verified answers at or above the threshold"),
+                ("evidence", "verified answers (gate answers and shadow checks) the key's calibration rests on"),
+            )
+        }
+        closed = GaugeMetricFamily(
+            "headstart_gate_closed", "1 per closed key, with the reason", labels=["key", "reason"]
+        )
+        nan = float("nan")
+        for key, k in desc["keys"].items():
+            for name, value in (("threshold", k["threshold"]), ("precision", k["precision"]),
+                                ("precision_bound", k["bound"]), ("coverage", k["coverage"]), ("evidence", k["n"])):
+                families[name].add_metric([key], nan if value is None else float(value))
+            if not k["open"]:
+                closed.add_metric([key, k["reason"] or ""], 1.0)
+        yield from families.values()
+        yield closed
+
     def _engine(self, engine: Engine) -> Iterator[Metric]:
         g = engine.gate.counters
         for name, value, doc in (
@@ -60,9 +99,7 @@ class EngineCollector(Collector):
             c = CounterMetricFamily(f"headstart_gate_{name}", doc)
             c.add_metric([], value)
             yield c
-        gate = GaugeMetricFamily("headstart_gate_threshold", "the server's gate threshold (logit gap)")
-        gate.add_metric([], engine.gate.threshold)
-        yield gate
+        yield from self._gate(engine)
 
         stats = engine.stats.snapshot()
         bg = CounterMetricFamily(

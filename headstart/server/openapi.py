@@ -11,7 +11,7 @@ from pydantic.json_schema import models_json_schema
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from headstart import __version__
+from headstart import __version__, sessionapi
 from headstart.server import sessions
 from headstart.server.schema import ChatCompletionRequest, CompletionRequest
 from headstart.server.session_schema import ErrorResponse, Health
@@ -88,8 +88,9 @@ def _error(description: str) -> dict[str, Any]:
         model="ErrorResponse")}}}}
 
 
-def document() -> dict[str, Any]:
-    """The OpenAPI 3.1 document."""
+def document(window_max: int | None = None) -> dict[str, Any]:
+    """The OpenAPI 3.1 document; ``window_max``, the largest session window the loaded model
+    allows, is stated as that field's maximum."""
     ops = operations()
     models = {ErrorResponse, Health}
     for d in ops:
@@ -120,19 +121,23 @@ def document() -> dict[str, Any]:
             "404": _error("no such session or question (or it belongs to another key)"),
             "409": _error("a request is in flight on the session, or the id exists"),
             "413": _error("the body is over the size limit"),
-            "503": _error("the model is still loading"),
+            "503": _error("the model is still loading, or the session store cannot be written (nothing was saved)"),
         }
         if not d.open:
             op["responses"]["401"] = _error("a valid API key is required (when the server has keys)")
             op["security"] = [{"bearer": []}, {"apiKey": []}]
         paths.setdefault(d.path, {})[d.method.lower()] = op
+    schemas = defs.get("$defs", {})
+    if window_max is not None:
+        window = schemas["CreateSessionRequest"]["properties"]["window"]
+        next(a for a in window["anyOf"] if a.get("type") == "integer")["maximum"] = window_max
     return {
         "openapi": "3.1.0",
         "info": {"title": "headstart", "version": __version__,
                  "description": "A stateful LLM inference server that works while it waits."},
         "paths": paths,
         "components": {
-            "schemas": defs.get("$defs", {}),
+            "schemas": schemas,
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer"},
                 "apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"},
@@ -149,5 +154,8 @@ def _op_id(d: Doc) -> str:
 async def openapi(request: Request) -> Response:
     doc = getattr(request.app.state, "openapi", None)
     if doc is None:
-        doc = request.app.state.openapi = document()
+        engine = request.app.state.headstart.engine
+        doc = document(window_max=sessionapi.context_room(engine) if engine is not None else None)
+        if engine is not None:  # kept once the model's limits are in it
+            request.app.state.openapi = doc
     return JSONResponse(doc)

@@ -357,6 +357,7 @@ class ChatCompletionRequest(SamplingFields):
             gap_threshold=self.gap_threshold,
             fast_answer=self.fast_answer,
             n=self.n or 1,
+            stream=self.stream,  # only a streamed answer may come from the gate
         )
 
 
@@ -419,4 +420,5 @@ class CompletionRequest(SamplingFields):
             gap_threshold=self.gap_threshold,
             fast_answer=self.fast_answer,
             n=self.n or 1,
+            stream=self.stream,
         )

@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
+from headstart.ingest import MIN_WINDOW
 from headstart.server.schema import SamplingFields
 
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
@@ -32,8 +33,11 @@ class CreateSessionRequest(Strict):
         validation_alias=AliasChoices("pre_position", "pre_decode"),
         description="spend idle time moving the session to its next decision point",
     )
+    # The most a window may be depends on the model (its context less --context-reserve): the
+    # engine checks it, and /openapi.json states it as the maximum once the model is loaded.
     window: int | None = Field(
-        default=None, ge=1, le=10_000_000, description="sliding window in tokens: the oldest data is dropped past it"
+        default=None, ge=MIN_WINDOW, description=f"sliding window in tokens, {MIN_WINDOW} up to the model's "
+        "context less the server's --context-reserve: the oldest data is dropped past it"
     )
     gate: bool | None = Field(default=None, description="allow answers from a cached distribution (default: server)")
     gap_threshold: float | None = Field(
@@ -94,6 +98,30 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+class GateCalibration(BaseModel):
+    open: bool
+    threshold: float | None = Field(description="the logit gap from which the gate fires; null: closed")
+    precision: float | None = Field(description="precision of the verified answers at or above it")
+    bound: float | None = Field(description="the lower confidence bound of that precision")
+    coverage: float = Field(description="share of the key's verified answers at or above the threshold")
+    fired: int
+    n: int = Field(description="verified answers (gate answers and shadow checks) it rests on")
+    reason: str | None = Field(description="why it is closed")
+
+
+class GateState(BaseModel):
+    """The gate for a streamed turn on this session (non-streamed answers are always exact)."""
+
+    enabled: bool
+    open: bool
+    threshold: float | None
+    key: str | None = Field(description="the calibration key that decided; null for a fixed threshold")
+    reason: str | None
+    target: float
+    confidence: float
+    keys: dict[str, GateCalibration]
+
+
 class SessionObject(BaseModel):
     model_config = ConfigDict(extra="allow")
     id: str
@@ -121,6 +149,7 @@ class SessionObject(BaseModel):
     ready_gap: float | None
     entry_tokens: int | None
     paths: dict[str, int] = Field(description="requests served per path")
+    gate: GateState
 
 
 class SessionList(BaseModel):

@@ -22,11 +22,11 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from headstart import queries, sessionapi
+from headstart import queries, sessionapi, upkeep
 from headstart.engine import Engine
-from headstart.handle import Completion, Handle
-from headstart.server.chat import owner_of
+from headstart.server.chat import collect, owner_of
 from headstart.server.errors import read_json
+from headstart.server.gone import unless_gone
 from headstart.server.schema import ChatCompletionRequest
 from headstart.server.session_schema import (
     CreateSessionRequest,
@@ -100,7 +100,9 @@ async def warm(request: Request) -> Response:
     req = ChatCompletionRequest.model_validate(await _body(request))
     engine_req = req.to_engine(s.id, owner_of(request), request.app.state.headstart.config.default_temperature)
     ticket = sessionapi.warm(engine, s, engine_req)
-    result = await asyncio.wrap_future(ticket.future)
+    result = await unless_gone(
+        request, asyncio.wrap_future(ticket.future), lambda: upkeep.cancel_warm(engine, s, ticket)
+    )
     return respond(WarmResponse, {**result, "session_id": s.id})
 
 
@@ -128,7 +130,7 @@ async def generate(request: Request) -> Response:
         engine, s, req.prompt, req.sampling(state.config.default_temperature), owner=owner_of(request),
         fast_answer=req.fast_answer, gap_threshold=req.gap_threshold, gate=req.gate, loop=asyncio.get_running_loop(),
     )
-    c = await _collect(handle)
+    c = await unless_gone(request, collect(handle), handle.cancel)
     return respond(
         GenerateResponse,
         {
@@ -151,17 +153,6 @@ async def generate(request: Request) -> Response:
                        "forwards_before_first_token": c.extra.get("forwards_before_first_token")},
         },
     )
-
-
-async def _collect(handle: Handle) -> Completion:
-    try:
-        async for item in handle:
-            if isinstance(item, Completion):
-                return item
-    except asyncio.CancelledError:
-        handle.cancel()
-        raise
-    raise RuntimeError("the engine ended a request without a completion")
 
 
 async def create_query(request: Request) -> Response:
