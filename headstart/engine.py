@@ -49,7 +49,7 @@ from headstart.model.backend import Backend
 from headstart.prefixcache import PrefixCache
 from headstart.prepos import DEFAULT_PREDICTOR, PREDICTORS, SURE_GAP, PreposConfig
 from headstart.registry import Limits, SessionRegistry
-from headstart.sampling import SamplingParams, accept, candidate_gap, top_gap
+from headstart.sampling import Constraint, SamplingParams, accept, candidate_gap, top_gap
 from headstart.scheduler import Job, Scheduler
 from headstart.session import ReadyPosition, Session
 from headstart.spill import Spill
@@ -480,17 +480,24 @@ class Engine:
             raise BadRequest("a raw prompt takes neither messages nor tools", param="prompt")
         return ids
 
-    def _matcher(self, params: SamplingParams) -> GrammarMatcher | None:
-        """A fresh position in the request's grammar (compiled once per distinct constraint)."""
-        if params.constraint is None:
-            return None
+    def compile_constraint(self, constraint: Constraint) -> None:
+        """Compile ``constraint`` ahead of its request (a door calls this off its event loop:
+        a new schema takes seconds); the compiled grammar is kept for every later request."""
         if self._grammars is None:
             stop = {*self.backend.info.eos_token_ids, self.template.end_of_message}
             self._grammars = Grammars(self.template.tokenizer, self.backend.info.vocab_size, stop)
         try:
-            return self._grammars.matcher(params.constraint)
+            self._grammars.compile(constraint)
         except GrammarError as exc:
             raise BadRequest(str(exc), param="response_format") from exc
+
+    def _matcher(self, params: SamplingParams) -> GrammarMatcher | None:
+        """A fresh position in the request's grammar."""
+        if params.constraint is None:
+            return None
+        self.compile_constraint(params.constraint)
+        assert self._grammars is not None
+        return self._grammars.matcher(params.constraint)
 
     def _check_params(self, params: SamplingParams, req: Request) -> None:
         """What the logits rules need to be valid here (the door checked the ranges)."""

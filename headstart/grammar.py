@@ -22,6 +22,8 @@ import torch
 
 from headstart.sampling import Constraint
 
+KEPT = 64  # compiled constraints kept per model
+
 
 class GrammarError(ValueError):
     """A schema the grammar engine cannot compile (the door answers 400)."""
@@ -38,15 +40,23 @@ class Grammars:
         self._stop = sorted(set(stop_ids))
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab, stop_token_ids=self._stop)
         self._compiler = xgr.GrammarCompiler(info, max_threads=2)
+        self._compiled: dict[Constraint, object] = {}
         self._lock = threading.Lock()
 
     def compile(self, constraint: Constraint) -> object:
-        schema = '{"type": "object"}' if constraint.kind == "json_object" else constraint.schema
-        try:
-            with self._lock:
-                return self._compiler.compile_json_schema(schema, any_whitespace=False)
-        except Exception as exc:  # xgrammar raises several kinds for schemas it cannot take
-            raise GrammarError(f"the JSON schema cannot be compiled: {exc}") from exc
+        """The compiled grammar of ``constraint``, compiled on first use and kept."""
+        with self._lock:
+            if constraint in self._compiled:
+                return self._compiled[constraint]
+            schema = '{"type": "object"}' if constraint.kind == "json_object" else constraint.schema
+            try:
+                compiled = self._compiler.compile_json_schema(schema, any_whitespace=False)
+            except Exception as exc:  # xgrammar raises several kinds for schemas it cannot take
+                raise GrammarError(f"the JSON schema cannot be compiled: {exc}") from exc
+            self._compiled[constraint] = compiled
+            if len(self._compiled) > KEPT:
+                del self._compiled[next(iter(self._compiled))]  # the oldest
+            return compiled
 
     def matcher(self, constraint: Constraint) -> GrammarMatcher:
         return GrammarMatcher(self._xgr, self.compile(constraint), self.vocab)

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -156,6 +157,8 @@ async def create_chat_completion(request: Request) -> Response:
     ignored = req.ignored()
     session_id = request.headers.get(SESSION_HEADER) or None
     engine_req = req.to_engine(session_id, owner_of(request), state.config.default_temperature)
+    if engine_req.params.constraint is not None:  # a new schema compiles for seconds: not on the loop
+        await run_in_threadpool(engine.compile_constraint, engine_req.params.constraint)
     handle = engine.submit(engine_req, loop=asyncio.get_running_loop())
     shape = ChatShape(f"chatcmpl-{uuid.uuid4().hex}", model, token_text(request) if req.logprobs else None)
     if req.stream:

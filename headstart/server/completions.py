@@ -11,6 +11,7 @@ import asyncio
 import uuid
 from typing import Any
 
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -92,6 +93,8 @@ async def create_completion(request: Request) -> Response:
     ids = engine.template.encode(req.prompt) if isinstance(req.prompt, str) else list(req.prompt)
     session_id = request.headers.get(SESSION_HEADER) or None
     engine_req = req.to_engine(ids, session_id, owner_of(request), state.config.default_temperature)
+    if engine_req.params.constraint is not None:  # a new schema compiles for seconds: not on the loop
+        await run_in_threadpool(engine.compile_constraint, engine_req.params.constraint)
     handle = engine.submit(engine_req, loop=asyncio.get_running_loop())
     echo = "" if not req.echo else req.prompt if isinstance(req.prompt, str) else engine.template.decode(ids)
     shape = TextShape(f"cmpl-{uuid.uuid4().hex}", model, token_text(request) if req.logprobs is not None else None,
