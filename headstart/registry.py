@@ -4,6 +4,12 @@ The engine asks the registry for a session when a request arrives and hands it b
 the request is done; in between the session is busy and nothing evicts it. Everything
 a client was told (a session exists, a turn succeeded) is in the store before the
 client hears it; KV is only a cache of it and may be evicted, spilled or lost.
+
+With a shared store (one opened with a ``holder``: a replica among several) the store, not
+this registry, says which sessions exist: each lookup claims the session for this replica,
+taking it over from the transcript when another replica held it since, and a replica whose
+claim went stale drops its copy at its next write (``SessionMoved``) rather than overwrite
+the newer holder's turns.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from headstart.errors import (
     BadRequest,
     SessionBusy,
     SessionExists,
+    SessionMoved,
     SessionNotFound,
     StoreUnavailable,
     TooManySessions,
@@ -30,7 +37,7 @@ from headstart.model.backend import Backend
 from headstart.scheduler import Scheduler
 from headstart.session import Session
 from headstart.spill import Spill
-from headstart.store import SessionStore
+from headstart.store import StaleClaim, TranscriptStore
 
 log = logging.getLogger("headstart.registry")
 
@@ -63,7 +70,7 @@ class SessionRegistry:
         scheduler: Scheduler,
         budget: Budget,
         limits: Limits,
-        store: SessionStore | None = None,
+        store: TranscriptStore | None = None,
         spill: Spill | None = None,
     ) -> None:
         self.backend = backend
@@ -78,7 +85,8 @@ class SessionRegistry:
         self._sessions: dict[str, Session] = {}
         self._oneoff: set[Session] = set()  # sessionless requests being served: their KV counts too
         self._lock = threading.Lock()
-        if store is not None:
+        self.shared = store is not None and store.holder is not None
+        if store is not None and not self.shared:
             for stored in store.load_all():
                 self._sessions[stored.id] = Session.from_stored(stored, backend)
 
@@ -103,7 +111,18 @@ class SessionRegistry:
             self._oneoff.add(s)
 
     def visible(self, owner: str | None) -> list[Session]:
-        return [s for s in self.all() if s.owner is None or s.owner == owner]
+        """The caller's sessions; with a shared store, every replica's (a session this one
+        does not hold is described from its transcript, with no KV)."""
+        sessions = self.all()
+        if self.shared:
+            assert self.store is not None
+            mine = {s.id: s for s in sessions}
+            sessions = []
+            for stored in self.store.load_all():
+                s = mine.get(stored.id)
+                held = s is not None and s.epoch == stored.epoch
+                sessions.append(s if held else Session.from_stored(stored, self.backend))
+        return [s for s in sessions if s.owner is None or s.owner == owner]
 
     def create(
         self, session_id: str | None, owner: str | None, setup: Callable[[Session], None] | None = None
@@ -113,6 +132,8 @@ class SessionRegistry:
         if not SESSION_ID.match(session_id):
             raise BadRequest(INVALID_ID, param="id")
         self.reap()
+        if self.shared:
+            self._claim(session_id)
         with self._lock:
             if session_id in self._sessions:
                 raise SessionExists(f"session {session_id!r} already exists")
@@ -126,8 +147,11 @@ class SessionRegistry:
 
     def get(self, session_id: str, owner: str | None) -> Session:
         """A session the caller may see; another owner's session does not exist for it."""
-        with self._lock:
-            s = self._sessions.get(session_id)
+        if self.shared:
+            s = self._claim(session_id)
+        else:
+            with self._lock:
+                s = self._sessions.get(session_id)
         if s is None or (s.owner is not None and s.owner != owner):
             raise SessionNotFound(f"no session {session_id!r}")
         return s
@@ -136,6 +160,8 @@ class SessionRegistry:
         """The session a request will run on, marked busy (409 if it already is)."""
         if not SESSION_ID.match(session_id):
             raise BadRequest(INVALID_ID, param="x-session-id")
+        if self.shared:
+            self._claim(session_id)
         with self._lock:
             s = self._sessions.get(session_id)
             if s is not None and s.owner is not None and s.owner != owner:
@@ -153,7 +179,10 @@ class SessionRegistry:
             s.busy = True
             s.last_used = time.time()
         if fresh:
-            self._persist_new(s)
+            try:
+                self._persist_new(s)
+            except SessionExists as exc:  # another replica created it this instant
+                raise SessionMoved(str(exc)) from exc
         self.scheduler.cancel_background(s.id)  # a request takes over from idle-time work
         return s
 
@@ -174,27 +203,76 @@ class SessionRegistry:
         """Commit a session's durable part (call before acknowledging anything about it).
         Raises :class:`StoreUnavailable` when the store cannot commit: the caller then undoes
         its change and refuses the request."""
-        if self.store is not None:
+        if self.store is None:
+            return
+        try:
             self.store.save(s.to_stored())
+        except StaleClaim as exc:
+            self._drop(s)
+            raise SessionMoved(f"session {s.id!r} moved to another replica: {exc}; retry the request") from exc
 
     def _persist_new(self, s: Session) -> None:
-        """Store a session just made; one that cannot be stored does not exist."""
+        """Store a session just made; one that cannot be stored does not exist. With a shared
+        store it is created claimed by this replica at epoch 1, unless another made it first."""
         try:
-            self.persist(s)
+            if not self.shared:
+                self.persist(s)
+                return
+            assert self.store is not None
+            s.epoch = 1
+            if not self.store.insert(s.to_stored()):
+                self._drop(s)
+                raise SessionExists(f"session {s.id!r} already exists")
         except StoreUnavailable:
             with self._lock:
                 self._sessions.pop(s.id, None)
             raise
+
+    def _claim(self, session_id: str) -> Session | None:
+        """This replica's up-to-date copy of a session (None: the store has none).
+
+        A copy held at the latest claim stays as it is, KV and all; otherwise the session is
+        claimed and rebuilt from its transcript (its next request computes the KV cold).
+        """
+        assert self.store is not None
+        with self._lock:
+            local = self._sessions.get(session_id)
+        claim = self.store.claim(session_id, local.epoch if local is not None else None)
+        if claim is None or claim.stored is not None:
+            if local is not None:
+                self._drop(local)
+            if claim is None:
+                return None
+        if claim.stored is None:
+            return local
+        s = Session.from_stored(claim.stored, self.backend)
+        with self._lock:
+            self._check_room()
+            self._sessions[session_id] = s
+        return s
+
+    def _drop(self, s: Session) -> None:
+        """Forget this replica's copy of a session it no longer holds; the transcript stays."""
+        with self._lock:
+            if self._sessions.get(s.id) is s:
+                del self._sessions[s.id]
+            s.deleted = True  # for this replica: no idle-time work is scheduled on it any more
+        self._forget(s)
 
     def delete(self, session_id: str, owner: str | None) -> Session:
         s = self.get(session_id, owner)
         with self._lock:
             if s.busy:
                 raise SessionBusy(f"session {session_id!r} has a request in flight")
-            if self.store is not None:
-                self.store.delete(s.id)  # first: a delete that cannot be stored changes nothing
-            self._sessions.pop(session_id, None)
-            s.deleted = True
+            # First: a delete that cannot be stored changes nothing. With a shared store only
+            # the latest claim may delete; a stale one lets go of its copy instead.
+            gone = self.store is None or self.store.delete(s.id, s.epoch if self.shared else None) or not self.shared
+            if gone:
+                self._sessions.pop(session_id, None)
+                s.deleted = True
+        if not gone:
+            self._drop(s)
+            raise SessionMoved(f"session {session_id!r} moved to another replica; retry the request")
         self._forget(s)
         return s
 
@@ -221,7 +299,8 @@ class SessionRegistry:
         for s in expired:
             if self.store is not None:
                 try:
-                    self.store.delete(s.id)
+                    # A shared store refuses a stale claim's delete: then only this copy goes.
+                    self.store.delete(s.id, s.epoch if self.shared else None)
                 except StoreUnavailable:  # it stays stored, and expires again after a restart
                     log.warning("could not delete expired session %s from the store", s.id, exc_info=True)
             self._forget(s)

@@ -108,6 +108,7 @@ class Session:
         self.positioned_entry: list[int] | None = None
         self.evicted = False
         self.deleted = False
+        self.epoch = 0  # this replica's claim on the session in a shared store (registry.py)
 
     def to_stored(self) -> StoredSession:
         """The part of the session that must survive a restart."""
@@ -126,6 +127,7 @@ class Session:
                 "data": self.data.snapshot(),
                 "queries": [q.to_dict() for q in list(self.queries.values())],
             },
+            epoch=self.epoch,
         )
 
     @classmethod
@@ -133,6 +135,7 @@ class Session:
         """A session as it was stored, with no KV yet (its next request rebuilds it)."""
         s = cls(stored.id, backend, stored.owner)
         s.created, s.last_used, s.turns = stored.created, stored.last_used, stored.turns
+        s.epoch = stored.epoch
         s.settings = SessionSettings.from_dict(stored.settings)
         s.messages, s.tools = stored.messages, stored.tools
         s.paths.update(stored.paths)

@@ -1,27 +1,38 @@
-"""Transcripts that survive a restart: sessions in SQLite.
+"""Transcripts that survive a restart: the store interface, and sessions in SQLite.
 
 A session's id, owner, settings, messages and counters are written before the client is
 told anything about them, so a crash (even ``kill -9``) loses no acknowledged turn. KV is
 not stored here: it is a cache, rebuilt (or reloaded from the spill folder) on demand.
-WAL mode keeps reads cheap while the single writer commits.
+
+Two backends share one interface (``TranscriptStore``) and one schema history: SQLite
+(this module, the one-machine default; WAL mode keeps reads cheap while the single writer
+commits) and PostgreSQL (store_pg.py, for replicas that share sessions). A store opened
+with a ``holder`` (a replica's name) fences every write: a session row carries the holder
+that last claimed it and an epoch bumped on each claim, and a write from a holder whose
+claim is no longer the latest is refused with ``StaleClaim``. Without a holder (one server)
+nothing is fenced.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
 import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from headstart.errors import StoreUnavailable
-from headstart.ownership import Claim
+from headstart.ownership import Claim as Ownership
 
-# One statement per schema version: _MIGRATIONS[v] brings a database from version v to v+1.
-_MIGRATIONS = [
-    """
+# _MIGRATIONS[v] holds the statements that bring a database from version v to v+1.
+# store_pg.py keeps the same versions in PostgreSQL's dialect.
+_MIGRATIONS: list[tuple[str, ...]] = [
+    (
+        """
 CREATE TABLE IF NOT EXISTS sessions (
     id TEXT PRIMARY KEY,
     owner TEXT,
@@ -35,8 +46,15 @@ CREATE TABLE IF NOT EXISTS sessions (
     state TEXT NOT NULL DEFAULT '{}'
 )
 """,
+    ),
+    (
+        "ALTER TABLE sessions ADD COLUMN holder TEXT",
+        "ALTER TABLE sessions ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0",
+    ),
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
+
+COLUMNS = "id, owner, created, last_used, turns, settings, messages, tools, paths, state, holder, epoch"
 
 
 def default_data_dir() -> Path:
@@ -47,7 +65,7 @@ def default_data_dir() -> Path:
 
 @dataclass
 class StoredSession:
-    """A session's durable part, as read back at start-up."""
+    """A session's durable part, as read back at start-up or on a claim."""
 
     id: str
     owner: str | None
@@ -59,20 +77,187 @@ class StoredSession:
     tools: list[dict[str, Any]] | None = None
     paths: dict[str, int] = field(default_factory=dict)
     state: dict[str, Any] = field(default_factory=dict)
+    epoch: int = 0  # the claim this copy was written under (fenced stores only)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A holder's claim on a session: its epoch, and the transcript when it changed hands."""
+
+    epoch: int
+    stored: StoredSession | None  # None: the holder already held the session at this epoch
 
 
 class SchemaError(RuntimeError):
     """The database was written by a newer headstart."""
 
 
-class SessionStore:
-    """One SQLite file, one writer connection guarded by a lock, owned by one process at a
-    time (a second one gets :class:`~headstart.ownership.Claimed`, naming the holder)."""
+class StaleClaim(RuntimeError):
+    """Another holder claimed the session since this one did (or it was deleted): the write is refused."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+
+class TranscriptStore(Protocol):
+    """What the session registry needs from a durable store."""
+
+    holder: str | None
+
+    def save(self, s: StoredSession) -> None:
+        """Write a session (fenced by ``s.epoch`` when the store has a holder)."""
+
+    def insert(self, s: StoredSession) -> bool:
+        """Create a session claimed by this holder at ``s.epoch``; False if the id exists."""
+
+    def claim(self, session_id: str, held_epoch: int | None) -> Claim | None:
+        """Take a session over (None: no such session); a no-op when already held at ``held_epoch``."""
+
+    def touch(self, session_id: str, last_used: float) -> None: ...
+
+    def delete(self, session_id: str, epoch: int | None = None) -> bool:
+        """Remove a session; with an epoch, only while that claim is the latest."""
+
+    def load_all(self) -> list[StoredSession]: ...
+
+    def close(self) -> None: ...
+
+
+def open_store(url: str, holder: str | None = None) -> TranscriptStore:
+    """``postgresql://...`` opens PostgreSQL; anything else is a SQLite file path."""
+    if url.startswith(("postgresql://", "postgres://")):
+        from headstart.store_pg import PostgresStore
+
+        return PostgresStore(url, holder)
+    return SessionStore(url, holder)
+
+
+Execute = Callable[[str, Sequence[Any]], list[tuple[Any, ...]]]
+
+
+def encode(s: StoredSession) -> tuple[Any, ...]:
+    """A session as the row values after its id, in ``COLUMNS`` order up to ``state``."""
+    return (
+        s.owner,
+        s.created,
+        s.last_used,
+        s.turns,
+        json.dumps(s.settings),
+        json.dumps(s.messages),
+        json.dumps(s.tools) if s.tools is not None else None,
+        json.dumps(s.paths),
+        json.dumps(s.state),
+    )
+
+
+def decode(r: Sequence[Any]) -> StoredSession:
+    """A row selected as ``COLUMNS``."""
+    return StoredSession(
+        id=r[0],
+        owner=r[1],
+        created=r[2],
+        last_used=r[3],
+        turns=r[4],
+        settings=json.loads(r[5]),
+        messages=json.loads(r[6]),
+        tools=json.loads(r[7]) if r[7] is not None else None,
+        paths=json.loads(r[8]),
+        state=json.loads(r[9]),
+        epoch=r[11],
+    )
+
+
+class FencedSQL:
+    """The SQL both backends run, written once with ``?`` placeholders.
+
+    A backend supplies ``_transaction`` (one transaction, yielding an execute function)
+    and ``_lock_row`` (PostgreSQL's ``FOR UPDATE``; SQLite's writer lock already
+    serialises the transaction).
+    """
+
+    holder: str | None
+    _lock_row = ""
+
+    def _transaction(self) -> contextlib.AbstractContextManager[Execute]:
+        raise NotImplementedError
+
+    def save(self, s: StoredSession) -> None:
+        values = encode(s)
+        with self._transaction() as run:
+            if self.holder is None:
+                run(
+                    f"INSERT INTO sessions ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, 0) "
+                    "ON CONFLICT(id) DO UPDATE SET owner = excluded.owner, created = excluded.created, "
+                    "last_used = excluded.last_used, turns = excluded.turns, settings = excluded.settings, "
+                    "messages = excluded.messages, tools = excluded.tools, paths = excluded.paths, "
+                    "state = excluded.state",
+                    (s.id, *values),
+                )
+                return
+            done = run(
+                "UPDATE sessions SET owner = ?, created = ?, last_used = ?, turns = ?, settings = ?, messages = ?, "
+                "tools = ?, paths = ?, state = ? WHERE id = ? AND holder = ? AND epoch = ? RETURNING id",
+                (*values, s.id, self.holder, s.epoch),
+            )
+            if not done:
+                raise StaleClaim(f"session {s.id!r} was claimed by another replica (or deleted) since epoch {s.epoch}")
+
+    def insert(self, s: StoredSession) -> bool:
+        with self._transaction() as run:
+            made = run(
+                f"INSERT INTO sessions ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT(id) DO NOTHING RETURNING id",
+                (s.id, *encode(s), self.holder, s.epoch),
+            )
+        return bool(made)
+
+    def claim(self, session_id: str, held_epoch: int | None) -> Claim | None:
+        with self._transaction() as run:
+            rows = run(f"SELECT {COLUMNS} FROM sessions WHERE id = ?{self._lock_row}", (session_id,))
+            if not rows:
+                return None
+            row = rows[0]
+            if row[10] == self.holder and row[11] == held_epoch:
+                return Claim(held_epoch, None)
+            epoch = row[11] + 1
+            run("UPDATE sessions SET holder = ?, epoch = ? WHERE id = ?", (self.holder, epoch, session_id))
+        stored = decode(row)
+        stored.epoch = epoch
+        return Claim(epoch, stored)
+
+    def touch(self, session_id: str, last_used: float) -> None:
+        with self._transaction() as run:
+            run("UPDATE sessions SET last_used = ? WHERE id = ?", (last_used, session_id))
+
+    def delete(self, session_id: str, epoch: int | None = None) -> bool:
+        with self._transaction() as run:
+            if epoch is None:
+                gone = run("DELETE FROM sessions WHERE id = ? RETURNING id", (session_id,))
+            else:
+                gone = run(
+                    "DELETE FROM sessions WHERE id = ? AND holder = ? AND epoch = ? RETURNING id",
+                    (session_id, self.holder, epoch),
+                )
+        return bool(gone)
+
+    def load_all(self) -> list[StoredSession]:
+        with self._transaction() as run:
+            rows = run(f"SELECT {COLUMNS} FROM sessions ORDER BY last_used", ())
+        return [decode(r) for r in rows]
+
+
+class SessionStore(FencedSQL):
+    """One SQLite file, one writer connection guarded by a lock. Without a holder the file
+    is owned by one process at a time (a second one gets
+    :class:`~headstart.ownership.Claimed`, naming the holder); stores with holders share it,
+    each write fenced by its claim."""
+
+    def __init__(self, path: str | os.PathLike[str], holder: str | None = None) -> None:
         self.path = Path(path)
+        self.holder = holder
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._claim = Claim(self.path.with_name(self.path.name + ".lock"), f"the database {self.path}")
+        self._claim = (
+            Ownership(self.path.with_name(self.path.name + ".lock"), f"the database {self.path}")
+            if holder is None
+            else None
+        )
         self._lock = threading.Lock()
         try:
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
@@ -82,7 +267,8 @@ class SessionStore:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._migrate()
         except BaseException:
-            self._claim.release()
+            if self._claim is not None:
+                self._claim.release()
             raise
 
     def _migrate(self) -> None:
@@ -95,70 +281,37 @@ class SessionStore:
             if version < SCHEMA_VERSION:
                 self._db.execute("BEGIN IMMEDIATE")
                 for step in _MIGRATIONS[version:]:
-                    self._db.execute(step)
+                    for statement in step:
+                        self._db.execute(statement)
                 self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
                 self._db.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[Execute]:
+        """One transaction; a failed commit (disk full, read-only, I/O error) is a
+        :class:`StoreUnavailable`, so the caller refuses what it could not make durable."""
+
+        def run(sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+            return self._db.execute(sql, params).fetchall()
+
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield run
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if self._db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
+                raise StoreUnavailable(f"the session store could not be written ({exc}); nothing was saved, "
+                                       "retry once the disk accepts writes again") from exc
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
-        self._claim.release()
-
-    def _write(self, sql: str, args: tuple[Any, ...]) -> None:
-        """Commit one statement; a failed commit (disk full, read-only, I/O error) is a
-        :class:`StoreUnavailable`, so the caller refuses what it could not make durable."""
-        with self._lock:
-            try:
-                self._db.execute(sql, args)
-            except sqlite3.Error as exc:
-                raise StoreUnavailable(f"the session store could not be written ({exc}); nothing was saved, "
-                                       "retry once the disk accepts writes again") from exc
-
-    def save(self, s: StoredSession) -> None:
-        """Insert or replace a session's durable part in one transaction."""
-        row = (
-            s.id,
-            s.owner,
-            s.created,
-            s.last_used,
-            s.turns,
-            json.dumps(s.settings),
-            json.dumps(s.messages),
-            json.dumps(s.tools) if s.tools is not None else None,
-            json.dumps(s.paths),
-            json.dumps(s.state),
-        )
-        self._write(
-            "INSERT OR REPLACE INTO sessions "
-            "(id, owner, created, last_used, turns, settings, messages, tools, paths, state) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            row,
-        )
-
-    def touch(self, session_id: str, last_used: float) -> None:
-        self._write("UPDATE sessions SET last_used = ? WHERE id = ?", (last_used, session_id))
-
-    def delete(self, session_id: str) -> None:
-        self._write("DELETE FROM sessions WHERE id = ?", (session_id,))
-
-    def load_all(self) -> list[StoredSession]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT id, owner, created, last_used, turns, settings, messages, tools, paths, state "
-                "FROM sessions ORDER BY last_used"
-            ).fetchall()
-        return [
-            StoredSession(
-                id=r[0],
-                owner=r[1],
-                created=r[2],
-                last_used=r[3],
-                turns=r[4],
-                settings=json.loads(r[5]),
-                messages=json.loads(r[6]),
-                tools=json.loads(r[7]) if r[7] is not None else None,
-                paths=json.loads(r[8]),
-                state=json.loads(r[9]),
-            )
-            for r in rows
-        ]
+        if self._claim is not None:
+            self._claim.release()

@@ -7,6 +7,7 @@ for fast tests of engine logic; ``real`` is the default model, for every capabil
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -141,3 +142,52 @@ class LiveServer:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[str]:
+    """A PostgreSQL server: ``$HEADSTART_TEST_PG_DSN`` (CI starts one), else a throwaway
+    cluster started here. Never skipped: without PostgreSQL the store tests fail."""
+    dsn = os.environ.get("HEADSTART_TEST_PG_DSN")
+    if dsn:
+        yield dsn
+        return
+    from tests import pg_cluster
+
+    root, dsn = pg_cluster.start()
+    try:
+        yield dsn
+    finally:
+        pg_cluster.stop(root)
+
+
+@contextlib.contextmanager
+def pg_database(server: str) -> Iterator[str]:
+    """A fresh, empty database on ``server``, dropped afterwards."""
+    import uuid
+
+    import psycopg
+
+    name = f"headstart_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    base, _, _ = server.rpartition("/")
+    try:
+        yield f"{base}/{name}"
+    finally:
+        with psycopg.connect(server, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def pg_url(pg_server: str) -> Iterator[str]:
+    with pg_database(pg_server) as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: object) -> str:
+    """Each store test runs on both backends."""
+    if request.param == "sqlite":
+        return str(tmp_path / "headstart.db")  # type: ignore[operator]
+    return request.getfixturevalue("pg_url")

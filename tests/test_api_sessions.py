@@ -182,6 +182,10 @@ def test_registered_questions(srv: Served) -> None:
     hit = c.post("/v1/sessions/qs/generate", json={"prompt": "How many?", "max_tokens": 4, "temperature": 0}).json()
     assert hit["path"] == "ready_exact" and hit["logit_gap"] == pytest.approx(count["confidence"])
     assert hit["text"].strip() == count["value"]
+    # ...and both are what a cold computation of the same question gives.
+    asked = [*srv.engine.get_session("qs").messages, {"role": QUESTION_ROLE, "content": "How many?"}]
+    cold = c.post("/v1/chat/completions", json={"messages": asked, "max_tokens": 4, "temperature": 0}).json()
+    assert cold["headstart"]["path"] == "cold" and cold["choices"][0]["message"]["content"] == hit["text"]
     c.post("/v1/sessions/qs/push", json={"entries": ["c"]})
     settle(srv, "qs")
     count = c.get("/v1/sessions/qs/queries/count").json()

@@ -84,5 +84,8 @@ def test_calibrate_prints_a_threshold_and_the_requests_it_rests_on(tmp_path: Pat
     assert result["rests_on"] >= 1 and result["curve"]
     out = capsys.readouterr().out
     assert f"{result['rests_on']} had a ready position and a different prompt (the calibration rests on these)" in out
-    # Four requests are far fewer than 30: the README's warning must be printed.
-    assert f"Warning: {result['rests_on']} requests is too few for a trustworthy threshold" in out
+    # Four requests cannot bound a precision of 0.9 (that takes 29 right of 29): the gate stays
+    # closed, and the reason says so instead of a threshold resting on a handful of answers.
+    assert result["threshold"] is None and result["bound"] is None
+    assert f"The gate stays closed for this model and traffic: too little evidence: {result['rests_on']} " \
+           "verified answers" in out

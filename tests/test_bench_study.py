@@ -56,3 +56,7 @@ def test_the_study_writes_one_table_and_one_png(tmp_path: Path) -> None:
     assert "| agreement with the full computation: all / repeats left out | 100% / 100% | 67% / 50% |" in text
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["nonsense"]) == 2
+    # --common: each workload on the requests every model ran (b's last two left out)
+    c = _write(tmp_path / "c.jsonl", [True, False], [3.0, 1.0])
+    assert main([f"small:stream={a}", f"big:stream={c}", "--common", "--markdown", str(md)]) == 0
+    assert "| requests (ready_exact) | 3 (0) | 3 (0) |" in md.read_text()

@@ -234,3 +234,18 @@ def test_idle_work_never_evicts_real_state(tiny: HFBackend) -> None:
         assert meter.peak <= engine.budget.limit
     finally:
         engine.stop()
+
+
+def test_the_counted_kv_is_the_memory_held(tiny: HFBackend) -> None:
+    """What the budget counts is what the KV tensors' buffers hold: after pre-positioning
+    parks a ready position and crops the session back to its entry, no dropped row may stay
+    pinned in memory behind a view."""
+    engine = Engine(tiny, config=EngineConfig(kv_budget=1 << 40, spill=False)).start()
+    try:
+        _turn(engine, "a", QUESTIONS[0])
+        assert "next" in engine.get_session("a").ready  # parked, and the session cropped back
+        counted = engine.sessions.resident_bytes()
+        assert held_kv_bytes(engine, pinned=False) == counted  # the elements the tensors hold...
+        assert held_kv_bytes(engine) == counted  # ...are all the memory behind them
+    finally:
+        engine.stop()

@@ -90,3 +90,24 @@ def test_sampled_turns_are_reproducible_with_a_seed(
     outs, prompts = converse(engine, "sampled", QUESTIONS[:2], params=params)
     for c, prompt in zip(outs, prompts, strict=True):
         assert c.token_ids == cold(engine, prompt, params=params).token_ids
+
+
+def test_cold_equals_transformers_generate(real: HFBackend, make_engine: Callable[..., Engine]) -> None:
+    """The reference every exactness test uses (a one-off request on the engine) against an
+    outside oracle: transformers' own greedy ``generate`` on the same weights and prompt,
+    so a bug shared by the engine's paths cannot hide behind its own reference."""
+    import torch
+
+    engine = make_engine(real, pre_position=False, gate=False)
+    stop = [*real.info.eos_token_ids, engine.template.end_of_message]
+    for question in QUESTIONS[:2]:
+        messages = [{"role": "user", "content": question}]
+        prompt = engine.template.render(messages)
+        ids = torch.tensor([prompt], device=real.device)
+        with torch.inference_mode():
+            out = real.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                      max_new_tokens=GREEDY.max_tokens, eos_token_id=stop, pad_token_id=stop[0])
+        oracle = out[0, len(prompt):].tolist()
+        while oracle and oracle[-1] in stop:  # generate keeps the stop token; the engine never emits it
+            oracle.pop()
+        assert cold(engine, messages).token_ids == oracle

@@ -9,11 +9,33 @@ from pathlib import Path
 
 import httpx
 
+from headstart import queries, sessionapi
+from headstart.engine import Engine, EngineConfig
+from headstart.model import HFBackend
 from headstart.store import SessionStore
 from tests.apiutil import SSEReader
 from tests.serverproc import Server
 
 QUESTION = "Is the latest inlet temperature above 28 C? Answer Yes or No."
+
+
+def test_an_engine_started_on_a_store_takes_up_its_sessions_work(tiny: HFBackend, tmp_path: Path) -> None:
+    config = EngineConfig(pre_position=False)
+    before = Engine(tiny, config=config, store=SessionStore(tmp_path / "h.db"))  # never started: does nothing
+    s = sessionapi.open_session(before, "feed", None)
+    sessionapi.add_query(before, s, QUESTION, query_id="hot", fast_answer=["Yes", "No"])
+    sessionapi.push(before, s, sessionapi.measure(before, s, ["reading 1: inlet 27.5 C", "reading 2: 29.1 C"]))
+    before.stop()
+
+    engine = Engine(tiny, config=config, store=SessionStore(tmp_path / "h.db")).start()
+    try:
+        assert engine.wait_idle(120)
+        s = engine.get_session("feed")
+        assert s.data.waiting == 0 and s.data.counters()["ingested"] == 2 and s.data.version == 1
+        assert queries.get(s, "hot").fresh(s) and queries.get(s, "hot").value in ("Yes", "No")
+        assert s.turns == 0  # no request ran on it
+    finally:
+        engine.stop()
 
 
 def test_restored_sessions_ingest_and_answer_after_a_kill(tmp_path: Path) -> None:

@@ -18,12 +18,13 @@ import argparse
 import json
 import sys
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from headstart.bench.report import repeats, shadow_pairs
 from headstart.bench.runner import ModeRun, Record
-from headstart.gate import DEFAULT_CONFIDENCE, DEFAULT_TARGET, calibrate
+from headstart.gate import DEFAULT_CONFIDENCE, DEFAULT_TARGET, calibrate, lower_bound
 from headstart.stats import percentile
 
 
@@ -35,6 +36,17 @@ def load_runs(path: str | Path) -> dict[str, ModeRun]:
             r = Record(**json.loads(line))
             by_mode[r.mode].append(r)
     return {m: ModeRun(m, m, m != "gate", recs, 0.0, {}, {}, []) for m, recs in by_mode.items()}
+
+
+def common(runs_by_model: dict[str, dict[str, ModeRun]]) -> dict[str, dict[str, ModeRun]]:
+    """Every model's runs cut to the requests (session, step) that all of them ran: a larger
+    model may run a reduced set of the same workload (the same seed gives the same sessions)."""
+    keys = set.intersection(*({r.key for run in runs.values() for r in run.records}
+                              for runs in runs_by_model.values()))
+    return {
+        model: {name: replace(run, records=[r for r in run.records if r.key in keys]) for name, run in runs.items()}
+        for model, runs in runs_by_model.items()
+    }
 
 
 def _share(n: int, d: int) -> float | None:
@@ -68,6 +80,9 @@ def figures(runs: dict[str, ModeRun], target: float = DEFAULT_TARGET,
         "decisions_without_repeats": len(fresh),
         "agreement": _share(sum(ok for _, ok in pairs), len(pairs)),
         "agreement_without_repeats": _share(sum(ok for _, ok in fresh), len(fresh)),
+        # how high the agreement of all (non-repeated) decisions is known to be, at the confidence
+        "agreement_bound": _bound(pairs, confidence),
+        "agreement_without_repeats_bound": _bound(fresh, confidence),
         "repeat_share": _share(sum(rep.values()), len(rep)),
         "guaranteed": {"threshold": cal.threshold, "coverage": _share(exact + cal.fired, n),
                        "precision": cal.precision, "bound": cal.bound, "reason": cal.reason},
@@ -86,6 +101,10 @@ def figures(runs: dict[str, ModeRun], target: float = DEFAULT_TARGET,
         },
         "ttft_p50_by_path": {k: None if v is None else round(v, 1) for k, v in by_path.items()},
     }
+
+
+def _bound(pairs: list[tuple[float, bool]], confidence: float) -> float | None:
+    return round(lower_bound(sum(ok for _, ok in pairs), len(pairs), confidence), 4) if pairs else None
 
 
 def _pct(v: float | None) -> str:
@@ -126,6 +145,8 @@ def markdown(rows: dict[str, dict[str, dict[str, Any]]], target: float, confiden
         lambda f: f"{f['decisions']} / {f['decisions_without_repeats']}")
     row("agreement with the full computation: all / repeats left out",
         lambda f: f"{_pct(f['agreement'])} / {_pct(f['agreement_without_repeats'])}")
+    row(f"  its lower bound at {confidence:g}: all / repeats left out",
+        lambda f: f"{_pct(f['agreement_bound'])} / {_pct(f['agreement_without_repeats_bound'])}")
     row("real answers repeating the previous first token", lambda f: _pct(f["repeat_share"]))
     row("gate at logit gap 2 (no guarantee): fires, false accepts",
         lambda f: f"{f['fixed_gate']['fires']}, {f['fixed_gate']['false_accepts']}")
@@ -144,45 +165,47 @@ def markdown(rows: dict[str, dict[str, dict[str, Any]]], target: float, confiden
 
 
 def plot(rows: dict[str, dict[str, dict[str, Any]]], path: str | Path) -> Path:
-    """Agreement on all and on non-repeated decisions, and right-by-the-rule of real answers,
-    per model: one panel per workload."""
+    """Per model, one panel per workload: agreement with the full computation on all decisions
+    and on non-repeated ones, each with its lower confidence bound (the black tick: how high it
+    is known to be), and the share of real answers right by the workload's rule."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    workloads = sorted({w for ws in rows.values() for w in ws})
+    workloads = sorted({w for ws in rows.values() for w in ws}, reverse=True)
     models = list(rows)
-    fig, axes = plt.subplots(1, len(workloads), figsize=(5.2 * len(workloads), 4.2), dpi=120, squeeze=False)
-    series = [("agreement", "agreement, all decisions"), ("agreement_without_repeats", "agreement, repeats left out"),
-              ("bound", "precision bound at the guaranteed threshold"), ("real", "real answers right by the rule")]
+    fig, axes = plt.subplots(1, len(workloads), figsize=(5.4 * len(workloads), 4.4), dpi=120, squeeze=False)
+    series = [("agreement", "agreement_bound", "agreement, all decisions", "#1f77b4"),
+              ("agreement_without_repeats", "agreement_without_repeats_bound", "agreement, repeats left out",
+               "#ff7f0e"),
+              ("real", None, "real answers right by the rule", "#2ca02c")]
     width = 0.8 / len(series)
     for ax, w in zip(axes[0], workloads, strict=True):
-        for i, (key, label) in enumerate(series):
-            values = []
-            for m in models:
+        for i, (key, bound_key, label, color) in enumerate(series):
+            for j, m in enumerate(models):
                 f = rows[m].get(w)
-                if f is None:
-                    values.append(0.0)
-                elif key == "bound":
-                    values.append(f["guaranteed"]["bound"] or 0.0)
-                elif key == "real":
-                    values.append((f["right_by_rule"] or {}).get("real") or 0.0)
-                else:
-                    values.append(f[key] or 0.0)
-            xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(models))]
-            ax.bar(xs, values, width, label=label)
+                value = None if f is None else ((f["right_by_rule"] or {}).get("real") if key == "real" else f[key])
+                if value is None:
+                    continue
+                x = j + (i - (len(series) - 1) / 2) * width
+                ax.bar(x, value, width, color=color, label=label if j == 0 or label not in
+                       ax.get_legend_handles_labels()[1] else None)
+                if bound_key and f[bound_key] is not None:
+                    ax.plot([x - width / 2, x + width / 2], [f[bound_key]] * 2, color="k", lw=2)
         ax.axhline(DEFAULT_TARGET, color="k", ls="--", lw=0.8)
-        ax.set_xticks(range(len(models)), [f"{m}\n(n={rows[m][w]['decisions']})" if w in rows[m] else m
-                                           for m in models], fontsize=8)
+        labels = [f"{m}\n(n={rows[m][w]['decisions']} / {rows[m][w]['decisions_without_repeats']})"
+                  if w in rows[m] else m for m in models]
+        ax.set_xticks(range(len(models)), labels, fontsize=8)
         ax.set_ylim(0, 1.05)
         ax.set_title(f"{w} workload")
         ax.grid(True, axis="y", alpha=0.3)
-    axes[0][0].set_ylabel("share")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
-    fig.suptitle("the gate by model size (dashed: the 0.95 target; a missing bound: the gate stays closed)",
+    axes[0][0].set_ylabel("share (black tick: lower bound at 0.95)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
+    fig.suptitle("the gate by model size: n = decisions checked, all / repeats left out; dashed: the 0.95 target",
                  fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path)
     plt.close(fig)
     return Path(path)
@@ -196,15 +219,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown", default=None)
     p.add_argument("--json", default=None)
     p.add_argument("--png", default=None)
+    p.add_argument("--common", action="store_true",
+                   help="compare each workload on the requests every model ran (a reduced set for some)")
     args = p.parse_args(argv)
-    rows: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
+    loaded: dict[str, dict[str, dict[str, ModeRun]]] = defaultdict(dict)  # workload -> model -> runs
     for item in args.inputs:
         label, _, path = item.partition("=")
         model, _, workload = label.partition(":")
         if not path or not workload:
             print(f"study: {item!r} is not MODEL:WORKLOAD=RECORDS.jsonl", file=sys.stderr)
             return 2
-        rows[model][workload] = figures(load_runs(path), args.target, args.confidence)
+        loaded[workload][model] = load_runs(path)
+    rows: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
+    for workload, by_model in loaded.items():
+        for model, runs in (common(by_model) if args.common else by_model).items():
+            rows[model][workload] = figures(runs, args.target, args.confidence)
     text = markdown(rows, args.target, args.confidence)
     print(text)
     if args.markdown:

@@ -38,10 +38,13 @@ class ServerConfig:
     default_temperature: float = 1.0
     max_body_bytes: int = 4 * 1024 * 1024
     api_keys: frozenset[str] = frozenset()
-    db: str | None = None  # SQLite file for transcripts; None: in the data folder; "" keeps nothing
+    db: str | None = None  # SQLite file or postgresql:// URL; None: SQLite in the data folder; "" keeps nothing
     spill_dir: str | None = None  # None: in the data folder
     heartbeat_seconds: float = 15.0  # between SSE heartbeats on a quiet event stream
     served_model_names: tuple[str, ...] = ()  # names the OpenAI door answers to; () for the model's own
+    # This server's name among replicas (headstart/scaleout): it fences the server's writes
+    # to the shared store and is named in every answer. None: a single server.
+    replica: str | None = None
 
 
 class State:
@@ -75,13 +78,14 @@ def default_factory(config: ServerConfig) -> Callable[[], Engine]:
     claimed here, before the model loads, so a second server on the same data stops at
     once (:class:`~headstart.ownership.Claimed`, naming the holder) instead of serving."""
     from headstart.ownership import Claim
-    from headstart.store import SessionStore, default_data_dir
+    from headstart.store import default_data_dir, open_store
 
     data = default_data_dir()
     db = config.db if config.db is not None else str(data / "headstart.db")
     spill_dir = config.spill_dir if config.spill_dir is not None else str(data / "spill")
     # What this server holds for as long as it lives: its database and its spill folder.
-    held = (SessionStore(db) if db else None, Claim(Path(spill_dir) / "owner.lock", f"the spill folder {spill_dir}"))
+    store = open_store(db, holder=config.replica) if db else None
+    held = (store, Claim(Path(spill_dir) / "owner.lock", f"the spill folder {spill_dir}"))
 
     def build() -> Engine:
         from headstart.model import load

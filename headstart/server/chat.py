@@ -53,10 +53,12 @@ def model_name(request: Request, requested: str | None) -> str:
     return requested
 
 
-def extension(c: Completion, ignored: list[str] | None = None) -> dict[str, Any]:
-    """The ``headstart`` object: how the request was served, and what it did not honour."""
+def extension(c: Completion, replica: str | None, ignored: list[str] | None = None) -> dict[str, Any]:
+    """The ``headstart`` object: how the request was served, by which replica (None: a single
+    server), and what it did not honour."""
     return {
         "session_id": c.session_id,
+        "replica": replica,
         "path": c.path,
         "ttft_ms": round(c.ttft_ms, 3),
         "decided_ms": round(c.decided_ms, 3),
@@ -160,7 +162,8 @@ async def create_chat_completion(request: Request) -> Response:
     if engine_req.params.constraint is not None:  # a new schema compiles for seconds: not on the loop
         await run_in_threadpool(engine.compile_constraint, engine_req.params.constraint)
     handle = engine.submit(engine_req, loop=asyncio.get_running_loop())
-    shape = ChatShape(f"chatcmpl-{uuid.uuid4().hex}", model, token_text(request) if req.logprobs else None)
+    shape = ChatShape(f"chatcmpl-{uuid.uuid4().hex}", model, token_text(request) if req.logprobs else None,
+                      state.config.replica)
     if req.stream:
         include_usage = bool((req.stream_options or {}).get("include_usage"))
         return stream_response(handle, shape, include_usage, ignored)
@@ -173,8 +176,8 @@ class ChatShape:
 
     object = "chat.completion"
 
-    def __init__(self, completion_id: str, model: str, tokens: TokenText | None) -> None:
-        self.id, self.model, self.tokens = completion_id, model, tokens
+    def __init__(self, completion_id: str, model: str, tokens: TokenText | None, replica: str | None) -> None:
+        self.id, self.model, self.tokens, self.replica = completion_id, model, tokens, replica
         self.created = int(time.time())
 
     def envelope(self, obj: str) -> dict[str, Any]:
@@ -234,7 +237,7 @@ async def answer(request: Request, handle: Handle, shape: Any, ignored: list[str
 
     completions = await unless_gone(request, every_choice(), cancel)
     return {**shape.envelope(shape.object), "choices": [shape.choice(i, c) for i, c in enumerate(completions)],
-            "usage": total_usage(completions), "headstart": extension(completions[0], ignored)}
+            "usage": total_usage(completions), "headstart": extension(completions[0], shape.replica, ignored)}
 
 
 def _sse_line(payload: dict[str, Any]) -> str:
@@ -263,13 +266,13 @@ async def _sse(handle: Handle, shape: Any, include_usage: bool, ignored: list[st
                         closing = shape.closing(index, item)
                         last = index == len(handle.choices) - 1
                         if last and not include_usage:
-                            closing[-1]["headstart"] = extension(completions[0], ignored)
+                            closing[-1]["headstart"] = extension(completions[0], shape.replica, ignored)
                         for payload in closing:
                             yield _sse_line(payload)
             if include_usage:
                 yield _sse_line({**shape.envelope(shape.chunk(0, {}, None)["object"]), "choices": [],
                                  "usage": total_usage(completions),
-                                 "headstart": extension(completions[0], ignored)})
+                                 "headstart": extension(completions[0], shape.replica, ignored)})
         except Exception as exc:  # the headers are gone: report in-band, as OpenAI does
             from headstart.server.errors import to_response
 

@@ -38,8 +38,10 @@ class TextShape(ChatShape):
 
     object = "text_completion"
 
-    def __init__(self, completion_id: str, model: str, tokens: TokenText | None, echo: str) -> None:
-        super().__init__(completion_id, model, tokens)
+    def __init__(
+        self, completion_id: str, model: str, tokens: TokenText | None, replica: str | None, echo: str
+    ) -> None:
+        super().__init__(completion_id, model, tokens, replica)
         self.echo = echo
 
     def legacy(self, entries: list[TokenLogprob] | None, offset: int) -> dict[str, Any] | None:
@@ -98,7 +100,7 @@ async def create_completion(request: Request) -> Response:
     handle = engine.submit(engine_req, loop=asyncio.get_running_loop())
     echo = "" if not req.echo else req.prompt if isinstance(req.prompt, str) else engine.template.decode(ids)
     shape = TextShape(f"cmpl-{uuid.uuid4().hex}", model, token_text(request) if req.logprobs is not None else None,
-                      echo)
+                      state.config.replica, echo)
     if req.stream:
         include_usage = bool((req.stream_options or {}).get("include_usage"))
         return stream_response(handle, shape, include_usage, ignored)

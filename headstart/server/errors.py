@@ -18,6 +18,7 @@ from headstart.errors import (
     ContextTooLong,
     SessionBusy,
     SessionExists,
+    SessionMoved,
     SessionNotFound,
     StoreUnavailable,
     TooManySessions,
@@ -80,6 +81,8 @@ def to_response(exc: BaseException) -> JSONResponse:
         return error_response(409, str(exc), "conflict_error", code="session_busy")
     if isinstance(exc, SessionExists):
         return error_response(409, str(exc), "conflict_error", code=getattr(exc, "code", "session_exists"))
+    if isinstance(exc, SessionMoved):
+        return error_response(409, str(exc), "conflict_error", code="session_moved")
     if isinstance(exc, TooManySessions):
         return error_response(429, str(exc), "rate_limit_error", code="too_many_sessions")
     if isinstance(exc, StoreUnavailable):

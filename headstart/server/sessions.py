@@ -24,7 +24,8 @@ from starlette.routing import Route
 
 from headstart import queries, sessionapi, upkeep
 from headstart.engine import Engine
-from headstart.server.chat import collect, owner_of
+from headstart.errors import BadRequest
+from headstart.server.chat import SESSION_HEADER, collect, owner_of
 from headstart.server.errors import read_json
 from headstart.server.gone import unless_gone
 from headstart.server.schema import ChatCompletionRequest
@@ -66,9 +67,14 @@ async def create_session(request: Request) -> Response:
     """Create a session; a ``system`` prompt is prefilled in the background."""
     engine = _engine(request)
     req = CreateSessionRequest.model_validate(await _body(request))
+    # The id may come in the header too, as on every other request, so that a router that
+    # reads only headers (replicas behind Ray Serve) creates the session where it will live.
+    header = request.headers.get(SESSION_HEADER)
+    if header and req.id and header != req.id:
+        raise BadRequest(f"{SESSION_HEADER} {header!r} and id {req.id!r} name different sessions", param="id")
     s = sessionapi.open_session(
-        engine, req.id, owner_of(request), system=req.system, pre_position=req.pre_position, window=req.window,
-        gate=req.gate, gap_threshold=req.gap_threshold,
+        engine, req.id or header, owner_of(request), system=req.system, pre_position=req.pre_position,
+        window=req.window, gate=req.gate, gap_threshold=req.gap_threshold,
     )
     return respond(SessionObject, sessionapi.describe(engine, s))
 
