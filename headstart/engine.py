@@ -9,6 +9,7 @@ scheduler's single thread; this module never blocks a door on the model.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -41,14 +42,16 @@ from headstart.gate import (
     answers_key,
     session_key,
 )
+from headstart.grammar import GrammarError, GrammarMatcher, Grammars
 from headstart.handle import Completion, Delta, Handle
 from headstart.kvbook import KVBook
+from headstart.logits import Chooser, TokenLogprob
 from headstart.model.backend import Backend
 from headstart.model.runner import from_backend
 from headstart.prefixcache import PrefixCache
 from headstart.prepos import DEFAULT_PREDICTOR, PREDICTORS, SURE_GAP, PreposConfig
 from headstart.registry import Limits, SessionRegistry
-from headstart.sampling import SamplingParams, accept, candidate_gap, pick, top_gap
+from headstart.sampling import Constraint, SamplingParams, accept, candidate_gap, top_gap
 from headstart.scheduler import Job, Scheduler
 from headstart.session import ReadyPosition, Session
 from headstart.spill import Spill
@@ -93,6 +96,8 @@ class Request:
     # When the door received the request (time.perf_counter(), before it parsed anything):
     # every time the engine reports counts from here. None: now.
     arrival: float | None = None
+    n: int = 1  # choices; more than one only for one-off requests (they share one prefill)
+    prompt_ids: list[int] | None = None  # a raw prompt (text completions): no template, no transcript
     # The client reads the answer as it is made. Only then may the gate answer: a client
     # that waits for the whole answer gains nothing from an early first token, and its
     # answer is always the exact one.
@@ -177,9 +182,12 @@ class _OwnForwards:
 class _Emitter:
     """Turns chosen tokens into deltas on a handle and decides when to stop."""
 
-    def __init__(self, engine: Engine, handle: Handle, params: SamplingParams, tools: ToolPlan = NO_TOOLS) -> None:
+    def __init__(
+        self, engine: Engine, handle: Handle, params: SamplingParams, chooser: Chooser, tools: ToolPlan = NO_TOOLS
+    ) -> None:
         self.handle = handle
         self.params = params
+        self.chooser = chooser
         self.tools = tools
         # Forced answer tokens (a tool call's opening): already in the prompt's KV, sent
         # with the first token the model chooses.
@@ -188,6 +196,8 @@ class _Emitter:
         self.stream = TextStream(engine.template.tokenizer, params.stop)
         self.stop_ids = {*engine.backend.info.eos_token_ids, engine.template.end_of_message}
         self.tokens: list[int] = []
+        self.logprobs: list[TokenLogprob] = []  # of the chosen tokens, when asked for
+        self._unsent: list[TokenLogprob] = []  # not yet on a delta
         self.first_at: float | None = None
         self.decided_at: float | None = None
         self.finish_reason: str | None = None
@@ -210,6 +220,10 @@ class _Emitter:
         if token in self.stop_ids:
             self.finish_reason = "stop"
             return True
+        chosen = self.chooser.last
+        if chosen is not None and chosen.token == token:
+            self.logprobs.append(chosen)
+            self._unsent.append(chosen)
         self._push(token)
         if self.stream.stopped:
             self.finish_reason = "stop"
@@ -225,7 +239,11 @@ class _Emitter:
         """Send text to the handle, unless it may be a tool call still being written."""
         text = self.hold.push(text)
         if text:
-            self.handle.put(Delta(text, token_ids))
+            self.handle.put(Delta(text, token_ids, self._take_unsent()))
+
+    def _take_unsent(self) -> list[TokenLogprob] | None:
+        out, self._unsent = self._unsent, []
+        return out or None
 
     def emit_text(self, text: str, token_ids: list[int]) -> None:
         """A whole answer at once (a fast_answer candidate)."""
@@ -243,8 +261,8 @@ class _Emitter:
         text = self.stream.text
         parsed = self.tools.read(text) if self.finish_reason == "stop" else ParsedAnswer(text, [])
         tail += self.hold.finish(bool(parsed.calls))
-        if tail:
-            self.handle.put(Delta(tail, []))
+        if tail or self._unsent:
+            self.handle.put(Delta(tail, [], self._take_unsent()))
         return parsed
 
 
@@ -263,6 +281,7 @@ class Turn:
     emitter: _Emitter
     generator: torch.Generator | None
     threshold: float | None  # the request's or session's own; None: the server's gate decides
+    chooser: Chooser
     started: float = 0.0
     path: str = "cold"
     cached: int = 0
@@ -326,6 +345,7 @@ class Engine:
         self.started = time.time()
         self._reaper_stop = threading.Event()
         self.stream_stats = StreamStats()
+        self._grammars: Grammars | None = None  # built on the first constrained request
         # Called on the model thread with every finished request (metrics, benchmarks).
         self.observers: list[Callable[[Completion], None]] = []
 
@@ -429,10 +449,13 @@ class Engine:
         conversation, so a door with an event loop calls it from a worker thread.
         """
         arrival = time.perf_counter() if req.arrival is None else req.arrival
-        if not req.messages:
-            raise BadRequest("messages must hold at least one message", param="messages")
         known = self.sessions.find(req.session_id) if req.session_id is not None else None
-        prompt = self.template.render(req.messages, tools=req.tools, cache=known.renders if known else None)
+        if req.prompt_ids is not None:
+            prompt = self._raw_prompt(req)
+        elif not req.messages:
+            raise BadRequest("messages must hold at least one message", param="messages")
+        else:
+            prompt = self.template.render(req.messages, tools=req.tools, cache=known.renders if known else None)
         try:
             tool_plan = plan_tools(
                 self.template, req.messages, req.tools, req.tool_choice, parallel=req.parallel_tool_calls
@@ -447,13 +470,8 @@ class Engine:
             raise ContextTooLong(len(prompt), limit)
         params = req.params
         if len(prompt) + params.max_tokens > limit:
-            params = SamplingParams(
-                max_tokens=limit - len(prompt),
-                temperature=params.temperature,
-                top_p=params.top_p,
-                seed=params.seed,
-                stop=params.stop,
-            )
+            params = dataclasses.replace(params, max_tokens=limit - len(prompt))
+        self._check_params(params, req)
         # The most KV this request can hold: its prompt, its answer, a ready position's sure tail.
         reserve_tokens = len(prompt) + params.max_tokens + self.config.forced_cap
         reserve = (self.pool.blocks_for(reserve_tokens) + 1) * self.pool.block_bytes  # in whole blocks
@@ -463,6 +481,9 @@ class Engine:
                 param="max_tokens",
             )
         candidates = self._candidates(req.fast_answer)
+        if req.n > 1 and (req.session_id is not None or req.fast_answer is not None):
+            raise BadRequest("n > 1 is for one-off requests: a session holds one continuation, and a fast_answer "
+                             "is one choice", param="n")
         handle = Handle(loop, arrival)
         if req.session_id is None:
             s = Session(f"oneoff-{uuid.uuid4().hex[:12]}", self.pool, req.owner)
@@ -473,16 +494,24 @@ class Engine:
             persistent = True
         threshold = next((x for x in (req.gap_threshold, s.settings.gap_threshold) if x is not None), None)
         job = Job(iter(()), admit=lambda: self.sessions.admit(s, reserve_tokens))
-        turn = Turn(
-            req, params, prompt, candidates, s, persistent, handle, job,
-            _Emitter(self, handle, params, tool_plan), params.generator(self.backend.info.device), threshold,
-        )
-        turn.gate_keys = (
-            *([answers_key(req.fast_answer)] if req.fast_answer is not None else []),
-            *([session_key(s.id)] if persistent else []),
-            SERVER_KEY,
-        )
-        job.steps = turn.emitter.forwards.steps(self._serve(turn))
+        generator = params.generator(self.backend.info.device)
+
+        def turn(h: Handle) -> Turn:
+            chooser = Chooser(params, prompt, self.backend.info.vocab_size, self.backend.info.device, generator,
+                              matcher=self._matcher(params), output=tool_plan.prefix)
+            return Turn(req, params, prompt, candidates, s, persistent, h, job,
+                        _Emitter(self, h, params, chooser, tool_plan), generator, threshold, chooser)
+
+        handle.choices = [handle, *(Handle(loop, arrival) for _ in range(req.n - 1))]
+        turns = [turn(h) for h in handle.choices]
+        for t in turns:
+            t.gate_keys = (
+                *([answers_key(req.fast_answer)] if req.fast_answer is not None else []),
+                *([session_key(s.id)] if persistent else []),
+                SERVER_KEY,
+            )
+        serve = self._serve(turns[0]) if req.n == 1 else self._serve_choices(turns)
+        job.steps = turns[0].emitter.forwards.steps(serve)
         job.on_error = lambda exc: self._fail(s, handle, exc)
         self.scheduler.submit(job)
         return handle
@@ -490,6 +519,53 @@ class Engine:
     def generate(self, req: Request) -> Completion:
         """Submit and wait (for scripts and tests)."""
         return self.submit(req).result()
+
+    def _raw_prompt(self, req: Request) -> list[int]:
+        """A text completion's prompt, as given; it keeps its session's KV warm but leaves the
+        chat transcript (and so pre-positioning) alone."""
+        ids = list(req.prompt_ids or ())
+        vocab = len(self.template.tokenizer)
+        if not ids:
+            raise BadRequest("the prompt is empty", param="prompt")
+        bad = next((i for i in ids if not 0 <= i < vocab), None)
+        if bad is not None:
+            raise BadRequest(f"{bad} is not a token id of this model (0..{vocab - 1})", param="prompt")
+        if req.tools or req.messages:
+            raise BadRequest("a raw prompt takes neither messages nor tools", param="prompt")
+        return ids
+
+    def compile_constraint(self, constraint: Constraint) -> None:
+        """Compile ``constraint`` ahead of its request (a door calls this off its event loop:
+        a new schema takes seconds); the compiled grammar is kept for every later request."""
+        if self._grammars is None:
+            stop = {*self.backend.info.eos_token_ids, self.template.end_of_message}
+            self._grammars = Grammars(self.template.tokenizer, self.backend.info.vocab_size, stop)
+        try:
+            self._grammars.compile(constraint)
+        except GrammarError as exc:
+            raise BadRequest(str(exc), param="response_format") from exc
+
+    def _matcher(self, params: SamplingParams) -> GrammarMatcher | None:
+        """A fresh position in the request's grammar."""
+        if params.constraint is None:
+            return None
+        self.compile_constraint(params.constraint)
+        assert self._grammars is not None
+        return self._grammars.matcher(params.constraint)
+
+    def _check_params(self, params: SamplingParams, req: Request) -> None:
+        """What the logits rules need to be valid here (the door checked the ranges)."""
+        vocab = len(self.template.tokenizer)
+        for token, _ in params.logit_bias:
+            if not 0 <= token < vocab:
+                raise BadRequest(f"logit_bias: {token} is not a token id of this model (0..{vocab - 1})",
+                                 param="logit_bias")
+        if params.constraint is not None and req.tool_choice not in (None, "auto", "none"):
+            raise BadRequest("response_format cannot be combined with a tool_choice that forces a call",
+                             param="response_format")
+        if req.fast_answer is not None and (params.reshapes or params.logprobs):
+            raise BadRequest("fast_answer picks a whole candidate by its first token's logit; it cannot be "
+                             "combined with penalties, logit_bias, a response_format or logprobs", "fast_answer")
 
     def _candidates(self, fast_answer: list[str] | None) -> tuple[list[list[int]], torch.Tensor] | None:
         if fast_answer is None:
@@ -510,7 +586,8 @@ class Engine:
             self.book.discard(rp)
         s.ready.clear()
         self.sessions.release(s)
-        handle.put(exc)
+        for h in handle.choices:
+            h.put(exc)
 
     def _gate_on(self, t: Turn) -> bool:
         """Off on the server is off everywhere, and for a client that does not stream; else
@@ -546,7 +623,7 @@ class Engine:
             nxt is not None
             and not t.emitter.tools.prefix  # a forced opening moves the answer past the decision point
             and self._gate_on(t)
-            and self.gate.decide(t.gate_keys, t.threshold).fires(self._signal(nxt, t.candidates)[1])
+            and self.gate.decide(t.gate_keys, t.threshold).fires(self._signal(nxt, t.candidates, t.chooser)[1])
         ):
             yield from self._serve_gate(t, nxt)
         else:
@@ -585,6 +662,22 @@ class Engine:
 
         committed.add_done_callback(send)
 
+    def _serve_choices(self, turns: list[Turn]) -> Generator[None, None, None]:
+        """``n`` choices of a one-off request: one prefill, then each choice decoded in turn
+        from the prompt's logits, the KV cut back to the prompt between them."""
+        first = turns[0]
+        s, prompt = first.session, first.prompt
+        for t in turns:
+            t.started = time.perf_counter()
+        logits = yield from self.book.advance(s, prompt, background=False, chunk=len(prompt))
+        for t in turns:
+            t.gap = top_gap(logits)[1]
+            self.book.crop(s, len(prompt), wasted=False)
+            if not first.handle.cancelled:
+                yield from self._decode(t, logits, [], [])
+            self._deliver(t.handle, *self._finish(t))
+        self._after(first)
+
     def _serve_ready(self, t: Turn, rp: ReadyPosition) -> Generator[None, None, None]:
         """``ready_exact``: the prompt is the ready position's; its KV and logits are the real ones."""
         t.path, t.cached, t.gap = "ready_exact", len(t.prompt), rp.gap
@@ -601,7 +694,7 @@ class Engine:
         then prefilled with the ready position's sure tail as drafts, and the first token checked."""
         s, prompt = t.session, t.prompt
         t.path, t.speculative = "gate", True
-        t.chosen, t.gap = self._signal(rp, t.candidates)
+        t.chosen, t.gap = self._signal(rp, t.candidates, t.chooser)
         s.ready.pop("next", None)
         self.book.discard(rp)
         lcp = min(common_prefix(prompt, s.kv_ids), len(prompt) - 1)
@@ -619,14 +712,16 @@ class Engine:
 
             t.verify = verify
             return
-        first = pick(rp.logits[0], t.params, t.generator)
+        first = t.chooser.choose(rp.logits[0], cached=True)
+        rules = t.chooser.last_step
+        assert rules is not None
         sure = bool(rp.forced) and first == rp.forced[0]
         done = t.emitter.emit(first, forced=sure)
         yield
         drafts = rp.forced[1:] if sure and not done else []
         tail = [] if done else [first, *drafts]
         out = self.book.feed(s, prompt[lcp:] + tail, background=False, keep=len(tail) + 1)
-        t.verified = accept(out[0], rp.logits[0], first, t.params, t.generator)
+        t.verified = accept(rules.apply(out[0]), rules.apply(rp.logits[0]), first, t.params, t.generator)
         self.gate.record(t.gate_keys, t.gap, t.verified, fired=True)
         if not done:
             yield from self._decode(t, out[1], drafts, list(out[2:]))
@@ -666,11 +761,15 @@ class Engine:
         t.emitter.emit_text(t.req.fast_answer[t.chosen], t.candidates[0][t.chosen])
 
     def _signal(
-        self, rp: ReadyPosition, candidates: tuple[list[list[int]], torch.Tensor] | None
+        self, rp: ReadyPosition, candidates: tuple[list[list[int]], torch.Tensor] | None,
+        chooser: Chooser | None = None,
     ) -> tuple[int, float]:
-        """The gate's signal at ``rp``: (choice, gap) over the vocabulary or the candidates."""
+        """The gate's signal at ``rp``: (choice, gap) over the vocabulary or the candidates;
+        under the request's logits rules when it has any (a masked distribution is scanned)."""
         if candidates is not None:
             return candidate_gap(rp.logits[0], candidates[1])
+        if chooser is not None and chooser.active:
+            return top_gap(chooser.step().apply(rp.logits[0]))
         return rp.token, rp.gap
 
     def _decode(
@@ -683,7 +782,7 @@ class Engine:
         s, em = t.session, t.emitter
         drafts, draft_logits = list(drafts), list(draft_logits)
         while True:
-            token = pick(logits, t.params, t.generator)
+            token = t.chooser.choose(logits)
             is_draft = bool(drafts) and token == drafts[0]
             if em.emit(token, forced=is_draft):
                 break
@@ -740,6 +839,7 @@ class Engine:
                 **({"shadow": t.shadow} if t.shadow else {}),
             },
             tool_calls=answer.calls or None,
+            logprobs=list(em.logprobs) if t.params.logprobs else None,
         )
         self.stats.record_request(
             t.path,
@@ -758,7 +858,7 @@ class Engine:
                 log.exception("completion observer failed")
         req = t.req
         committed = done()
-        if t.persistent and not req.ephemeral and completion.finish_reason != "cancelled":
+        if t.persistent and not req.ephemeral and req.prompt_ids is None and completion.finish_reason != "cancelled":
             reply: Message = {"role": "assistant", "content": text}
             if answer.calls:  # as the template renders a call, so the next turn's prefix matches
                 reply["tool_calls"] = [c.message() for c in answer.calls]
@@ -787,6 +887,8 @@ class Engine:
                 s.ready.pop(key)
                 self.book.discard(rp)
         self.sessions.release(s)
+        if t.req.prompt_ids is not None:
+            return  # a raw prompt says nothing about the next chat turn
         if t.persistent and not t.req.ephemeral:
             self.schedule_pre_position(s)
         elif t.persistent:

@@ -15,15 +15,18 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from headstart.logits import TokenLogprob
     from headstart.tools import ToolCall
 
 
 @dataclass
 class Delta:
-    """Newly final text and the token ids it came from."""
+    """Newly final text and the token ids it came from (with their log-probabilities when
+    the request asked: those of tokens whose text was held back ride on a later delta)."""
 
     text: str
     token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -50,6 +53,7 @@ class Completion:
     candidate: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     tool_calls: list[ToolCall] | None = None  # the answer read as calls (finish_reason "tool_calls")
+    logprobs: list[TokenLogprob] | None = None  # one per chosen token, when the request asked
 
     @property
     def completion_tokens(self) -> int:
@@ -67,6 +71,7 @@ class Handle:
         self.cancelled = False
         self.completion: Completion | None = None
         self.job: Any = None  # the scheduler's job, set by the engine (its background wait)
+        self.choices: list[Handle] = [self]  # every choice's handle, when a request asks for n > 1
         self._loop = loop
         self._async: asyncio.Queue[Any] | None = asyncio.Queue() if loop is not None else None
         self._sync: queue.Queue[Any] = queue.Queue()

@@ -13,13 +13,36 @@ import torch
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens. ``temperature == 0`` means greedy."""
+    """How to pick tokens. ``temperature == 0`` means greedy.
+
+    The penalties, bias and ``constraint`` reshape the logits before the draw (see
+    logits.py, which applies them, with vLLM's semantics); ``top_k`` and ``min_p`` narrow
+    the draw itself; ``logprobs`` / ``top_logprobs`` ask for the model's log-probabilities
+    of each chosen token and of its ``top_logprobs`` most likely alternatives.
+    """
 
     max_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
+    top_k: int = 0  # 0: the whole vocabulary
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    logprobs: bool = False
+    top_logprobs: int = 0
+    constraint: Constraint | None = None
+
+    @property
+    def reshapes(self) -> bool:
+        """Whether anything but the draw itself changes the logits (see logits.py)."""
+        return bool(
+            self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0 or self.logit_bias
+            or self.constraint is not None
+        )
 
     @property
     def greedy(self) -> bool:
@@ -37,9 +60,26 @@ class SamplingParams:
         return gen
 
 
+@dataclass(frozen=True)
+class Constraint:
+    """What the output must parse as: any JSON object, or JSON valid under ``schema``
+    (a JSON Schema document, as text so the parameters stay hashable)."""
+
+    kind: str  # "json_object" | "json_schema"
+    schema: str | None = None
+
+
 def distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """The probabilities a sampled request draws from (temperature, then nucleus)."""
+    """The probabilities a sampled request draws from: temperature, then min-p, top-k and
+    the nucleus, in vLLM's order."""
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    if params.min_p > 0.0:
+        probs = torch.where(probs < params.min_p * probs.max(), 0.0, probs)
+    if 0 < params.top_k < probs.numel():
+        kth = torch.topk(probs, params.top_k).values[-1]
+        probs = torch.where(probs < kth, 0.0, probs)
+    if params.min_p > 0.0 or params.top_k > 0:
+        probs /= probs.sum()
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         cumulative = torch.cumsum(sorted_probs, dim=-1)

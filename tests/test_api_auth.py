@@ -74,7 +74,7 @@ def test_one_key_cannot_see_use_or_delete_another_keys_session(srv: Served) -> N
     with pytest.raises(openai.NotFoundError):
         bob_client.delete("/sessions/mine", cast_to=object)
     with pytest.raises(openai.NotFoundError):
-        bob_client.chat.completions.create(model="tiny", messages=HI, max_tokens=1,
+        bob_client.chat.completions.create(model="tiny-llama", messages=HI, max_tokens=1,
                                            extra_headers={"x-session-id": "mine"})
     # Nothing Bob did touched it: Alice still sees it whole, with her question.
     alice = openai.OpenAI(base_url=f"{srv.url}/v1", api_key=ALICE)

@@ -35,6 +35,7 @@ IDS = ["fz", "nope", "..", "%2e%2e", "a" * 200, "😀", "x y", "q", "-", "_" * 1
 
 BASES: dict[str, dict[str, Any]] = {
     "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+    "/v1/completions": {"prompt": "hi", "max_tokens": 2},
     "/v1/sessions": {"id": "made", "pre_position": False},
     "/v1/sessions/{session_id}/warm": {"messages": [{"role": "user", "content": "hi"}]},
     "/v1/sessions/{session_id}/push": {"entries": ["a", "b"]},

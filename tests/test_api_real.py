@@ -32,7 +32,7 @@ def oa(srv: Served) -> openai.OpenAI:
 
 def cold_text(oa: openai.OpenAI, messages: list[dict], max_tokens: int) -> str:
     """The same prompt as a one-off chat completion: no session, nothing cached."""
-    out = oa.chat.completions.create(model="x", messages=messages, max_tokens=max_tokens, temperature=0)
+    out = oa.chat.completions.create(model="smollm2-135m", messages=messages, max_tokens=max_tokens, temperature=0)
     return out.choices[0].message.content or ""
 
 
@@ -85,14 +85,14 @@ def test_registered_question_is_answered_in_the_background_and_then_from_the_cac
 def test_warm_turn_makes_the_next_turn_ready_exact_and_exact(srv: Served, oa: openai.OpenAI) -> None:
     oa.post("/sessions", cast_to=object, body={"id": "talk", "pre_position": False})
     turn1 = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
-    first = oa.chat.completions.create(model="x", messages=turn1, max_tokens=12, temperature=0,
+    first = oa.chat.completions.create(model="smollm2-135m", messages=turn1, max_tokens=12, temperature=0,
                                        extra_headers={"x-session-id": "talk"})
     turn2 = [*turn1, {"role": "assistant", "content": first.choices[0].message.content or ""},
              {"role": "user", "content": "And of Germany?"}]
     warmed = oa.post("/sessions/talk/warm", cast_to=object, body={"messages": turn2})
     assert warmed["status"] == "warmed" and 0 < warmed["warmed_tokens"] < warmed["prompt_tokens"]  # type: ignore
     raw = oa.chat.completions.with_raw_response.create(
-        model="x", messages=turn2, max_tokens=12, temperature=0, extra_headers={"x-session-id": "talk"}
+        model="smollm2-135m", messages=turn2, max_tokens=12, temperature=0, extra_headers={"x-session-id": "talk"}
     )
     second = raw.parse()
     assert raw.http_response.json()["headstart"]["path"] == "ready_exact"

@@ -246,13 +246,14 @@ def test_warm_then_the_real_turn_is_ready_exact(srv: Served) -> None:
     assert again["status"] == "covered" and again["warmed_tokens"] == 0
     oa = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="none")
     raw = oa.chat.completions.with_raw_response.create(
-        model="tiny", messages=body["messages"], max_tokens=3, temperature=0, extra_headers={"x-session-id": "warm"}
+        model="tiny-llama", messages=body["messages"], max_tokens=3, temperature=0,
+        extra_headers={"x-session-id": "warm"},
     )
     done = raw.parse()
     ext = raw.http_response.json()["headstart"]
     assert ext["path"] == "ready_exact"
     assert done.usage.prompt_tokens_details.cached_tokens == w["prompt_tokens"]
-    cold = oa.chat.completions.create(model="tiny", messages=body["messages"], max_tokens=3, temperature=0)
+    cold = oa.chat.completions.create(model="tiny-llama", messages=body["messages"], max_tokens=3, temperature=0)
     assert done.choices[0].message.content == cold.choices[0].message.content
     error_of(c.post("/v1/sessions/warm/warm", json={"messages": []}), 400)
     error_of(c.post("/v1/sessions/nope/warm", json=body), 404)

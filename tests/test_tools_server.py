@@ -127,11 +127,11 @@ def test_tool_choice_naming_an_undeclared_function_is_a_400(qwen_server: LiveSer
 def test_a_model_without_tool_support_answers_tools_with_a_clear_400(tiny_server: LiveServer) -> None:
     client = _client(tiny_server)
     with pytest.raises(BadRequestError) as info:
-        client.chat.completions.create(model="tiny", messages=QUESTION, tools=WEATHER, max_tokens=4)
+        client.chat.completions.create(model="tiny-llama", messages=QUESTION, tools=WEATHER, max_tokens=4)
     assert info.value.body["param"] == "tools"
     assert "no tool support" in info.value.body["message"] and "qwen2.5-coder-0.5b" in info.value.body["message"]
     with pytest.raises(BadRequestError) as info:
-        client.chat.completions.create(model="tiny", messages=QUESTION, tool_choice="required", max_tokens=4)
+        client.chat.completions.create(model="tiny-llama", messages=QUESTION, tool_choice="required", max_tokens=4)
     assert info.value.body["param"] == "tool_choice"
 
 

@@ -43,6 +43,7 @@ class ServerConfig:
     db: str | None = None  # SQLite file or postgresql:// URL; None: SQLite in the data folder; "" keeps nothing
     spill_dir: str | None = None  # None: in the data folder
     heartbeat_seconds: float = 15.0  # between SSE heartbeats on a quiet event stream
+    served_model_names: tuple[str, ...] = ()  # names the OpenAI door answers to; () for the model's own
     # This server's name among replicas (headstart/scaleout): it fences the server's writes
     # to the shared store and is named in every answer. None: a single server.
     replica: str | None = None
@@ -147,7 +148,7 @@ async def _server_error(request: Request, exc: Exception) -> Response:
 
 def create_app(config: ServerConfig | None = None, factory: Callable[[], Engine] | None = None) -> Starlette:
     """The app; ``factory`` builds the engine (tests pass a prepared one)."""
-    from headstart.server import chat, sessions
+    from headstart.server import chat, completions, sessions
     from headstart.server.auth import APIKeyAuth
     from headstart.server.metrics import Metrics, metrics
     from headstart.server.openapi import openapi
@@ -175,6 +176,7 @@ def create_app(config: ServerConfig | None = None, factory: Callable[[], Engine]
         Route("/metrics", wrap(metrics), methods=["GET"]),
         Route("/openapi.json", wrap(openapi), methods=["GET"]),
         *chat.routes(wrap),
+        *completions.routes(wrap),
         *sessions.routes(wrap),
     ]
     middleware = [Middleware(StampArrival)]  # outermost: before auth reads a header

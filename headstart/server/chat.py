@@ -22,6 +22,7 @@ from starlette.routing import Route
 
 from headstart.engine import Engine
 from headstart.handle import Completion, Delta, Handle
+from headstart.logits import TokenLogprob
 from headstart.server.gone import unless_gone
 from headstart.server.schema import ChatCompletionRequest
 
@@ -38,8 +39,28 @@ def arrival_of(request: Request) -> float:
     return getattr(request.state, "arrival", None) or time.perf_counter()
 
 
-def extension(c: Completion, replica: str | None) -> dict[str, Any]:
-    """The ``headstart`` object: how the request was served, and by which replica (None: a single server)."""
+def served_names(request: Request) -> tuple[str, ...]:
+    """The names this server answers to: ``--served-model-name``, else the model's own."""
+    state = request.app.state.headstart
+    return state.config.served_model_names or (state.require_engine().backend.info.name,)
+
+
+def model_name(names: tuple[str, ...], requested: str | None) -> str:
+    """The name a request asked for among the served ``names`` (the first when it named
+    none); an unknown one is a 404 in OpenAI's shape, as vLLM answers it."""
+    from headstart.server.errors import HTTPError
+
+    if requested is None:
+        return names[0]
+    if requested not in names:
+        raise HTTPError(404, f"The model `{requested}` does not exist (this server serves {', '.join(names)}).",
+                        "invalid_request_error", param="model", code="model_not_found")
+    return requested
+
+
+def extension(c: Completion, replica: str | None, ignored: list[str] | None = None) -> dict[str, Any]:
+    """The ``headstart`` object: how the request was served, by which replica (None: a single
+    server), and what it did not honour."""
     return {
         "session_id": c.session_id,
         "replica": replica,
@@ -57,7 +78,54 @@ def extension(c: Completion, replica: str | None) -> dict[str, Any]:
         # None when the gate did not answer (every other path is exact).
         "verified": c.verified,
         "candidate": c.candidate,
+        "ignored_fields": ignored or [],
+        # A gate answer's first token was chosen, and its logprob read, from a cached distribution.
+        "first_logprob_cached": bool(c.logprobs and c.logprobs[0].cached),
     }
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet (used by SmolLM2 and Qwen2.5): each byte is written as
+    one printable character; this maps the characters back to the bytes."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+class TokenText:
+    """Token ids as OpenAI's logprobs write them: the text and the exact bytes of each."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self._bytes = _byte_level_alphabet()
+
+    def entry(self, token: int, logprob: float) -> dict[str, Any]:
+        piece = self.tokenizer.convert_ids_to_tokens(token)
+        if isinstance(piece, str) and all(ch in self._bytes for ch in piece):  # a byte-level BPE token
+            raw = bytes(self._bytes[ch] for ch in piece)
+        else:
+            raw = self.tokenizer.decode([token]).encode()
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": max(logprob, -9999.0),
+                "bytes": list(raw)}
+
+    def content(self, entries: list[TokenLogprob]) -> list[dict[str, Any]]:
+        return [
+            {**self.entry(e.token, e.logprob), "top_logprobs": [self.entry(t, lp) for t, lp in e.top]}
+            for e in entries
+        ]
+
+
+def token_text(request: Request) -> TokenText:
+    state = request.app.state.headstart
+    if getattr(state, "token_text", None) is None:
+        state.token_text = TokenText(state.require_engine().template.tokenizer)
+    return state.token_text
 
 
 def usage(c: Completion) -> dict[str, Any]:
@@ -97,62 +165,89 @@ async def create_chat_completion(request: Request) -> Response:
     session_id = request.headers.get(SESSION_HEADER) or None
     opened: list[Handle] = []
     try:
-        req = await run_in_threadpool(
-            _open, engine, body, session_id, owner_of(request), state.config.default_temperature,
-            asyncio.get_running_loop(), arrival, opened,
+        req, model = await run_in_threadpool(
+            _open, engine, body, served_names(request), session_id, owner_of(request),
+            state.config.default_temperature, asyncio.get_running_loop(), arrival, opened,
         )
     except asyncio.CancelledError:  # the client left while the request was being opened
         for h in opened:
-            h.cancel()
+            for choice in h.choices:
+                choice.cancel()
         raise
     handle = opened[0]
-    model = engine.backend.info.name
-    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-    created = int(time.time())
+    ignored = req.ignored()
+    shape = ChatShape(f"chatcmpl-{uuid.uuid4().hex}", model, token_text(request) if req.logprobs else None,
+                      state.config.replica)
     if req.stream:
         include_usage = bool((req.stream_options or {}).get("include_usage"))
-        stream = _sse(handle, completion_id, created, model, include_usage, state.config.replica)
-        return StreamingResponse(stream, media_type="text/event-stream", headers={"cache-control": "no-cache"})
-    completion = await unless_gone(request, collect(handle), handle.cancel)
-    body_out = {
-        "id": completion_id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": message(completion),
-                "logprobs": None,
-                "finish_reason": _finish_reason(completion),
-            }
-        ],
-        "usage": usage(completion),
-        "headstart": extension(completion, state.config.replica),
-    }
-    return JSONResponse(body_out)
+        return stream_response(handle, shape, include_usage, ignored)
+    return JSONResponse(await answer(request, handle, shape, ignored))
+
+
+class ChatShape:
+    """How chat completions write an answer: messages and deltas, logprobs as ``content``.
+    The text completions door has its own shape; the streaming and collecting are shared."""
+
+    object = "chat.completion"
+
+    def __init__(self, completion_id: str, model: str, tokens: TokenText | None, replica: str | None) -> None:
+        self.id, self.model, self.tokens, self.replica = completion_id, model, tokens, replica
+        self.created = int(time.time())
+
+    def envelope(self, obj: str) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def logprobs(self, entries: list[TokenLogprob] | None) -> dict[str, Any] | None:
+        if self.tokens is None:
+            return None
+        return {"content": self.tokens.content(entries or []), "refusal": None}
+
+    def choice(self, index: int, c: Completion) -> dict[str, Any]:
+        return {"index": index, "message": message(c), "logprobs": self.logprobs(c.logprobs),
+                "finish_reason": _finish_reason(c)}
+
+    def opening(self, index: int) -> dict[str, Any] | None:
+        return self.chunk(index, {"role": "assistant", "content": ""}, None)
+
+    def delta(self, index: int, d: Delta) -> dict[str, Any]:
+        return self.chunk(index, {"content": d.text}, None, self.logprobs(d.logprobs))
+
+    def closing(self, index: int, c: Completion) -> list[dict[str, Any]]:
+        return [*(self.chunk(index, delta, None) for delta in tool_call_deltas(c)),
+                self.chunk(index, {}, _finish_reason(c))]
+
+    def chunk(
+        self, index: int, delta: dict[str, Any], finish: str | None, logprobs: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        return {**self.envelope("chat.completion.chunk"),
+                "choices": [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]}
 
 
 def _open(
     engine: Engine,
     body: bytes,
+    names: tuple[str, ...],
     session_id: str | None,
     owner: str | None,
     default_temperature: float,
     loop: asyncio.AbstractEventLoop,
     arrival: float,
     opened: list[Handle],
-) -> ChatCompletionRequest:
+) -> tuple[ChatCompletionRequest, str]:
     """Parse, validate and submit a chat request, putting its handle in ``opened``: on a
-    worker thread, since parsing a long conversation and rendering and tokenising it would
-    hold the event loop for milliseconds."""
+    worker thread, since parsing a long conversation, compiling a new output schema (seconds)
+    and rendering and tokenising would hold the event loop. Returns the request and the model
+    name it is answered under."""
     from headstart.server.errors import parse_json
 
     req = ChatCompletionRequest.model_validate(parse_json(body))
+    model = model_name(names, req.model)
     engine_req = req.to_engine(session_id, owner, default_temperature)
     engine_req.arrival = arrival
+    if engine_req.params.constraint is not None:
+        engine.compile_constraint(engine_req.params.constraint)
     opened.append(engine.submit(engine_req, loop=loop))
-    return req
+    return req, model
 
 
 async def collect(handle: Handle) -> Completion:
@@ -163,61 +258,91 @@ async def collect(handle: Handle) -> Completion:
     raise RuntimeError("the engine ended a request without a completion")
 
 
-def _chunk(completion_id: str, created: int, model: str, delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
-    return {
-        "id": completion_id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-    }
+def total_usage(completions: list[Completion]) -> dict[str, Any]:
+    """One prompt, every choice's tokens."""
+    out = usage(completions[0])
+    out["completion_tokens"] = sum(c.completion_tokens for c in completions)
+    out["total_tokens"] = out["prompt_tokens"] + out["completion_tokens"]
+    return out
+
+
+async def answer(request: Request, handle: Handle, shape: Any, ignored: list[str]) -> dict[str, Any]:
+    """The whole answer, every choice (a client that goes away cancels them)."""
+
+    async def every_choice() -> list[Completion]:
+        return [await collect(h) for h in handle.choices]
+
+    def cancel() -> None:
+        for h in handle.choices:
+            h.cancel()
+
+    completions = await unless_gone(request, every_choice(), cancel)
+    return {**shape.envelope(shape.object), "choices": [shape.choice(i, c) for i, c in enumerate(completions)],
+            "usage": total_usage(completions), "headstart": extension(completions[0], shape.replica, ignored)}
 
 
 def _sse_line(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
 
-async def _sse(
-    handle: Handle, completion_id: str, created: int, model: str, include_usage: bool, replica: str | None
-) -> AsyncIterator[str]:
-    """OpenAI chunks; a client that goes away cancels the generation."""
+def stream_response(handle: Handle, shape: Any, include_usage: bool, ignored: list[str]) -> StreamingResponse:
+    return StreamingResponse(_sse(handle, shape, include_usage, ignored), media_type="text/event-stream",
+                             headers={"cache-control": "no-cache"})
+
+
+async def _sse(handle: Handle, shape: Any, include_usage: bool, ignored: list[str]) -> AsyncIterator[str]:
+    """Chunks of every choice in turn; a client that goes away cancels the generation."""
     try:
-        yield _sse_line(_chunk(completion_id, created, model, {"role": "assistant", "content": ""}, None))
+        completions: list[Completion] = []
         try:
-            async for item in handle:
-                if isinstance(item, Delta):
-                    yield _sse_line(_chunk(completion_id, created, model, {"content": item.text}, None))
-                else:
-                    for delta in tool_call_deltas(item):
-                        yield _sse_line(_chunk(completion_id, created, model, delta, None))
-                    last = _chunk(completion_id, created, model, {}, _finish_reason(item))
-                    if include_usage:
-                        yield _sse_line(last)
-                        last = {**_chunk(completion_id, created, model, {}, None), "choices": [],
-                                "usage": usage(item)}
-                    last["headstart"] = extension(item, replica)
-                    yield _sse_line(last)
+            for index, h in enumerate(handle.choices):
+                opening = shape.opening(index)
+                if opening is not None:
+                    yield _sse_line(opening)
+                async for item in h:
+                    if isinstance(item, Delta):
+                        yield _sse_line(shape.delta(index, item))
+                    else:
+                        completions.append(item)
+                        closing = shape.closing(index, item)
+                        last = index == len(handle.choices) - 1
+                        if last and not include_usage:
+                            closing[-1]["headstart"] = extension(completions[0], shape.replica, ignored)
+                        for payload in closing:
+                            yield _sse_line(payload)
+            if include_usage:
+                yield _sse_line({**shape.envelope(shape.chunk(0, {}, None)["object"]), "choices": [],
+                                 "usage": total_usage(completions),
+                                 "headstart": extension(completions[0], shape.replica, ignored)})
         except Exception as exc:  # the headers are gone: report in-band, as OpenAI does
             from headstart.server.errors import to_response
 
             yield f"data: {to_response(exc).body.decode()}\n\n"
         yield "data: [DONE]\n\n"
     finally:
-        handle.cancel()
+        for h in handle.choices:
+            h.cancel()
+
+
+def _model_object(request: Request, name: str) -> dict[str, Any]:
+    engine = request.app.state.headstart.require_engine()
+    return {"id": name, "object": "model", "created": int(engine.started), "owned_by": "headstart",
+            "root": engine.backend.info.name, "max_model_len": engine.context_limit}
 
 
 async def list_models(request: Request) -> Response:
-    """The one model this server runs."""
-    engine = request.app.state.headstart.require_engine()
-    info = engine.backend.info
-    return JSONResponse(
-        {"object": "list", "data": [{"id": info.name, "object": "model", "created": int(engine.started),
-                                     "owned_by": "headstart"}]}
-    )
+    """The model this server runs, under each name it answers to."""
+    return JSONResponse({"object": "list", "data": [_model_object(request, n) for n in served_names(request)]})
+
+
+async def get_model(request: Request) -> Response:
+    """One served name, or a 404 ``model_not_found``."""
+    return JSONResponse(_model_object(request, model_name(served_names(request), request.path_params["model_id"])))
 
 
 def routes(wrap: Callable) -> list[Route]:
     return [
         Route("/v1/chat/completions", wrap(create_chat_completion), methods=["POST"]),
         Route("/v1/models", wrap(list_models), methods=["GET"]),
+        Route("/v1/models/{model_id}", wrap(get_model), methods=["GET"]),
     ]

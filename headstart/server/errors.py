@@ -66,7 +66,8 @@ def to_response(exc: BaseException) -> JSONResponse:
     if isinstance(exc, ValidationError):
         first = exc.errors()[0]
         param = _loc(first.get("loc", ()))
-        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+        msg = str(first.get("msg")).removeprefix("Value error, ")
+        message = f"{param}: {msg}" if param else msg
         return error_response(400, message, param=param or None, code="invalid_value")
     if isinstance(exc, ContextTooLong):
         return error_response(400, str(exc), param=exc.param, code="context_length_exceeded")

@@ -13,7 +13,7 @@ from starlette.responses import JSONResponse, Response
 
 from headstart import __version__, sessionapi
 from headstart.server import sessions
-from headstart.server.schema import ChatCompletionRequest
+from headstart.server.schema import ChatCompletionRequest, CompletionRequest
 from headstart.server.session_schema import ErrorResponse, Health
 
 REF = "#/components/schemas/{model}"
@@ -43,6 +43,13 @@ CHAT_RESPONSE = {
         "headstart": {"type": "object"},
     },
 }
+COMPLETION_RESPONSE = {
+    "type": "object",
+    "description": "an OpenAI text completion plus a `headstart` object; with `stream: true`, Server-Sent Events",
+    "properties": {"id": {"type": "string"}, "object": {"const": "text_completion"},
+                   "choices": {"type": "array", "items": {"type": "object"}}, "usage": {"type": "object"}},
+}
+MODEL_RESPONSE = {"type": "object", "properties": {"id": {"type": "string"}, "object": {"const": "model"}}}
 MODELS_RESPONSE = {"type": "object", "properties": {"object": {"const": "list"}, "data": {"type": "array"}}}
 
 
@@ -52,10 +59,15 @@ def operations() -> list[Doc]:
         Doc("GET", "/metrics", "Prometheus metrics (no key needed)", media="text/plain", open=True,
             raw={"type": "string"}),
         Doc("GET", "/openapi.json", "This document", raw={"type": "object"}),
-        Doc("GET", "/v1/models", "The model this server runs", raw=MODELS_RESPONSE),
+        Doc("GET", "/v1/models", "The model this server runs, under each name it answers to", raw=MODELS_RESPONSE),
+        Doc("GET", "/v1/models/{model_id}", "One served model name (404 model_not_found otherwise)",
+            raw=MODEL_RESPONSE),
         Doc("POST", "/v1/chat/completions",
             "OpenAI chat completions; the x-session-id header joins (or creates) a session",
             ChatCompletionRequest, raw=CHAT_RESPONSE),
+        Doc("POST", "/v1/completions",
+            "OpenAI text completions (a prompt as text or token ids, no chat template); x-session-id reuses a "
+            "session's KV", CompletionRequest, raw=COMPLETION_RESPONSE),
     ]
     for e in sessions.ENDPOINTS:
         docs.append(Doc(e.method, e.path, e.summary, e.body, e.response,
@@ -91,10 +103,10 @@ def document(window_max: int | None = None) -> dict[str, Any]:
         op: dict[str, Any] = {"summary": d.summary, "operationId": _op_id(d)}
         params = [
             {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
-            for name in ("session_id", "query_id")
+            for name in ("session_id", "query_id", "model_id")
             if "{" + name + "}" in d.path
         ]
-        if d.path == "/v1/chat/completions":
+        if d.path in ("/v1/chat/completions", "/v1/completions"):
             params.append({"name": "x-session-id", "in": "header", "required": False, "schema": {
                 "type": "string", "pattern": r"^[A-Za-z0-9_-]{1,128}$"}})
         if params:

@@ -1,26 +1,115 @@
 """Request bodies of the OpenAI door, validated with pydantic.
 
-Unknown OpenAI fields are accepted and ignored (clients send many); fields we support
-are checked strictly so a bad value is a 400 naming the field, never a surprise later.
+Fields we support are checked strictly, with OpenAI's ranges, so a bad value is a 400
+naming the field. A field that would change what the answer must be and that headstart
+does not implement is refused with a 400 naming it (``REFUSED``); advisory fields that
+never change an answer are accepted (``ADVISORY``); any other field is accepted, named in
+the answer's ``headstart.ignored_fields`` and logged once, as vLLM warns.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import threading
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from headstart.engine import Request
-from headstart.sampling import SamplingParams
+from headstart.engine import BadRequest, Request
+from headstart.grammar import schema_text
+from headstart.sampling import Constraint, SamplingParams
+
+log = logging.getLogger("headstart.server")
 
 DEFAULT_MAX_TOKENS = 256
+
+# Fields that by OpenAI's definition never change the answer's content.
+ADVISORY = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier",
+                      "prediction"})
+# Fields that would change what the answer must be, and why headstart refuses them.
+REFUSED: dict[str, str] = {
+    "audio": "audio output is not supported: this server writes text only",
+    "functions": "the deprecated `functions` field is not supported: declare them in `tools`",
+    "function_call": "the deprecated `function_call` field is not supported: use `tool_choice`",
+    "web_search_options": "web search is not supported",
+    "reasoning_effort": "the served models do not reason in a separate channel",
+    "verbosity": "the served models have no verbosity control",
+    # vLLM's extensions that headstart does not implement
+    "best_of": "best_of is not supported",
+    "use_beam_search": "beam search is not supported",
+    "length_penalty": "beam search is not supported",
+    "min_tokens": "min_tokens is not supported",
+    "ignore_eos": "ignore_eos is not supported",
+    "stop_token_ids": "stop_token_ids is not supported: use `stop` strings",
+    "bad_words": "bad_words is not supported: use `logit_bias`",
+    "allowed_token_ids": "allowed_token_ids is not supported: use `logit_bias`",
+    "prompt_logprobs": "prompt_logprobs is not supported",
+    "include_stop_str_in_output": "include_stop_str_in_output is not supported",
+    "skip_special_tokens": "skip_special_tokens is not supported",
+    "spaces_between_special_tokens": "spaces_between_special_tokens is not supported",
+    "truncate_prompt_tokens": "truncate_prompt_tokens is not supported",
+    "guided_json": "use `response_format` with a json_schema",
+    "guided_regex": "regular-expression constraints are not supported",
+    "guided_choice": "use `response_format` with a json_schema enum",
+    "guided_grammar": "grammar constraints are not supported: use `response_format`",
+    "guided_decoding_backend": "use `response_format`",
+    "structured_outputs": "use `response_format`",
+    "chat_template": "the model's own chat template is always used",
+    "chat_template_kwargs": "the model's own chat template is always used",
+    "add_generation_prompt": "the generation prompt is always added",
+    "continue_final_message": "continuing the final message is not supported",
+    "documents": "documents are not supported: put them in the messages",
+}
+_warned: set[str] = set()
+_warned_lock = threading.Lock()
+
+
+def unsupported(name: str, why: str) -> BadRequest:
+    """A refusal in the shape OpenAI gives an unsupported parameter."""
+    error = BadRequest(f"Unsupported parameter: '{name}' is not supported by headstart ({why}).", param=name)
+    error.code = "unsupported_parameter"  # type: ignore[attr-defined]
+    return error
+
+
+def ignored_fields(extra: dict[str, Any] | None) -> list[str]:
+    """Refuse what must not be ignored; the names of the rest (logged once each)."""
+    names = sorted(extra or {})
+    for name in names:
+        if name in REFUSED:
+            raise unsupported(name, REFUSED[name])
+    ignored = [name for name in names if name not in ADVISORY]
+    with _warned_lock:
+        new = [name for name in ignored if name not in _warned]
+        _warned.update(new)
+    for name in new:
+        log.warning("request field %r is not an OpenAI field headstart knows; it is ignored", name)
+    return ignored
+
+
+_PART_KINDS = {"image_url": "image", "input_audio": "audio", "file": "file", "refusal": "refusal"}
 
 
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="allow")
     type: Literal["text"]
     text: str
+
+
+def _content(value: Any) -> Any:
+    """Text, text parts or nothing; a clear word for anything else (images above all)."""
+    if value is None or isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise ValueError(f"content must be a string, a list of text parts, or null, not {type(value).__name__}")
+    for j, part in enumerate(value):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in _PART_KINDS:
+            raise ValueError(f"part {j} is of type {kind!r}: {_PART_KINDS[kind]} input is not supported, "
+                             "the served models read text only")
+        if kind != "text" or not isinstance(part.get("text"), str):
+            raise ValueError(f'part {j} must be {{"type": "text", "text": "..."}}')
+    return value
 
 
 class ToolCallFunction(BaseModel):
@@ -53,6 +142,11 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _check_content(cls, value: Any) -> Any:
+        return _content(value)
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
 
@@ -113,6 +207,36 @@ class NamedToolChoice(BaseModel):
     function: FunctionName
 
 
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``: plain text, any JSON object, or JSON under a schema
+    (enforced by constrained decoding whether ``strict`` is set or not)."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("a json_schema response_format needs its json_schema: {name, schema, strict}")
+        return self
+
+    def constraint(self) -> Constraint | None:
+        if self.type == "json_object":
+            return Constraint("json_object")
+        if self.type == "json_schema" and self.json_schema is not None:
+            return Constraint("json_schema", schema_text(self.json_schema.schema_ or {}))
+        return None
+
+
 class SamplingFields(BaseModel):
     """Fields shared by every request that generates."""
 
@@ -123,6 +247,14 @@ class SamplingFields(BaseModel):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     stop: str | list[str] | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    # vLLM's sampling extensions
+    top_k: int | None = Field(default=None, ge=-1, le=1_000_000)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=100.0)
+    response_format: ResponseFormat | None = None
     # headstart extensions
     gate: bool | None = None
     gap_threshold: float | None = Field(default=None, ge=0.0)
@@ -135,6 +267,18 @@ class SamplingFields(BaseModel):
             raise ValueError("at most 16 stop strings")
         return value
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (value or {}).items():
+            if not key.isdigit():
+                raise ValueError(f"keys are token ids (integers as strings), not {key!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"the bias of token {key} must be between -100 and 100, not {bias}")
+        if value is not None and len(value) > 1024:
+            raise ValueError("at most 1024 biased tokens")
+        return value
+
     @field_validator("fast_answer")
     @classmethod
     def _fast_answer(cls, value: list[str] | None) -> list[str] | None:
@@ -142,15 +286,27 @@ class SamplingFields(BaseModel):
             raise ValueError("candidates must be non-empty strings")
         return value
 
-    def sampling(self, default_temperature: float) -> SamplingParams:
+    def sampling(self, default_temperature: float, default_max_tokens: int = DEFAULT_MAX_TOKENS) -> SamplingParams:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         return SamplingParams(
-            max_tokens=self.max_completion_tokens or self.max_tokens or DEFAULT_MAX_TOKENS,
+            max_tokens=self.max_completion_tokens or self.max_tokens or default_max_tokens,
             temperature=default_temperature if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             seed=self.seed,
             stop=stop,
+            top_k=max(self.top_k or 0, 0),
+            min_p=self.min_p or 0.0,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            logit_bias=tuple(sorted((int(k), float(b)) for k, b in (self.logit_bias or {}).items())),
+            constraint=self.response_format.constraint() if self.response_format is not None else None,
+            **self.output_fields(),
         )
+
+    def output_fields(self) -> dict[str, Any]:
+        """What a door adds to the parameters (log-probabilities, a format)."""
+        return {}
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -158,10 +314,34 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
-    n: int | None = Field(default=None, ge=1, le=1)
+    n: int | None = Field(default=None, ge=1, le=128)
+    modalities: list[Literal["text"]] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
     tools: list[Tool] | None = Field(default=None, min_length=1, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+
+    @field_validator("modalities", mode="before")
+    @classmethod
+    def _modalities(cls, value: Any) -> Any:
+        if isinstance(value, list) and any(m != "text" for m in value):
+            raise ValueError("only the 'text' modality is supported: the served models write text only")
+        return value
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs set to true")
+        return value
+
+    def output_fields(self) -> dict[str, Any]:
+        return {"logprobs": bool(self.logprobs), "top_logprobs": self.top_logprobs or 0}
+
+    def ignored(self) -> list[str]:
+        """Unknown fields this answer does not honour (refusing those it must not ignore)."""
+        return ignored_fields(self.model_extra)
 
     def to_engine(self, session_id: str | None, owner: str | None, default_temperature: float) -> Request:
         return Request(
@@ -176,5 +356,69 @@ class ChatCompletionRequest(SamplingFields):
             gate=self.gate,
             gap_threshold=self.gap_threshold,
             fast_answer=self.fast_answer,
+            n=self.n or 1,
             stream=self.stream,  # only a streamed answer may come from the gate
+        )
+
+
+class CompletionRequest(SamplingFields):
+    """``POST /v1/completions``: one prompt, as text or token ids, continued as it stands."""
+
+    model: str | None = None
+    prompt: str | list[int]
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    n: int | None = Field(default=None, ge=1, le=128)
+    echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+    suffix: str | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt(cls, value: Any) -> Any:
+        if isinstance(value, list) and value and all(isinstance(p, str) for p in value):
+            if len(value) == 1:
+                return value[0]
+            raise ValueError("one prompt per request: send each prompt as its own request")
+        if isinstance(value, list) and value and all(isinstance(p, list) for p in value):
+            raise ValueError("one prompt per request: send each list of token ids as its own request")
+        if isinstance(value, list | str) and not value:
+            raise ValueError("the prompt is empty")
+        return value
+
+    @field_validator("suffix")
+    @classmethod
+    def _suffix(cls, value: str | None) -> str | None:
+        if value:
+            raise ValueError("insertion (a suffix) is not supported: the served models only continue a prompt")
+        return value
+
+    @field_validator("logprobs")
+    @classmethod
+    def _echo(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and info.data.get("echo"):
+            raise ValueError("echo with logprobs would need the prompt's log-probabilities, which headstart "
+                             "does not compute; ask for one or the other")
+        return value
+
+    def output_fields(self) -> dict[str, Any]:
+        return {"logprobs": self.logprobs is not None, "top_logprobs": self.logprobs or 0}
+
+    def ignored(self) -> list[str]:
+        return ignored_fields(self.model_extra)
+
+    def to_engine(
+        self, prompt_ids: list[int], session_id: str | None, owner: str | None, default_temperature: float
+    ) -> Request:
+        return Request(
+            messages=[],
+            prompt_ids=prompt_ids,
+            params=self.sampling(default_temperature, default_max_tokens=16),  # OpenAI's default here
+            session_id=session_id,
+            owner=owner,
+            gate=False,  # ready positions are chat turns'; a raw prompt is served exactly
+            gap_threshold=self.gap_threshold,
+            fast_answer=self.fast_answer,
+            n=self.n or 1,
+            stream=self.stream,
         )

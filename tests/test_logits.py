@@ -1,0 +1,83 @@
+"""The logits rules against a plain reference written from vLLM's definitions, over random
+logits: penalties, bias, min-p, top-k, log-probabilities."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from headstart.logits import Chooser
+from headstart.sampling import SamplingParams, distribution
+
+VOCAB = 64
+
+
+def reference(logits: list[float], prompt: list[int], output: list[int], p: SamplingParams) -> list[float]:
+    """vLLM: bias, then repetition (prompt and output), frequency and presence (output)."""
+    out = list(logits)
+    for token, bias in p.logit_bias:
+        out[token] += bias
+    for token in set(prompt) | set(output):
+        out[token] = out[token] / p.repetition_penalty if out[token] > 0 else out[token] * p.repetition_penalty
+    for token in set(output):
+        out[token] -= p.frequency_penalty * output.count(token) + p.presence_penalty
+    return out
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_greedy_choices_follow_the_reference(seed: int) -> None:
+    rng = random.Random(seed)
+    params = SamplingParams(
+        presence_penalty=rng.uniform(-2, 2),
+        frequency_penalty=rng.uniform(-2, 2),
+        repetition_penalty=rng.uniform(0.5, 2.0),
+        logit_bias=tuple(sorted((t, rng.uniform(-100, 100)) for t in rng.sample(range(VOCAB), 3))),
+        logprobs=True,
+        top_logprobs=5,
+    )
+    prompt = [rng.randrange(VOCAB) for _ in range(10)]
+    chooser = Chooser(params, prompt, VOCAB, "cpu", None)
+    output: list[int] = []
+    torch.manual_seed(seed)
+    for _ in range(30):
+        # Peaked logits that favour repeating earlier tokens, so the penalties matter.
+        logits = torch.randn(VOCAB) * 3
+        logits[prompt[:3]] += 6
+        shaped = reference(logits.tolist(), prompt, output, params)
+        expected = max(range(VOCAB), key=shaped.__getitem__)
+        token = chooser.choose(logits)
+        assert token == expected
+        logp = torch.log_softmax(logits, -1)
+        assert chooser.last is not None and chooser.last.token == token
+        assert math.isclose(chooser.last.logprob, float(logp[token]), abs_tol=1e-5)  # the model's own
+        assert [t for t, _ in chooser.last.top] == torch.topk(logp, 5).indices.tolist()
+        output.append(token)
+
+
+def test_the_rules_change_the_choice() -> None:
+    logits = torch.tensor([5.0, 4.0, 1.0, 0.0])
+    assert Chooser(SamplingParams(), [], 4, "cpu", None).choose(logits) == 0
+    assert Chooser(SamplingParams(logit_bias=((0, -100.0),)), [], 4, "cpu", None).choose(logits) == 1
+    assert Chooser(SamplingParams(repetition_penalty=1.5), [0], 4, "cpu", None).choose(logits) == 1  # 5/1.5 < 4
+    c = Chooser(SamplingParams(frequency_penalty=0.6), [], 4, "cpu", None, output=[0, 0])
+    assert c.choose(logits) == 1  # 5 - 2 * 0.6 < 4
+
+
+def test_a_snapshot_judges_later_logits_under_the_earlier_rules() -> None:
+    c = Chooser(SamplingParams(presence_penalty=2.0), [], 4, "cpu", None)
+    logits = torch.tensor([5.0, 4.0, 1.0, 0.0])
+    assert c.choose(logits) == 0
+    rules = c.last_step
+    assert c.choose(logits) == 1  # 0 is now penalised
+    assert rules is not None and torch.equal(rules.apply(logits), logits)  # the first step's rules: none yet
+
+
+def test_min_p_and_top_k_narrow_the_draw() -> None:
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    probs = distribution(logits, SamplingParams(temperature=1.0, top_k=2))
+    assert torch.allclose(probs, torch.tensor([0.625, 0.375, 0.0, 0.0]))
+    probs = distribution(logits, SamplingParams(temperature=1.0, min_p=0.25))  # keeps p >= 0.125
+    assert torch.allclose(probs, torch.tensor([0.5, 0.3, 0.15, 0.0]) / 0.95)
