@@ -98,7 +98,10 @@ class Runner:
         at = 0
         for f in feeds:
             keep = min(f.keep, len(f.ids))
-            out.append(logits[at : at + keep])
+            rows_of_feed = logits[at : at + keep]
+            # A copy when the buffer holds more (padding, other feeds): a kept row must not
+            # pin the whole step's logits.
+            out.append(rows_of_feed if rows_of_feed.shape[0] == logits.shape[0] else rows_of_feed.clone())
             at += keep
         return out
 
