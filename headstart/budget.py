@@ -40,6 +40,7 @@ class Eviction:
 
     session: Session
     kind: str  # "ready" or "kv"
+    frees: int = 0  # bytes it frees at most (shared blocks stay while another holder keeps them)
 
 
 def _seqs(ev: Eviction) -> list[KVSeq]:
@@ -106,9 +107,9 @@ class Budget:
         others = sorted((s for s in sessions if s is not keep and s.reserved is None), key=lambda s: s.last_used)
         for s in others:
             if s.ready:
-                yield Eviction(s, "ready")
+                yield Eviction(s, "ready", s.ready_bytes())
         if background:
             return
         for s in others:
             if s.kv_ids:
-                yield Eviction(s, "kv")
+                yield Eviction(s, "kv", s.kv.nbytes())

@@ -474,7 +474,7 @@ class Engine:
         self._check_params(params, req)
         # The most KV this request can hold: its prompt, its answer, a ready position's sure tail.
         reserve_tokens = len(prompt) + params.max_tokens + self.config.forced_cap
-        reserve = (self.pool.blocks_for(reserve_tokens) + 1) * self.pool.block_bytes  # in whole blocks
+        reserve = self.pool.blocks_for(reserve_tokens) * self.pool.block_bytes  # in whole blocks
         if reserve > self.budget.limit:
             raise BadRequest(
                 f"this request may need {reserve} bytes of KV but the server's budget is {self.budget.limit}",

@@ -333,7 +333,9 @@ class SessionRegistry:
         evicting sessions no request is computing; a queued request's session may lose
         its KV here (its request then recomputes, or reloads it from the spill folder).
         """
-        need = max(0, self.pool.blocks_for(reserve_tokens) + 1 - self.budget.held_blocks(s))  # +1: copy on write
+        # One more block when a block of the session is shared: writing into it copies it.
+        cow = any(self.pool.refs[b] > 1 for b in s.kv.blocks)
+        need = max(0, self.pool.blocks_for(reserve_tokens) + cow - self.budget.held_blocks(s))
         plan = self.budget.plan(self._holding_kv(), need - self.pool.available(), s, background=False)
         if plan is None:
             return False

@@ -7,7 +7,7 @@ import torch
 
 from headstart.kv import KVSeq
 from headstart.model import HFBackend
-from headstart.model.runner import Feed, Runner, from_backend
+from headstart.model.runner import MIN_ROWS, Feed, Runner, from_backend
 from headstart.template import ChatTemplate
 
 MODELS = ["real", "qwen"]
@@ -17,7 +17,8 @@ _runners: dict[str, Runner] = {}
 def _runner(which: str, request: pytest.FixtureRequest) -> tuple[HFBackend, Runner]:
     backend: HFBackend = request.getfixturevalue(which)
     if which not in _runners:  # one runner per model for the whole module (weights are shared)
-        _runners[which] = from_backend(backend, kv_budget=8192 * backend.info.kv_bytes_per_token)
+        _runners[which] = from_backend(backend, kv_budget=8192 * backend.info.kv_bytes_per_token,
+                                       min_rows=MIN_ROWS, kernel="tiled")  # exact mode
     return backend, _runners[which]
 
 
@@ -93,3 +94,21 @@ def test_a_fork_decodes_as_the_original_and_copy_on_write_keeps_it(real: HFBacke
     seq.adopt(fork)
     assert torch.equal(runner.forward([Feed(seq, [4])])[0], runner.forward([Feed(KVSeq(runner.pool), [*ids, 9, 4])])[0])
     seq.release()
+
+
+@pytest.mark.parametrize("which", MODELS)
+def test_the_fast_mode_matches_transformers_and_sdpa_stays_batch_invariant(
+    which: str, request: pytest.FixtureRequest
+) -> None:
+    backend: HFBackend = request.getfixturevalue(which)
+    budget = 4096 * backend.info.kv_bytes_per_token
+    fast = from_backend(backend, kv_budget=budget)  # the default: sdpa, no row padding
+    ids = _prompt(backend)
+    want = backend.forward(backend.new_state(), ids)
+    seq = KVSeq(fast.pool)
+    assert (fast.forward([Feed(seq, ids)])[0] - want).abs().max().item() < 1e-4
+    padded = from_backend(backend, kv_budget=budget, min_rows=MIN_ROWS)  # sdpa with row padding
+    alone = padded.forward([Feed(KVSeq(padded.pool), ids)])[0]
+    other = _prompt(backend, "Hi.")
+    batch = padded.forward([Feed(KVSeq(padded.pool), other), Feed(KVSeq(padded.pool), ids)])[1]
+    assert torch.equal(alone, batch)

@@ -53,21 +53,31 @@ def oa(srv: Served) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0)
 
 
-def test_json_mode_parses_on_twenty_prompts(qwen: HFBackend) -> None:
-    """On the second model: the 135M default, greedy, loops inside a long string on a quarter
-    of these prompts, so its answers are cut by max_tokens (JSON still, but unfinished); so does
-    the 0.5B one when the prompt only says "JSON". As OpenAI's JSON mode asks, the prompt says
-    what JSON to write; the grammar makes it JSON."""
+def test_json_mode_gives_json_on_twenty_prompts(real: HFBackend, oa: openai.OpenAI) -> None:
+    """JSON mode's promise as OpenAI states it: the output is JSON, and an answer cut by
+    ``max_tokens`` may be unfinished. Each answer is checked by a JSON grammar built here
+    from xgrammar's own JSON grammar (not through headstart.grammar): a finished answer parses
+    to an object; a cut one is a prefix the JSON grammar accepts. The 135M model loops inside
+    a long string on some of these prompts, so not every answer finishes: at least half must."""
+    import xgrammar as xgr
+
+    info = xgr.TokenizerInfo.from_huggingface(real.tokenizer, vocab_size=real.info.vocab_size)
+    json_grammar = xgr.GrammarCompiler(info).compile_builtin_json_grammar()
     system = {"role": "system", "content": 'Answer in JSON: one key, "answer", whose value is one short sentence.'}
-    with serve(qwen, engine={"pre_position": False}) as served:
-        client = openai.OpenAI(base_url=f"{served.url}/v1", api_key="unused", max_retries=0)
-        for prompt in PROMPTS:
-            r = client.chat.completions.create(model="qwen2.5-coder-0.5b", max_tokens=160, temperature=0,
-                                               messages=[system, {"role": "user", "content": prompt}],
-                                               response_format={"type": "json_object"})
-            text = r.choices[0].message.content
-            assert r.choices[0].finish_reason == "stop", (prompt, text)
+    finished = 0
+    for prompt in PROMPTS:
+        r = oa.chat.completions.create(model="smollm2-135m", max_tokens=96, temperature=0,
+                                       messages=[system, {"role": "user", "content": prompt}],
+                                       response_format={"type": "json_object"})
+        text, reason = r.choices[0].message.content or "", r.choices[0].finish_reason
+        assert text and xgr.GrammarMatcher(json_grammar).accept_string(text), (prompt, text)
+        if reason == "stop":
+            finished += 1
             assert isinstance(json.loads(text), dict), (prompt, text)
+        else:
+            assert reason == "length", (prompt, reason)
+    print(f"JSON mode: {finished} of {len(PROMPTS)} answers finished within 96 tokens")
+    assert finished >= len(PROMPTS) // 2
 
 
 @pytest.mark.parametrize("stream", [False, True])

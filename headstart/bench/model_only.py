@@ -19,7 +19,7 @@ from typing import Any
 
 from headstart.kv import KVSeq
 from headstart.model.hf import HFBackend
-from headstart.model.runner import Feed, Runner, from_backend
+from headstart.model.runner import MIN_ROWS, Feed, Runner, from_backend
 
 
 def _median_ms(fn: Callable[[], object], reps: int) -> float:
@@ -50,7 +50,8 @@ def run_model_only(
     budget = 2 * (max(contexts) + 64) * max(batches) * backend.info.kv_bytes_per_token
     runners: dict[str, Runner] = {
         "runner": from_backend(backend, kv_budget=budget, block_size=block_size),
-        "runner_min1": from_backend(backend, kv_budget=budget, block_size=block_size, min_rows=1),
+        "runner_exact": from_backend(backend, kv_budget=budget, block_size=block_size, min_rows=MIN_ROWS,
+                                     kernel="tiled"),
     }
     bar = tqdm(total=len(contexts) * (1 + len(runners)) + 1 + len(batches), disable=not progress, file=sys.stderr)
     decode: dict[str, dict[int, float]] = {"transformers": {}, **{k: {} for k in runners}}

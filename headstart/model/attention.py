@@ -9,6 +9,14 @@ sequences the step holds: a prompt prefilled in chunks equals it prefilled at on
 sequence in a batch equals it alone. That is what lets every sequence of a step share one
 set of tensor ops per layer (padded to the longest table, with the scratch block), where a
 stock kernel (SDPA) gives other bits for other query counts.
+
+The price is speed: on this 2-core CPU the tiled kernel is several times slower than SDPA
+(many small products where SDPA runs one fused loop). So there are two CPU kernels:
+``tiled`` (bitwise batch- and chunk-invariant) and ``sdpa`` (each sequence alone through
+``scaled_dot_product_attention`` with a lower-right causal mask: batch-invariant, since a
+sequence's inputs do not depend on the others, but a prompt prefilled in chunks differs
+from it prefilled at once in the last bits). On CUDA in half precision, the paged flash
+kernel (``varlen_attn`` with a block table).
 """
 
 from __future__ import annotations
@@ -16,12 +24,28 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from headstart.kv.pool import SCRATCH, BlockPool
 
 # Query rows per product (G query heads per KV head times rows) a multiple of this: the
 # CPU GEMM gives other bits to rows in a last group of fewer than four (see runner.py).
 ROW_GROUP = 4
+
+
+KERNELS = ("sdpa", "tiled")
+
+
+@dataclass
+class SeqView:
+    """One sequence for the ``sdpa`` kernel: its query rows and the keys they see."""
+
+    q_start: int
+    q_len: int
+    kv_len: int
+    run: tuple[int, int] | None  # (first, count) when its blocks are consecutive: a view
+    table: torch.Tensor | None  # else the blocks to gather
+    mask: torch.Tensor | None  # (q_len, kv_len) lower-right causal; None for one query
 
 
 @dataclass
@@ -34,6 +58,7 @@ class AttnMeta:
     scatter_from: torch.Tensor  # rows of the (B * qmax) output that are real queries
     scatter_to: torch.Tensor  # their flattened rows
     varlen: VarlenMeta | None = None  # CUDA with fp16/bf16: the paged flash kernel instead
+    seqs: list[SeqView] | None = None  # the sdpa kernel instead
 
 
 @dataclass
@@ -54,8 +79,11 @@ def build_meta(
     group: int,
     device: torch.device,
     use_varlen: bool = False,
+    kernel: str = "tiled",
 ) -> AttnMeta:
     """``spans``: per sequence (first flattened row, query rows, block table, kv length)."""
+    if kernel == "sdpa" and not use_varlen:
+        return _sdpa_meta(spans, block_size, device)
     qmax = max(q for _, q, _, _ in spans)
     while group * qmax % ROW_GROUP:
         qmax += 1
@@ -97,15 +125,74 @@ def build_meta(
     )
 
 
+def _sdpa_meta(spans: list[tuple[int, int, list[int], int]], block_size: int, device: torch.device) -> AttnMeta:
+    seqs = []
+    for start, q, blocks, kv in spans:
+        n = -(-kv // block_size)
+        used = blocks[:n]
+        run = (used[0], n) if used == list(range(used[0], used[0] + n)) else None
+        table = None if run is not None else torch.tensor(used, device=device)
+        mask = None
+        if q > 1:
+            rows = torch.arange(kv - q, kv, device=device)
+            mask = torch.arange(kv, device=device)[None, :] <= rows[:, None]
+        seqs.append(SeqView(start, q, kv, run, table, mask))
+    empty = torch.empty(0, dtype=torch.long, device=device)
+    return AttnMeta(empty, empty, empty, empty, empty, seqs=seqs)
+
+
+def _keys(t: torch.Tensor, s: SeqView) -> torch.Tensor:
+    """``s``'s first ``kv_len`` rows of one layer's pool tensor, as (kv_heads, kv_len, dim)."""
+    if s.run is not None:
+        first, n = s.run
+        blocks = t[first : first + n]
+    else:
+        blocks = t.index_select(0, s.table)  # type: ignore[arg-type]
+    return blocks.flatten(0, 1)[: s.kv_len].transpose(0, 1)
+
+
+def _sdpa(q: torch.Tensor, pool: BlockPool, layer: int, seqs: list[SeqView], out: torch.Tensor) -> None:
+    k_pool, v_pool = pool.k[layer], pool.v[layer]
+    for s in seqs:
+        qs = q[s.q_start : s.q_start + s.q_len].transpose(0, 1)[None]
+        o = F.scaled_dot_product_attention(
+            qs, _keys(k_pool, s)[None], _keys(v_pool, s)[None], attn_mask=s.mask, scale=1.0, enable_gqa=True
+        )
+        out[s.q_start : s.q_start + s.q_len] = o[0].transpose(0, 1).flatten(1)
+
+
 def varlen_usable(device: torch.device, dtype: torch.dtype) -> bool:
     """The flash kernel runs on CUDA in half precision only."""
     return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+
+
+def _tile_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over dim 2 (tiles) as a tree of adjacent pairs over a power-of-two count.
+
+    Trailing all-zero tiles (another chunking, another batch's padding) leave the result
+    exactly as it was: the tree over 2n tiles is the tree over the first n plus zero.
+    ``sum`` instead orders its additions by the length, so its bits depend on it.
+    """
+    n = x.shape[2]
+    size = 1 << (n - 1).bit_length()
+    if size != n:
+        pad = list(x.shape)
+        pad[2] = size - n
+        x = torch.cat([x, x.new_zeros(pad)], 2)
+    while x.shape[2] > 1:
+        half = x.shape[2] // 2
+        shape = (*x.shape[:2], half, 2, *x.shape[3:])
+        x = x.view(shape).sum(3)
+    return x[:, :, 0]
 
 
 def paged_attention(q: torch.Tensor, pool: BlockPool, layer: int, meta: AttnMeta, out: torch.Tensor) -> None:
     """``q``: (T, heads, dim) queries, already scaled; writes (T, heads * dim) into ``out``."""
     if meta.varlen is not None:
         _varlen(q, pool, layer, meta.varlen, out)
+        return
+    if meta.seqs is not None:
+        _sdpa(q, pool, layer, meta.seqs, out)
         return
     heads, dim = q.shape[1], q.shape[2]
     kvh = pool.kv_heads
@@ -129,9 +216,7 @@ def paged_attention(q: torch.Tensor, pool: BlockPool, layer: int, meta: AttnMeta
     p = torch.exp(s - tmax.clamp(min=torch.finfo(s.dtype).min))
     pv = torch.matmul(p.view(bsz, kvh, tiles, g * qmax, tile), v).view(bsz, kvh, tiles, g, qmax, dim + 1)
     w = torch.exp(tmax - tmax.amax(2, keepdim=True))
-    # A running sum over tiles, in tile order: trailing all-zero tiles (another chunking,
-    # another batch's padding) leave it exactly as it was; ``sum`` reorders by length.
-    acc = torch.cumsum(pv * w, 2)[:, :, -1]  # (B, kvh, g, qmax, dim + 1)
+    acc = _tile_sum(pv * w)  # (B, kvh, g, qmax, dim + 1)
     o = acc[..., :dim] / acc[..., dim:]
     o = o.permute(0, 3, 1, 2, 4).reshape(bsz * qmax, heads * dim)
     out.index_copy_(0, meta.scatter_to, o.index_select(0, meta.scatter_from))

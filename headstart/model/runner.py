@@ -7,10 +7,16 @@ positions, slot mapping and per-sequence spans, and runs the model once.
 Batch invariance on the CPU: torch 2.13's CPU GEMM (MKL) computes rows in groups of four,
 and a last group of one to three rows goes through other kernels that give other bits
 (measured here: row 4 of a 5-row product differs from row 4 of a 600-row one, rows of
-full groups never do). Every product therefore runs on a multiple of ``MIN_ROWS`` rows;
-the padding rows write their K/V to the pool's scratch block and are never read. With
-that, a sequence's logits are the same bits whether it runs alone or beside others, and
-chunked prefill equals prefill at once (tests/test_runner.py, on both real models).
+full groups never do). With ``min_rows=MIN_ROWS`` every product runs on a multiple of four
+rows (the padding rows write their K/V to the pool's scratch block and are never read), and
+with the ``tiled`` attention kernel a sequence's logits are then the same bits alone or
+beside others, and chunked prefill equals prefill at once (tests/test_runner.py, on both
+real models): *exact mode*. It costs speed here (this CPU's MKL runs a 4-row product about
+three times slower than the 1-row one, and the tiled kernel is slower than SDPA), so the
+default is the fast mode, ``min_rows=1`` with ``sdpa``: exact at the level the engine has
+always promised (greedy output equal to a cold computation), not bit for bit across
+chunkings. ``min_rows=MIN_ROWS`` with ``sdpa`` keeps batch invariance but not chunk
+invariance.
 """
 
 from __future__ import annotations
@@ -23,13 +29,13 @@ import torch
 from headstart.kv.pool import SCRATCH, BlockPool, Reservation
 from headstart.kv.seq import KVSeq
 from headstart.model.arch import ArchConfig
-from headstart.model.attention import build_meta, varlen_usable
+from headstart.model.attention import KERNELS, build_meta, varlen_usable
 from headstart.model.hf import HFBackend
 from headstart.model.hf_runner import HFRunner
 from headstart.model.llama import Llama
 from headstart.model.weights import from_module
 
-MIN_ROWS = 4
+MIN_ROWS = 4  # rows per product group: ``min_rows=MIN_ROWS`` with the tiled kernel is exact mode
 
 
 @dataclass
@@ -45,9 +51,12 @@ class Feed:
 class Runner:
     """The own forward bound to its pool."""
 
-    def __init__(self, model: Llama, pool: BlockPool, min_rows: int = MIN_ROWS) -> None:
+    def __init__(self, model: Llama, pool: BlockPool, min_rows: int = 1, kernel: str = "sdpa") -> None:
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}")
         self.model = model
         self.min_rows = min_rows
+        self.kernel = kernel
         self.pool = pool
         self.forwards = 0
 
@@ -88,7 +97,7 @@ class Runner:
             slots += [SCRATCH * pool.block_size + i % pool.block_size for i in range(pad)]
         rows += [rows[-1]] * (-len(rows) % self.min_rows)
         group = self.model.arch.heads // self.model.arch.kv_heads
-        meta = build_meta(spans, pool.block_size, group, device, varlen_usable(device, self.model.dtype))
+        meta = build_meta(spans, pool.block_size, group, device, varlen_usable(device, self.model.dtype), self.kernel)
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
         logits = self.model.forward(
             as_tensor(ids), as_tensor(positions), as_tensor(slots), meta, as_tensor(rows), pool
@@ -98,7 +107,10 @@ class Runner:
         at = 0
         for f in feeds:
             keep = min(f.keep, len(f.ids))
-            out.append(logits[at : at + keep])
+            rows_of_feed = logits[at : at + keep]
+            # A copy when the buffer holds more (padding, other feeds): a kept row must not
+            # pin the whole step's logits.
+            out.append(rows_of_feed if rows_of_feed.shape[0] == logits.shape[0] else rows_of_feed.clone())
             at += keep
         return out
 
@@ -111,7 +123,8 @@ def from_backend(
     *,
     kv_budget: int,
     block_size: int = 16,
-    min_rows: int = MIN_ROWS,
+    min_rows: int = 1,
+    kernel: str = "sdpa",
     physical_bytes: int | None = None,
 ) -> Runner | HFRunner:
     """The runner for ``backend``'s model with a pool of ``kv_budget`` bytes (at most
@@ -139,4 +152,4 @@ def from_backend(
         except ValueError:  # another architecture, or a RoPE variant the own forward lacks
             return HFRunner(backend, pool)
         model = _models[backend] = Llama(arch, from_module(backend.model, arch))
-    return Runner(model, pool, min_rows)
+    return Runner(model, pool, min_rows, kernel)
