@@ -8,6 +8,7 @@ slowly and watch ``entry`` or ``gate`` replace ``session``.
 from __future__ import annotations
 
 import argparse
+import select
 import sys
 
 from headstart.engine import Engine, Request
@@ -31,8 +32,8 @@ def run_chat(args: argparse.Namespace) -> int:
     try:
         while True:
             try:
-                text = input("you> ").strip()
-            except (EOFError, KeyboardInterrupt):
+                text = _ask("you> ")
+            except KeyboardInterrupt:
                 break
             if not text:
                 break
@@ -73,3 +74,15 @@ def _show(handle: Handle) -> Completion:
         else:
             return item
     raise RuntimeError("the engine ended a request without a completion")
+
+
+def _ask(prompt: str) -> str:
+    """The next line typed, stripped ("" at the end of input).
+
+    Not ``input()``: a Ctrl-C may be delivered to any of the process's threads, and only the
+    main thread acts on it, so a main thread blocked in a read would never see it. Waking
+    every fraction of a second lets Python run the pending handler (KeyboardInterrupt)."""
+    print(prompt, end="", flush=True)
+    while not select.select([sys.stdin], [], [], 0.2)[0]:
+        pass
+    return sys.stdin.readline().strip()
