@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import select
 import sys
 import uuid
 from collections.abc import Callable, Iterator
@@ -119,8 +120,8 @@ def run_chat(args: argparse.Namespace) -> int:
     try:
         while True:
             try:
-                text = input("you> ").strip()
-            except (EOFError, KeyboardInterrupt):
+                text = _ask("you> ")
+            except KeyboardInterrupt:
                 break
             if not text:
                 break
@@ -158,3 +159,15 @@ def _show(answer: Iterator[str | Served]) -> Served:
             return item
         print(item, end="", flush=True)
     raise RuntimeError("the answer ended without a completion")
+
+
+def _ask(prompt: str) -> str:
+    """The next line typed, stripped ("" at the end of input).
+
+    Not ``input()``: a Ctrl-C may be delivered to any of the process's threads, and only the
+    main thread acts on it, so a main thread blocked in a read would never see it. Waking
+    every fraction of a second lets Python run the pending handler (KeyboardInterrupt)."""
+    print(prompt, end="", flush=True)
+    while not select.select([sys.stdin], [], [], 0.2)[0]:
+        pass
+    return sys.stdin.readline().strip()
