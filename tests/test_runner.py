@@ -65,7 +65,9 @@ def test_a_sequence_alone_equals_it_among_others(which: str, request: pytest.Fix
 @pytest.mark.parametrize("which", MODELS)
 def test_chunked_prefill_is_bitwise_the_whole_prefill(which: str, request: pytest.FixtureRequest) -> None:
     backend, runner = _runner(which, request)
-    ids = _prompt(backend, "Explain, step by step and with an example, how a hash table resolves collisions.")
+    ids = _prompt(backend, "Explain, step by step and with an example, how a hash table resolves collisions: "
+                           "chaining, open addressing, linear and quadratic probing, and when to resize it.")
+    ids = ids + ids[1:40]  # a longer prompt whose length is no multiple of 16
     assert len(ids) > 64 and len(ids) % 16 != 0
     whole = KVSeq(runner.pool)
     want = runner.forward([Feed(whole, ids)])[0]
