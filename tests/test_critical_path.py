@@ -243,7 +243,7 @@ def test_evicted_clears_once_the_kv_is_rebuilt(tiny: HFBackend, tmp_path: Path) 
 
         def reserve(messages: list) -> int:  # what a turn reserves: whole blocks (engine.submit)
             tokens = len(engine.template.render(messages)) + short.max_tokens + engine.config.forced_cap
-            return (pool.blocks_for(tokens) + 1) * pool.block_bytes
+            return pool.blocks_for(tokens) * pool.block_bytes
 
         # Room for a's second turn, but not for b's turn beside a's first.
         engine.budget.limit = reserve(again)
@@ -353,7 +353,8 @@ def test_times_count_from_arrival_and_door_work_runs_off_the_loop(
                         default_headers={"x-session-id": "door"})
         messages = [{"role": "user", "content": "word " * 500}]
         last = None
-        for chunk in client.chat.completions.create(model="m", messages=messages, max_tokens=4, temperature=0,
+        model = engine.backend.info.name
+        for chunk in client.chat.completions.create(model=model, messages=messages, max_tokens=4, temperature=0,
                                                     stream=True):
             last = chunk
         assert last is not None
