@@ -80,7 +80,7 @@ def reference(real: HFBackend) -> Iterator[Callable[[list[dict[str, str]]], str]
 def _chat(cluster: Cluster, sid: str, messages: list[dict[str, str]]) -> tuple[str, str, int, str]:
     """A non-streamed turn: (answer, replica, cached tokens, path)."""
     raw = cluster.client.chat.completions.with_raw_response.create(
-        model="any", messages=messages, max_tokens=PARAMS.max_tokens, temperature=0,
+        model="smollm2-135m", messages=messages, max_tokens=PARAMS.max_tokens, temperature=0,
         extra_headers={"x-session-id": sid},
     )
     c = raw.parse()
@@ -92,7 +92,7 @@ def _chat(cluster: Cluster, sid: str, messages: list[dict[str, str]]) -> tuple[s
 def _stream(cluster: Cluster, sid: str, messages: list[dict[str, str]]) -> tuple[str, str, int, str]:
     """A streamed turn through the proxy, read chunk by chunk."""
     stream = cluster.client.chat.completions.create(
-        model="any", messages=messages, max_tokens=PARAMS.max_tokens, temperature=0, stream=True,
+        model="smollm2-135m", messages=messages, max_tokens=PARAMS.max_tokens, temperature=0, stream=True,
         stream_options={"include_usage": True}, extra_headers={"x-session-id": sid},
     )
     text, chunks, last = "", 0, None
@@ -128,7 +128,7 @@ def test_sessions_stay_on_their_replica_and_answer_as_cold(cluster: Cluster, ref
 
 def _chat_oneoff(cluster: Cluster) -> str:
     raw = cluster.client.chat.completions.with_raw_response.create(
-        model="any", messages=[{"role": "user", "content": "Hi"}], max_tokens=1, temperature=0)
+        model="smollm2-135m", messages=[{"role": "user", "content": "Hi"}], max_tokens=1, temperature=0)
     return raw.headers[REPLICA_HEADER]
 
 
@@ -165,8 +165,8 @@ def test_the_sessions_api_reaches_the_session_s_replica_by_path(cluster: Cluster
 
 
 def test_a_client_disconnect_through_the_proxy_cancels_the_turn(cluster: Cluster) -> None:
-    body = {"model": "any", "messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 400,
-            "temperature": 0, "stream": True}
+    body = {"model": "smollm2-135m", "messages": [{"role": "user", "content": "Tell me a long story."}],
+            "max_tokens": 400, "temperature": 0, "stream": True}
     headers = {"x-session-id": "leaver"}
     with httpx.stream("POST", cluster.url + "/v1/chat/completions", json=body, headers=headers, timeout=60) as r:
         lines = r.iter_lines()
@@ -191,7 +191,7 @@ def test_a_killed_replica_s_sessions_go_on_exactly_on_another(cluster: Cluster, 
         answer, home, _, _ = _chat(cluster, sid, messages)
         messages.append({"role": "assistant", "content": answer})
     # A long answer is streaming from the session's replica when that replica dies.
-    long = {"model": "any", "messages": [*messages, {"role": "user", "content": "Tell me a long story."}],
+    long = {"model": "smollm2-135m", "messages": [*messages, {"role": "user", "content": "Tell me a long story."}],
             "max_tokens": 400, "temperature": 0, "stream": True}
     with httpx.stream("POST", cluster.url + "/v1/chat/completions", json=long, headers={"x-session-id": sid},
                       timeout=60) as r:

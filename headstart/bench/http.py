@@ -79,11 +79,12 @@ def _settled(http: Any, sid: str, timeout: float = 300) -> None:
 
 def _timed(client: Any, sid: str, messages: list[dict[str, str]], max_tokens: int) -> dict[str, Any]:
     """One streamed request: client time to the first content chunk, and the server's figures."""
+    model = client.models.list().data[0].id  # the server's own name for its model (outside the timing)
     start = time.perf_counter()
     first = None
     text, extension = "", None
     for chunk in client.chat.completions.create(
-        model="headstart", messages=messages, max_tokens=max_tokens, temperature=0, stream=True,
+        model=model, messages=messages, max_tokens=max_tokens, temperature=0, stream=True,
         extra_headers={"x-session-id": sid},
     ):
         if chunk.choices and chunk.choices[0].delta.content:

@@ -72,7 +72,7 @@ class Routing:
 
 def _stream_turn(client: httpx.Client, url: str, sid: str, messages: list[dict[str, Any]], max_tokens: int,
                  ) -> tuple[str, Turn]:
-    body = {"model": "any", "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+    body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     sent = time.perf_counter()
     first = None
@@ -135,7 +135,7 @@ def drive(url: str, workload: Workload, name: str, clients: int) -> Routing:
 def overhead(urls: dict[str, str], n: int) -> dict[str, dict[str, float]]:
     """Client end-to-end minus the server's own time, for one-token one-off requests (ms),
     alternating between the servers so that a busy spell of the machine hits both alike."""
-    body = {"model": "any", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, "temperature": 0}
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, "temperature": 0}
     gaps: dict[str, list[float]] = {name: [] for name in urls}
     e2e: dict[str, list[float]] = {name: [] for name in urls}
     with httpx.Client(timeout=120) as http:
