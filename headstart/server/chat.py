@@ -156,25 +156,11 @@ def tool_call_deltas(c: Completion) -> list[dict[str, Any]]:
 
 async def create_chat_completion(request: Request) -> Response:
     """Generate a chat answer, streamed as SSE when ``stream`` is true."""
-    from headstart.server.errors import read_body
-
-    arrival = arrival_of(request)
     state = request.app.state.headstart
-    engine = state.require_engine()
-    body = await read_body(request, state.config.max_body_bytes)
-    session_id = request.headers.get(SESSION_HEADER) or None
-    opened: list[Handle] = []
-    try:
-        req, model = await run_in_threadpool(
-            _open, engine, body, served_names(request), session_id, owner_of(request),
-            state.config.default_temperature, asyncio.get_running_loop(), arrival, opened,
-        )
-    except asyncio.CancelledError:  # the client left while the request was being opened
-        for h in opened:
-            for choice in h.choices:
-                choice.cancel()
-        raise
-    handle = opened[0]
+    req, model, handle = await open_request(
+        request, ChatCompletionRequest,
+        lambda r, sid, owner: r.to_engine(sid, owner, state.config.default_temperature),
+    )
     ignored = req.ignored()
     shape = ChatShape(f"chatcmpl-{uuid.uuid4().hex}", model, token_text(request) if req.logprobs else None,
                       state.config.replica)
@@ -223,31 +209,40 @@ class ChatShape:
                 "choices": [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]}
 
 
-def _open(
-    engine: Engine,
-    body: bytes,
-    names: tuple[str, ...],
-    session_id: str | None,
-    owner: str | None,
-    default_temperature: float,
-    loop: asyncio.AbstractEventLoop,
-    arrival: float,
-    opened: list[Handle],
-) -> tuple[ChatCompletionRequest, str]:
-    """Parse, validate and submit a chat request, putting its handle in ``opened``: on a
-    worker thread, since parsing a long conversation, compiling a new output schema (seconds)
-    and rendering and tokenising would hold the event loop. Returns the request and the model
-    name it is answered under."""
-    from headstart.server.errors import parse_json
+async def open_request(request: Request, schema: Any, build: Callable[[Any, str | None, str | None], Any]) -> Any:
+    """Read the body, then parse and validate it as ``schema``, check its model name, build
+    the engine's request (``build(parsed, session_id, owner)``), compile a new output schema and
+    submit, all on a worker thread: parsing a long conversation, compiling a schema (seconds)
+    and rendering and tokenising would hold the event loop. Returns the parsed request, the
+    model name it is answered under and its handle; a client that leaves meanwhile cancels it."""
+    from headstart.server.errors import parse_json, read_body
 
-    req = ChatCompletionRequest.model_validate(parse_json(body))
-    model = model_name(names, req.model)
-    engine_req = req.to_engine(session_id, owner, default_temperature)
-    engine_req.arrival = arrival
-    if engine_req.params.constraint is not None:
-        engine.compile_constraint(engine_req.params.constraint)
-    opened.append(engine.submit(engine_req, loop=loop))
-    return req, model
+    arrival = arrival_of(request)
+    state = request.app.state.headstart
+    engine: Engine = state.require_engine()
+    body = await read_body(request, state.config.max_body_bytes)
+    session_id, owner, names = request.headers.get(SESSION_HEADER) or None, owner_of(request), served_names(request)
+    loop = asyncio.get_running_loop()
+    opened: list[Handle] = []
+
+    def submit() -> tuple[Any, str]:
+        req = schema.model_validate(parse_json(body))
+        model = model_name(names, req.model)
+        engine_req = build(req, session_id, owner)
+        engine_req.arrival = arrival
+        if engine_req.params.constraint is not None:
+            engine.compile_constraint(engine_req.params.constraint)
+        opened.append(engine.submit(engine_req, loop=loop))
+        return req, model
+
+    try:
+        req, model = await run_in_threadpool(submit)
+    except asyncio.CancelledError:  # the client left while the request was being opened
+        for h in opened:
+            for choice in h.choices:
+                choice.cancel()
+        raise
+    return req, model, opened[0]
 
 
 async def collect(handle: Handle) -> Completion:

@@ -7,28 +7,21 @@ but a raw prompt leaves the session's chat transcript and its pre-positioning al
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from typing import Any
 
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from headstart.engine import Engine
-from headstart.handle import Completion, Delta, Handle
+from headstart.handle import Completion, Delta
 from headstart.logits import TokenLogprob
 from headstart.server.chat import (
-    SESSION_HEADER,
     ChatShape,
     TokenText,
     _finish_reason,
     answer,
-    arrival_of,
-    model_name,
-    owner_of,
-    served_names,
+    open_request,
     stream_response,
     token_text,
 )
@@ -88,59 +81,22 @@ class TextShape(ChatShape):
 
 async def create_completion(request: Request) -> Response:
     """Continue a prompt, streamed as SSE when ``stream`` is true."""
-    from headstart.server.errors import read_body
-
-    arrival = arrival_of(request)
     state = request.app.state.headstart
     engine = state.require_engine()
-    body = await read_body(request, state.config.max_body_bytes)
-    session_id = request.headers.get(SESSION_HEADER) or None
-    opened: list[Handle] = []
-    try:
-        req, model, ids = await run_in_threadpool(
-            _open, engine, body, served_names(request), session_id, owner_of(request),
-            state.config.default_temperature, asyncio.get_running_loop(), arrival, opened,
-        )
-    except asyncio.CancelledError:  # the client left while the request was being opened
-        for h in opened:
-            for choice in h.choices:
-                choice.cancel()
-        raise
-    handle = opened[0]
+
+    def build(r: CompletionRequest, session_id: str | None, owner: str | None) -> Any:
+        ids = engine.template.encode(r.prompt) if isinstance(r.prompt, str) else list(r.prompt)
+        return r.to_engine(ids, session_id, owner, state.config.default_temperature)
+
+    req, model, handle = await open_request(request, CompletionRequest, build)
     ignored = req.ignored()
-    echo = "" if not req.echo else req.prompt if isinstance(req.prompt, str) else engine.template.decode(ids)
+    echo = "" if not req.echo else req.prompt if isinstance(req.prompt, str) else engine.template.decode(req.prompt)
     shape = TextShape(f"cmpl-{uuid.uuid4().hex}", model, token_text(request) if req.logprobs is not None else None,
                       state.config.replica, echo)
     if req.stream:
         include_usage = bool((req.stream_options or {}).get("include_usage"))
         return stream_response(handle, shape, include_usage, ignored)
     return JSONResponse(await answer(request, handle, shape, ignored))
-
-
-def _open(
-    engine: Engine,
-    body: bytes,
-    names: tuple[str, ...],
-    session_id: str | None,
-    owner: str | None,
-    default_temperature: float,
-    loop: asyncio.AbstractEventLoop,
-    arrival: float,
-    opened: list[Handle],
-) -> tuple[CompletionRequest, str, list[int]]:
-    """Parse, validate, tokenise and submit, on a worker thread (as the chat door does):
-    the request, the model name it is answered under and the prompt's ids."""
-    from headstart.server.errors import parse_json
-
-    req = CompletionRequest.model_validate(parse_json(body))
-    model = model_name(names, req.model)
-    ids = engine.template.encode(req.prompt) if isinstance(req.prompt, str) else list(req.prompt)
-    engine_req = req.to_engine(ids, session_id, owner, default_temperature)
-    engine_req.arrival = arrival
-    if engine_req.params.constraint is not None:
-        engine.compile_constraint(engine_req.params.constraint)
-    opened.append(engine.submit(engine_req, loop=loop))
-    return req, model, ids
 
 
 def routes(wrap: Any) -> list[Route]:
