@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from headstart.config import MIN_WINDOW
 from headstart.engine import sessions as sessionapi
-from headstart.idle.ingest import MIN_WINDOW, DataFeed, Entry
+from headstart.idle.ingest import DataFeed, Entry
 from headstart.model import HFBackend
 from tests.apiutil import Served, serve
 

@@ -21,20 +21,27 @@ from typing import Any
 
 import torch
 
+from headstart.config import (
+    BACKGROUND_CHUNK,
+    CONTEXT_RESERVE,
+    CONTINUATION_CAP,
+    FORCED_CAP,
+    GATE_CONFIDENCE,
+    GATE_TARGET,
+    GATE_WINDOW,
+    IDLE_EXPIRY_S,
+    KV_BLOCK,
+    MAX_PENDING,
+    MAX_QUERIES,
+    MAX_SESSIONS,
+    PREDICTOR,
+    SURE_GAP,
+)
 from headstart.decode.grammar import GrammarError, GrammarMatcher, Grammars
 from headstart.decode.logits import Chooser, TokenLogprob
 from headstart.decode.sampling import Constraint, SamplingParams, accept, candidate_gap, top_gap
 from headstart.decode.textstream import TextStream
-from headstart.engine.gate import (
-    DEFAULT_CONFIDENCE,
-    DEFAULT_TARGET,
-    DEFAULT_WINDOW,
-    SERVER_KEY,
-    Decision,
-    Gate,
-    answers_key,
-    session_key,
-)
+from headstart.engine.gate import SERVER_KEY, Decision, Gate, answers_key, session_key
 from headstart.engine.loop import Job, Scheduler
 from headstart.engine.output import Completion, Delta, Handle
 from headstart.engine.writer import Writer, done
@@ -48,7 +55,7 @@ from headstart.errors import (
     StoreUnavailable,
     TooManySessions,
 )
-from headstart.idle.prepos import DEFAULT_PREDICTOR, PREDICTORS, SURE_GAP, PreposConfig
+from headstart.idle.prepos import PREDICTORS, PreposConfig
 from headstart.kv.spill import Spill
 from headstart.model.backend import Backend
 from headstart.model.runner import from_backend
@@ -114,28 +121,28 @@ class EngineConfig:
     # (calibrated online per key, over the last gate_window verified answers), unless a
     # fixed logit-gap threshold is set: that one carries no guarantee.
     gap_threshold: float | None = None
-    gate_target: float = DEFAULT_TARGET
-    gate_confidence: float = DEFAULT_CONFIDENCE
-    gate_window: int = DEFAULT_WINDOW
+    gate_target: float = GATE_TARGET
+    gate_confidence: float = GATE_CONFIDENCE
+    gate_window: int = GATE_WINDOW
     sure_gap: float = SURE_GAP  # pre-positioning decodes past the exit while the gap is at least this
-    predictor: str = DEFAULT_PREDICTOR
-    background_chunk: int = 16
-    continuation_cap: int = 32
-    forced_cap: int = 16
+    predictor: str = PREDICTOR
+    background_chunk: int = BACKGROUND_CHUNK
+    continuation_cap: int = CONTINUATION_CAP
+    forced_cap: int = FORCED_CAP
     kv_budget: int | None = None  # bytes; None: a share of the machine's memory
-    max_sessions: int = 1000
-    idle_expiry_s: float = 3600.0
+    max_sessions: int = MAX_SESSIONS
+    idle_expiry_s: float = IDLE_EXPIRY_S
     max_context: int | None = None  # tokens; None: the model's context
     spill: bool | None = None  # None: on where reloading beats recomputing (the CPU)
     # Sessions API: waiting data entries per session (the oldest are dropped past it),
     # registered questions per session, and tokens of context kept free for questions.
-    max_pending: int = 1024
-    max_queries: int = 16
-    context_reserve: int = 512
+    max_pending: int = MAX_PENDING
+    max_queries: int = MAX_QUERIES
+    context_reserve: int = CONTEXT_RESERVE
     # A block-granular prefix cache shared by one-off requests (the vLLM-style baseline the
     # benchmark compares with): capacity in pool blocks, 0 for none.
     prefix_cache_blocks: int = 0
-    kv_block: int = 16  # tokens per KV pool block
+    kv_block: int = KV_BLOCK
 
     def prepos(self) -> PreposConfig:
         if self.predictor not in PREDICTORS:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from headstart.config import MIN_WINDOW
 from headstart.decode.sampling import SamplingParams
 from headstart.engine.engine import BadRequest, Engine, Request
 from headstart.engine.output import Handle
 from headstart.errors import StoreUnavailable
 from headstart.idle import job as upkeep
 from headstart.idle import queries
-from headstart.idle.ingest import MIN_WINDOW, Entry, PushResult, window_limit
+from headstart.idle.ingest import Entry, PushResult, window_limit
 from headstart.session.session import Session
 from headstart.session.template import Message
 

@@ -120,15 +120,6 @@ class TranscriptStore(Protocol):
     def close(self) -> None: ...
 
 
-def open_store(url: str, holder: str | None = None) -> TranscriptStore:
-    """``postgresql://...`` opens PostgreSQL; anything else is a SQLite file path."""
-    if url.startswith(("postgresql://", "postgres://")):
-        from headstart.session.store_pg import PostgresStore
-
-        return PostgresStore(url, holder)
-    return SessionStore(url, holder)
-
-
 Execute = Callable[[str, Sequence[Any]], list[tuple[Any, ...]]]
 
 
