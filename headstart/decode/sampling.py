@@ -119,19 +119,6 @@ def accept(
     return u < min(1.0, p / q)
 
 
-def resample_without(
-    target: torch.Tensor, rejected: int, params: SamplingParams, generator: torch.Generator | None
-) -> int:
-    """After a greedy draft token was rejected by a sampled request: draw from the target
-    with the rejected token removed, which keeps the output distribution exact."""
-    probs = distribution(target, params).clone()
-    probs[rejected] = 0.0
-    total = float(probs.sum())
-    if total <= 0.0:
-        return rejected
-    return int(torch.multinomial(probs / total, 1, generator=generator))
-
-
 def top_gap(logits: torch.Tensor) -> tuple[int, float]:
     """The argmax and the logit gap top-1 minus top-2: the gate's confidence signal."""
     values, indices = torch.topk(logits, 2)

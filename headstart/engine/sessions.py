@@ -19,7 +19,7 @@ from headstart.idle import job as upkeep
 from headstart.idle import queries
 from headstart.idle.ingest import Entry, PushResult, window_limit
 from headstart.session.session import Session
-from headstart.session.template import Message
+from headstart.session.template import Message, encode_candidates
 
 QUESTION_OVERHEAD = 16  # template tokens around a question (role header, closing, generation prompt)
 
@@ -118,7 +118,7 @@ def add_query(
     if n > cap:
         raise BadRequest(f"the question has {n} tokens; registered questions take at most {cap}", param="question")
     if fast_answer is not None:
-        _check_candidates(engine, fast_answer)
+        encode_candidates(engine.template, fast_answer)
     q = queries.register(
         s, question, query_id=query_id, max_tokens=max_tokens, fast_answer=fast_answer, limit=engine.config.max_queries
     )
@@ -145,12 +145,6 @@ def remove_query(engine: Engine, s: Session, query_id: str) -> None:
     engine.schedule_upkeep(s)  # its parked state is dropped on the model thread
 
 
-def _check_candidates(engine: Engine, fast_answer: list[str]) -> None:
-    for i, c in enumerate(fast_answer):
-        if not engine.template.encode(c):
-            raise BadRequest(f"candidate {i} encodes to no tokens", param=f"fast_answer[{i}]")
-
-
 def ask(
     engine: Engine,
     s: Session,
@@ -168,7 +162,7 @@ def ask(
     request); returns the handle and the data version the question sees. It renders and
     tokenises, so a door calls it off its event loop."""
     if fast_answer is not None:
-        _check_candidates(engine, fast_answer)
+        encode_candidates(engine.template, fast_answer)
     version = s.data.version
     messages: list[Message] = [*s.messages, {"role": queries.QUESTION_ROLE, "content": prompt}]
     req = Request(

@@ -110,8 +110,6 @@ class TranscriptStore(Protocol):
     def claim(self, session_id: str, held_epoch: int | None) -> Claim | None:
         """Take a session over (None: no such session); a no-op when already held at ``held_epoch``."""
 
-    def touch(self, session_id: str, last_used: float) -> None: ...
-
     def delete(self, session_id: str, epoch: int | None = None) -> bool:
         """Remove a session; with an epoch, only while that claim is the latest."""
 
@@ -212,10 +210,6 @@ class FencedSQL:
         stored = decode(row)
         stored.epoch = epoch
         return Claim(epoch, stored)
-
-    def touch(self, session_id: str, last_used: float) -> None:
-        with self._transaction() as run:
-            run("UPDATE sessions SET last_used = ? WHERE id = ?", (last_used, session_id))
 
     def delete(self, session_id: str, epoch: int | None = None) -> bool:
         with self._transaction() as run:
