@@ -14,8 +14,9 @@ from typing import Any
 
 import httpx
 
-from headstart.engine.engine import Engine, EngineConfig, SessionNotFound
+from headstart.engine.engine import Engine, EngineConfig
 from headstart.engine.loop import Job
+from headstart.errors import SessionNotFound
 from headstart.model import HFBackend
 from headstart.server.app import ServerConfig, create_app
 from tests.conftest import LiveServer

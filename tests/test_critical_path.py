@@ -19,8 +19,9 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from headstart.decode.sampling import SamplingParams
 from headstart.decode.textstream import TextStream
 from headstart.engine import sessions as sessionapi
-from headstart.engine.engine import ContextTooLong, Engine, EngineConfig, Request
+from headstart.engine.engine import Engine, EngineConfig, Request
 from headstart.engine.output import Completion, Delta
+from headstart.errors import ContextTooLong
 from headstart.model import HFBackend
 from headstart.model.loader import local_folder, resolve
 from headstart.server import errors

@@ -8,7 +8,8 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from headstart.engine.engine import BadRequest, Request
+from headstart.engine.engine import Request
+from headstart.errors import BadRequest
 from headstart.model import HFBackend
 from headstart.model.loader import local_folder, resolve
 from headstart.session.template import ChatTemplate, TemplateError

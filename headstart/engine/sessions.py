@@ -12,9 +12,9 @@ from typing import Any
 
 from headstart.config import MIN_WINDOW
 from headstart.decode.sampling import SamplingParams
-from headstart.engine.engine import BadRequest, Engine, Request
+from headstart.engine.engine import Engine, Request
 from headstart.engine.output import Handle
-from headstart.errors import StoreUnavailable
+from headstart.errors import BadRequest, StoreUnavailable
 from headstart.idle import job as upkeep
 from headstart.idle import queries
 from headstart.idle.ingest import Entry, PushResult, window_limit
@@ -184,7 +184,7 @@ def ask(
 def warm(engine: Engine, s: Session, req: Request) -> upkeep.WarmTicket:
     """Prefill the request the next turn would send (no generation). It renders and
     tokenises, so a door calls it off its event loop."""
-    from headstart.engine.engine import ContextTooLong, SessionBusy
+    from headstart.errors import ContextTooLong, SessionBusy
 
     if s.busy:
         raise SessionBusy(f"session {s.id!r} has a request in flight")
