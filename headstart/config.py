@@ -33,6 +33,7 @@ MAX_PENDING = 1024  # waiting data entries per session; past it the oldest are d
 MAX_QUERIES = 16  # registered questions per session
 CONTEXT_RESERVE = 512  # tokens of context kept free for questions on streaming-data sessions
 MIN_WINDOW = 128  # the smallest sliding window (tokens) a streaming-data session may ask for
+QUERY_MAX_TOKENS = 8  # tokens of a registered question's answer kept, unless it asks for more (at most 32)
 
 # The HTTP server.
 HOST = "127.0.0.1"

@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from headstart.model import HFBackend
-from headstart.server import schema
+from headstart.server import schemas
 from tests.apiutil import Served, serve
 
 HI = [{"role": "user", "content": "Hi"}]
@@ -48,7 +48,7 @@ def test_model_names_are_the_served_ones(srv: Served, oa: openai.OpenAI) -> None
     assert err.value.body["code"] == "model_not_found"
 
 
-@pytest.mark.parametrize("name", sorted(schema.REFUSED))
+@pytest.mark.parametrize("name", sorted(schemas.REFUSED))
 def test_every_refused_field_is_a_400_naming_it(srv: Served, name: str) -> None:
     r = _post(srv, **{name: True})
     assert r.status_code == 400, r.text

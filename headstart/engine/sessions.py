@@ -2,15 +2,16 @@
 
 Each function validates against the model and the engine's limits (raising the engine's
 errors, which doors map to status codes), changes the session's state, and makes sure the
-session's idle-time job (upkeep.py) will pick the work up. Nothing here waits on the model.
+session's idle-time job (idle/job.py) will pick the work up. Nothing here waits on the model.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
-from headstart.config import MIN_WINDOW
+from headstart.config import MIN_WINDOW, QUERY_MAX_TOKENS
 from headstart.decode.sampling import SamplingParams
 from headstart.engine.engine import Engine, Request
 from headstart.engine.output import Handle
@@ -109,7 +110,7 @@ def add_query(
     question: str,
     *,
     query_id: str | None = None,
-    max_tokens: int = 8,
+    max_tokens: int = QUERY_MAX_TOKENS,
     fast_answer: list[str] | None = None,
 ) -> queries.Query:
     """Register a question on ``s``; it is answered in the background now and after each batch."""
@@ -122,13 +123,7 @@ def add_query(
     q = queries.register(
         s, question, query_id=query_id, max_tokens=max_tokens, fast_answer=fast_answer, limit=engine.config.max_queries
     )
-    try:
-        engine.sessions.persist(s)
-    except StoreUnavailable:
-        with s.data.lock:
-            s.queries.pop(q.id, None)
-        raise
-    engine.schedule_upkeep(s)
+    _store_or_undo(engine, s, lambda: s.queries.pop(q.id, None))
     return q
 
 
@@ -136,13 +131,19 @@ def remove_query(engine: Engine, s: Session, query_id: str) -> None:
     q = queries.get(s, query_id)
     with s.data.lock:
         s.queries.pop(q.id, None)
+    _store_or_undo(engine, s, lambda: s.queries.setdefault(q.id, q))  # its parked state is dropped on the model thread
+
+
+def _store_or_undo(engine: Engine, s: Session, undo: Callable[[], object]) -> None:
+    """Store ``s`` after a change to its questions, then queue its idle-time work; when the
+    store fails, undo the change and refuse, so what a client is told failed never happened."""
     try:
         engine.sessions.persist(s)
     except StoreUnavailable:
         with s.data.lock:
-            s.queries.setdefault(q.id, q)
+            undo()
         raise
-    engine.schedule_upkeep(s)  # its parked state is dropped on the model thread
+    engine.schedule_upkeep(s)
 
 
 def ask(

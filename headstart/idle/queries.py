@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from headstart.config import QUERY_MAX_TOKENS
 from headstart.decode.sampling import candidate_gap, top_gap
 from headstart.errors import BadRequest, SessionExists, SessionNotFound
 from headstart.session.session import ReadyPosition
@@ -64,7 +65,7 @@ class Query:
 
     id: str
     question: str
-    max_tokens: int = 8
+    max_tokens: int = QUERY_MAX_TOKENS
     fast_answer: list[str] | None = None
     created: float = field(default_factory=time.time)
     value: str | None = None

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from headstart.config import MIN_WINDOW
+from headstart.config import MIN_WINDOW, QUERY_MAX_TOKENS
 from headstart.decode.grammar import schema_text
 from headstart.decode.sampling import Constraint, SamplingParams
 from headstart.engine.engine import Request
@@ -489,7 +489,7 @@ class QueryRequest(Strict):
         description="asked again after every ingested batch",
     )
     id: str | None = Field(default=None, pattern=QUERY_ID_PATTERN, description="default: generated")
-    max_tokens: int = Field(default=8, ge=1, le=32, description="tokens of the answer kept")
+    max_tokens: int = Field(default=QUERY_MAX_TOKENS, ge=1, le=32, description="tokens of the answer kept")
     fast_answer: list[str] | None = Field(
         default=None, min_length=1, max_length=64, description="candidate answers: the best by first-token logit"
     )

@@ -93,7 +93,7 @@ class Session:
         self.paths: Counter[str] = Counter()
         self.pre_positioning = False
         self.last_delta: str | None = None
-        # The sessions API (ingest.py, queries.py, upkeep.py): streamed data, registered
+        # The sessions API (idle/: ingest.py, queries.py, job.py): streamed data, registered
         # questions (id -> queries.Query), listeners, and the state of the idle-time job.
         self.data = DataFeed(MAX_PENDING)
         self.queries: dict[str, Any] = {}
