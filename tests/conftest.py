@@ -11,13 +11,13 @@ import contextlib
 import os
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterator
 
 import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from headstart.bench.serverproc import free_port, wait_healthy
 from headstart.engine import Engine, EngineConfig
 from headstart.model import HFBackend, load
 from headstart.model.loader import local_folder, resolve
@@ -97,12 +97,6 @@ def make_engine() -> Iterator[Callable[..., Engine]]:
         engine.stop()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class LiveServer:
     """A real uvicorn server on a loopback port, in a thread of the test process.
 
@@ -126,18 +120,9 @@ class LiveServer:
         self.thread = threading.Thread(target=run, daemon=True)
 
     def __enter__(self) -> LiveServer:
-        import httpx
-
         self.thread.start()
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError("server did not become healthy")
+        wait_healthy(self.url, timeout=120)
+        return self
 
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
