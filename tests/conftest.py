@@ -12,6 +12,7 @@ import os
 import socket
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -28,10 +29,9 @@ def real() -> HFBackend:
     return load()
 
 
-@pytest.fixture(scope="session")
-def qwen() -> HFBackend:
-    """The second, tool-capable model (the ``qwen`` extra). Skipped when it is not installed,
-    unless ``HEADSTART_REQUIRE_QWEN`` is set (CI sets it, so there it must run)."""
+def require_qwen() -> str:
+    """The second model's name. Skips the test when it is not installed, unless
+    ``HEADSTART_REQUIRE_QWEN`` is set (CI sets it, so there it must run)."""
     from headstart.model.qwen_chunks import QWEN05
 
     try:
@@ -40,7 +40,13 @@ def qwen() -> HFBackend:
         if os.environ.get("HEADSTART_REQUIRE_QWEN"):
             raise
         pytest.skip(f"the second model is not installed: {exc}")
-    return load(QWEN05.name)
+    return QWEN05.name
+
+
+@pytest.fixture(scope="session")
+def qwen() -> HFBackend:
+    """The second, tool-capable model (the ``qwen`` extra)."""
+    return load(require_qwen())
 
 
 @pytest.fixture
@@ -80,6 +86,14 @@ def tiny() -> HFBackend:
     model = LlamaForCausalLM(config)
     model.generation_config.eos_token_id = 2
     return HFBackend(model, tokenizer, "tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def oa(srv: Any) -> Any:
+    """The official ``openai`` client on the module's live server (its ``srv`` fixture)."""
+    import openai
+
+    return openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0)
 
 
 @pytest.fixture
