@@ -19,7 +19,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from headstart.bench.serverproc import free_port, wait_healthy
-from headstart.engine import Engine, EngineConfig
+from headstart.engine.engine import Engine, EngineConfig
 from headstart.model import HFBackend, load
 from headstart.model.loader import local_folder, resolve
 

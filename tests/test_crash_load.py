@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 
 from headstart.bench.serverproc import ServeProcess
-from headstart.store import SessionStore
+from headstart.session.store import SessionStore
 
 SEED = 20261201
 CLIENTS = 4

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from headstart.events import Event, EventHub, Listener
+from headstart.session.events import Event, EventHub, Listener
 
 QUEUED = 256  # docs/sessions-api.md, Events
 PUBLISHED = 300

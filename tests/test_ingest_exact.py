@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from headstart.model import HFBackend
-from headstart.template import ChatTemplate
+from headstart.session.template import ChatTemplate
 from tests.apiutil import Blocker, Served, serve, settle, wait_until
 
 pytestmark = pytest.mark.real

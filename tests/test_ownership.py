@@ -12,8 +12,8 @@ import httpx
 import pytest
 
 from headstart.bench.serverproc import ServeProcess
-from headstart.ownership import Claimed
-from headstart.store import SessionStore
+from headstart.session.ownership import Claimed
+from headstart.session.store import SessionStore
 
 
 def test_a_store_is_claimed_by_one_process_at_a_time(tmp_path: Path) -> None:

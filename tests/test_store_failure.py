@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 
 from headstart.bench.serverproc import ServeProcess
-from headstart.store import SessionStore
+from headstart.session.store import SessionStore
 
 
 def _refused(r: httpx.Response) -> None:

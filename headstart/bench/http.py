@@ -120,7 +120,7 @@ def _render_cost(model: str | None, messages: list[dict[str, str]], repeat: int 
     from transformers import AutoTokenizer
 
     from headstart.model.loader import local_folder, resolve
-    from headstart.template import ChatTemplate, RenderCache
+    from headstart.session.template import ChatTemplate, RenderCache
 
     template = ChatTemplate(AutoTokenizer.from_pretrained(local_folder(resolve(model))))
     held = RenderCache()
