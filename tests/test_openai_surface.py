@@ -24,11 +24,6 @@ def srv(real: HFBackend) -> Iterator[Served]:
         yield served
 
 
-@pytest.fixture(scope="module")
-def oa(srv: Served) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0)
-
-
 def _post(srv: Served, **fields: object) -> httpx.Response:
     return srv.client.post("/v1/chat/completions", json={"messages": HI, "max_tokens": 2, **fields})
 

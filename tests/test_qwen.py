@@ -16,7 +16,7 @@ from headstart.model import HFBackend
 from headstart.model.loader import resolve
 from headstart.model.qwen_chunks import QWEN05
 from headstart.session.template import ChatTemplate
-from tests.helpers import cold, converse, greedy_after
+from tests.helpers import cold, converse, greedy_after, hinted_turn
 
 SHORT = SamplingParams(max_tokens=8)
 QUESTIONS = ["What is 2 + 3? Answer with a number.", "And 4 + 4?", "And 10 - 7?"]
@@ -56,13 +56,7 @@ def test_qwen_every_exact_path_equals_cold(qwen: HFBackend, make_engine: Callabl
     assert outs[0].path == "cold" and outs[1].path in ("entry", "ready_exact")
     assert outs[0].finish_reason == "stop"  # ended on <|im_end|>, which is never sent
     # ready_exact: the client said what comes next
-    session = engine.get_session("qwen-paths")
-    session.settings.hint = QUESTIONS[2]
-    engine.schedule_pre_position(session)
-    assert engine.wait_idle(300)
-    assert session.ready["next"].source == "hint"
-    third = [*prompts[1], {"role": "assistant", "content": outs[1].text}, {"role": "user", "content": QUESTIONS[2]}]
-    hit = engine.generate(Request(messages=third, params=SHORT, session_id="qwen-paths"))
+    third, hit = hinted_turn(engine, "qwen-paths", prompts[1], outs[1].text, QUESTIONS[2], params=SHORT)
     assert hit.path == "ready_exact" and hit.extra["forwards_before_first_token"] == 0
     # session: an edit of the first question keeps only the shared system prompt
     edited = [{"role": "user", "content": "What is 7 + 1? Answer with a number."}]

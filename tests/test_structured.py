@@ -48,11 +48,6 @@ def srv(real: HFBackend) -> Iterator[Served]:
         yield served
 
 
-@pytest.fixture(scope="module")
-def oa(srv: Served) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0)
-
-
 def test_json_mode_gives_json_on_twenty_prompts(real: HFBackend, oa: openai.OpenAI) -> None:
     """JSON mode's promise as OpenAI states it: the output is JSON, and an answer cut by
     ``max_tokens`` may be unfinished. Each answer is checked by a JSON grammar built here
