@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from headstart import upkeep
 from headstart.budget import Budget, default_budget
 from headstart.errors import (
     BadRequest,
@@ -31,6 +32,7 @@ from headstart.errors import (
     SessionNotFound,
     StoreUnavailable,
     TooManySessions,
+    check_context,
 )
 from headstart.gate import (
     DEFAULT_CONFIDENCE,
@@ -52,7 +54,7 @@ from headstart.prefixcache import PrefixCache
 from headstart.prepos import DEFAULT_PREDICTOR, PREDICTORS, SURE_GAP, PreposConfig
 from headstart.registry import Limits, SessionRegistry
 from headstart.sampling import Constraint, SamplingParams, accept, candidate_gap, top_gap
-from headstart.scheduler import Job, Scheduler
+from headstart.scheduler import Job, Scheduler, default_step_tokens
 from headstart.session import ReadyPosition, Session
 from headstart.spill import Spill
 from headstart.stats import EngineStats, StreamStats
@@ -60,6 +62,7 @@ from headstart.store import TranscriptStore
 from headstart.template import ChatTemplate, Message, common_prefix
 from headstart.textstream import TextStream
 from headstart.tools import NO_TOOLS, HoldBack, ParsedAnswer, ToolChoiceError, ToolPlan, plan_tools
+from headstart.upkeep import IdleWork
 from headstart.writer import Writer, done
 
 log = logging.getLogger("headstart.engine")
@@ -136,6 +139,8 @@ class EngineConfig:
     # benchmark compares with): capacity in pool blocks, 0 for none.
     prefix_cache_blocks: int = 0
     kv_block: int = 16  # tokens per KV pool block
+    # Tokens one step's forward may hold (decodes, prefill chunks, idle work); None: by device.
+    step_tokens: int | None = None
 
     def prepos(self) -> PreposConfig:
         if self.predictor not in PREDICTORS:
@@ -149,41 +154,12 @@ class EngineConfig:
         )
 
 
-class _OwnForwards:
-    """The forward passes of one job: counted over its own steps only. The model thread runs
-    one step at a time, so the forwards other sessions ran in between are not counted."""
-
-    def __init__(self, stats: EngineStats) -> None:
-        self._stats = stats
-        self._done = 0
-        self._step_from: int | None = None
-
-    def steps(self, steps: Generator[None, None, None]) -> Generator[None, None, None]:
-        """``steps``, counting the forwards each of its steps ran."""
-        try:
-            while True:
-                self._step_from = self._stats.forward_calls
-                try:
-                    next(steps)
-                except StopIteration:
-                    return
-                self._done += self._stats.forward_calls - self._step_from
-                self._step_from = None
-                yield
-        finally:
-            steps.close()
-
-    def now(self) -> int:
-        """Forwards so far (called from within one of the job's steps)."""
-        running = self._stats.forward_calls - self._step_from if self._step_from is not None else 0
-        return self._done + running
-
-
 class _Emitter:
     """Turns chosen tokens into deltas on a handle and decides when to stop."""
 
     def __init__(
-        self, engine: Engine, handle: Handle, params: SamplingParams, chooser: Chooser, tools: ToolPlan = NO_TOOLS
+        self, engine: Engine, handle: Handle, job: Job, params: SamplingParams, chooser: Chooser,
+        tools: ToolPlan = NO_TOOLS,
     ) -> None:
         self.handle = handle
         self.params = params
@@ -194,20 +170,20 @@ class _Emitter:
         self.pending = list(tools.prefix)
         self.hold = HoldBack(tools.parse)
         self.stream = TextStream(engine.template.tokenizer, params.stop)
-        self.stop_ids = {*engine.backend.info.eos_token_ids, engine.template.end_of_message}
+        self.stop_ids = engine.stop_ids
         self.tokens: list[int] = []
         self.logprobs: list[TokenLogprob] = []  # of the chosen tokens, when asked for
         self._unsent: list[TokenLogprob] = []  # not yet on a delta
         self.first_at: float | None = None
         self.decided_at: float | None = None
         self.finish_reason: str | None = None
-        self.forwards = _OwnForwards(engine.stats)
+        self.job = job  # its forwards are the request's own, in steps shared with others
         self.forwards_before_first: int | None = None
 
     def _first(self) -> None:
         """Note the first token's moment and how many of this request's forwards preceded it."""
         self.first_at = time.perf_counter()
-        self.forwards_before_first = self.forwards.now()
+        self.forwards_before_first = self.job.forwards
 
     def emit(self, token: int, *, forced: bool = False) -> bool:
         """Send ``token``; True when the answer is finished."""
@@ -289,7 +265,7 @@ class Turn:
     speculative: bool = False
     verified: bool | None = None
     chosen: int | None = None
-    verify: Callable[[], None] | None = None
+    verify: Callable[[], Generator[Any, Any, None]] | None = None
     reloaded: int = 0
     shadow: dict[str, Any] | None = None  # what the gate would have said on an exact path
     gate_keys: tuple[str, ...] = ()  # its calibration keys, most specific first
@@ -319,8 +295,9 @@ class Engine:
             confidence=self.config.gate_confidence,
             window=self.config.gate_window,
         )
-        self.scheduler = Scheduler()
         info = backend.info
+        # Every stop of an answer: the template's end of message and the model's eos tokens.
+        self.stop_ids = frozenset({*info.eos_token_ids, self.template.end_of_message})
         machine = default_budget(info.device)
         self.runner = from_backend(
             backend,  # type: ignore[arg-type]
@@ -330,6 +307,7 @@ class Engine:
         )
         self.pool = self.runner.pool
         self.book = KVBook(backend, self.runner, self.stats)
+        self.scheduler = Scheduler(self.book, self.stats, self.config.step_tokens or default_step_tokens(info.device))
         self.budget = Budget(self.pool, info.kv_bytes_per_token)
         spill_on = self.config.spill if self.config.spill is not None else info.device == "cpu"
         spill = Spill(spill_dir, self.pool, 4 * self.budget.limit) if spill_on and spill_dir else None
@@ -338,13 +316,19 @@ class Engine:
         # Turns are committed off the model thread, in order (writer.py).
         self.writer = Writer() if store is not None else None
         self.book.make_room = self.sessions.make_room
+        self.stream_stats = StreamStats()
         self.context_limit = min(info.context_length, self.config.max_context or info.context_length)
+        self.idle = IdleWork(
+            book=self.book, template=self.template, scheduler=self.scheduler, stats=self.stats,
+            stream_stats=self.stream_stats, persist=self.sessions.persist, prepos=self.prepos_config,
+            stop=self.stop_ids, pre_position=self.config.pre_position, context_length=info.context_length,
+            context_limit=self.context_limit, context_reserve=self.config.context_reserve,
+        )
         self.prefix_cache = (
             PrefixCache(self.pool, self.config.prefix_cache_blocks) if self.config.prefix_cache_blocks else None
         )
         self.started = time.time()
         self._reaper_stop = threading.Event()
-        self.stream_stats = StreamStats()
         self._grammars: Grammars | None = None  # built on the first constrained request
         # Called on the model thread with every finished request (metrics, benchmarks).
         self.observers: list[Callable[[Completion], None]] = []
@@ -408,6 +392,7 @@ class Engine:
                 "expired": evictions.expired,
             },
             "background_chunks": self.scheduler.background_chunks,
+            "step_tokens": self.scheduler.step_tokens,
         }
 
     # -- sessions --------------------------------------------------------------------
@@ -435,9 +420,7 @@ class Engine:
     def schedule_upkeep(self, s: Session) -> None:
         """Make sure ``s``'s idle-time job is queued: data to ingest, registered questions,
         a warm, pre-positioning (upkeep.py decides what is left to do)."""
-        from headstart import upkeep  # upkeep builds on this module
-
-        upkeep.schedule(self, s)
+        upkeep.schedule(self.idle, s)
 
     # -- requests --------------------------------------------------------------------
 
@@ -466,8 +449,7 @@ class Engine:
             raise BadRequest("fast_answer cannot be combined with a tool_choice that forces a call", "fast_answer")
         prompt += tool_plan.prefix
         limit = self.context_limit
-        if len(prompt) >= limit:
-            raise ContextTooLong(len(prompt), limit)
+        check_context(len(prompt), limit)
         params = req.params
         if len(prompt) + params.max_tokens > limit:
             params = dataclasses.replace(params, max_tokens=limit - len(prompt))
@@ -500,7 +482,7 @@ class Engine:
             chooser = Chooser(params, prompt, self.backend.info.vocab_size, self.backend.info.device, generator,
                               matcher=self._matcher(params), output=tool_plan.prefix)
             return Turn(req, params, prompt, candidates, s, persistent, h, job,
-                        _Emitter(self, h, params, chooser, tool_plan), generator, threshold, chooser)
+                        _Emitter(self, h, job, params, chooser, tool_plan), generator, threshold, chooser)
 
         handle.choices = [handle, *(Handle(loop, arrival) for _ in range(req.n - 1))]
         turns = [turn(h) for h in handle.choices]
@@ -510,8 +492,7 @@ class Engine:
                 *([session_key(s.id)] if persistent else []),
                 SERVER_KEY,
             )
-        serve = self._serve(turns[0]) if req.n == 1 else self._serve_choices(turns)
-        job.steps = turns[0].emitter.forwards.steps(serve)
+        job.steps = self._serve(turns[0]) if req.n == 1 else self._serve_choices(turns)
         job.on_error = lambda exc: self._fail(s, handle, exc)
         self.scheduler.submit(job)
         return handle
@@ -538,8 +519,7 @@ class Engine:
         """Compile ``constraint`` ahead of its request (a door calls this off its event loop:
         a new schema takes seconds); the compiled grammar is kept for every later request."""
         if self._grammars is None:
-            stop = {*self.backend.info.eos_token_ids, self.template.end_of_message}
-            self._grammars = Grammars(self.template.tokenizer, self.backend.info.vocab_size, stop)
+            self._grammars = Grammars(self.template.tokenizer, self.backend.info.vocab_size, set(self.stop_ids))
         try:
             self._grammars.compile(constraint)
         except GrammarError as exc:
@@ -582,9 +562,6 @@ class Engine:
             self.stats.errors += 1
         # The KV may be half-updated: start this session's cache over (its transcript stays).
         self.book.reset(s)
-        for rp in s.ready.values():
-            self.book.discard(rp)
-        s.ready.clear()
         self.sessions.release(s)
         for h in handle.choices:
             h.put(exc)
@@ -629,8 +606,7 @@ class Engine:
         else:
             yield from self._serve_exact(t, nxt)
         if t.verify is not None:
-            yield  # the answer is out: verify the gate's answer before the final chunk says so
-            t.verify()
+            yield from t.verify()  # the answer is out: verify it before the final chunk says so
         completion, committed = self._finish(t)
         self._after(t)
         # Delivered once the session is free, so a client's next request never finds it busy.
@@ -705,8 +681,8 @@ class Engine:
             first_ids = t.candidates[1]
             t.emitter.emit_text(t.req.fast_answer[t.chosen], t.candidates[0][t.chosen])  # type: ignore[index]
 
-            def verify() -> None:
-                real = self.book.feed(s, prompt[lcp:], background=False)[-1]
+            def verify() -> Generator[Any, Any, None]:
+                real = (yield from self.book.feed(s, prompt[lcp:], background=False))[-1]
                 t.verified = candidate_gap(real, first_ids)[0] == t.chosen
                 self.gate.record(t.gate_keys, t.gap, t.verified, fired=True)
 
@@ -717,10 +693,9 @@ class Engine:
         assert rules is not None
         sure = bool(rp.forced) and first == rp.forced[0]
         done = t.emitter.emit(first, forced=sure)
-        yield
         drafts = rp.forced[1:] if sure and not done else []
         tail = [] if done else [first, *drafts]
-        out = self.book.feed(s, prompt[lcp:] + tail, background=False, keep=len(tail) + 1)
+        out = yield from self.book.feed(s, prompt[lcp:] + tail, background=False, keep=len(tail) + 1)
         t.verified = accept(rules.apply(out[0]), rules.apply(rp.logits[0]), first, t.params, t.generator)
         self.gate.record(t.gate_keys, t.gap, t.verified, fired=True)
         if not done:
@@ -796,11 +771,9 @@ class Engine:
             if drafts:
                 self.book.crop(s, len(s.kv_ids) - len(drafts))
                 drafts, draft_logits = [], []
-            # A step ends with a token sent, and the forward that decides the next token is
-            # followed by its pick at once: an answer's end goes out with the forward that
-            # found it, not a round of other sessions' steps later.
-            yield
-            logits = self.book.feed(s, [token], background=False)[-1]
+            # The loop sends the logits right after the forward that made them, so the pick
+            # (and an answer's end) goes out with that forward, not a step later.
+            logits = (yield from self.book.feed(s, [token], background=False))[-1]
         if drafts:
             self.book.crop(s, len(s.kv_ids) - len(drafts))
         self.book.take(s, len(s.kv_ids))
@@ -882,10 +855,7 @@ class Engine:
             # Leave only the session's own context: the question was a one-off.
             own = self.template.entry(s.messages, "user", tools=s.tools, cache=s.renders) if s.messages else []
             self.book.crop(s, common_prefix(s.kv_ids, own))
-        for key, rp in list(s.ready.items()):
-            if not self.book.valid(s, rp):
-                s.ready.pop(key)
-                self.book.discard(rp)
+        self.book.drop_invalid(s)
         self.sessions.release(s)
         if t.req.prompt_ids is not None:
             return  # a raw prompt says nothing about the next chat turn

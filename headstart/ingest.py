@@ -26,7 +26,9 @@ from typing import TYPE_CHECKING, Any
 from headstart.template import ChatTemplate, Message
 
 if TYPE_CHECKING:
-    from headstart.kvbook import KVBook
+    import torch
+
+    from headstart.kvbook import KVBook, Need
     from headstart.session import Session
 
 DATA_ROLE = "user"
@@ -203,7 +205,7 @@ def fit_window(
 
 def ingest_batch(
     book: KVBook, template: ChatTemplate, s: Session, limit: int, chunk: int
-) -> Generator[None, None, int]:
+) -> Generator[Need | None, torch.Tensor | None, int]:
     """Bring the next batch into ``s``'s context; returns how many entries were ingested."""
     batch = s.data.take(limit // 2)
     if not batch:

@@ -12,7 +12,7 @@ from typing import Any
 
 from headstart import queries, upkeep
 from headstart.engine import BadRequest, Engine, Request
-from headstart.errors import StoreUnavailable
+from headstart.errors import StoreUnavailable, check_context
 from headstart.handle import Handle
 from headstart.ingest import MIN_WINDOW, Entry, PushResult, window_limit
 from headstart.sampling import SamplingParams
@@ -188,15 +188,13 @@ def ask(
 def warm(engine: Engine, s: Session, req: Request) -> upkeep.WarmTicket:
     """Prefill the request the next turn would send (no generation). It renders and
     tokenises, so a door calls it off its event loop."""
-    from headstart.engine import ContextTooLong, SessionBusy
+    from headstart.engine import SessionBusy
 
     if s.busy:
         raise SessionBusy(f"session {s.id!r} has a request in flight")
     prompt = engine.template.render(req.messages, tools=req.tools, cache=s.renders)
-    limit = engine.context_limit  # --max-context, as for the request this warm prepares
-    if len(prompt) >= limit:
-        raise ContextTooLong(len(prompt), limit)
-    return upkeep.request_warm(engine, s, prompt)
+    check_context(len(prompt), engine.context_limit)  # --max-context, as for the request this warm prepares
+    return upkeep.request_warm(engine.idle, s, prompt)
 
 
 def describe(engine: Engine, s: Session) -> dict[str, Any]:
