@@ -88,6 +88,8 @@ class EngineStats:
     step_background: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
     step_background_share: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
     steps: int = 0
+    steps_tokens_total: int = 0
+    steps_background_total: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def record_request(
@@ -106,6 +108,8 @@ class EngineStats:
         """One step of the loop (scheduler.Step) under a budget of ``budget`` tokens."""
         with self.lock:
             self.steps += 1
+            self.steps_tokens_total += step.tokens
+            self.steps_background_total += step.background
             self.step_ms.append(step.seconds * 1000)
             self.step_tokens.append(step.tokens)
             self.step_sequences.append(step.sequences)
@@ -135,6 +139,8 @@ class EngineStats:
                 "errors": self.errors,
                 "steps": {
                     "n": self.steps,
+                    "tokens_total": self.steps_tokens_total,
+                    "background_tokens_total": self.steps_background_total,
                     "duration_ms": summary(list(self.step_ms)),
                     "tokens": summary(list(self.step_tokens)),
                     "sequences": summary(list(self.step_sequences)),
