@@ -29,7 +29,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from headstart.template import ChatTemplate, Message
+from headstart.session.template import ChatTemplate, Message
 
 TAG = "<tool_call>"
 END_TAG = "</tool_call>"

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from headstart.kvbook import KVBook, Need, NoRoom, Steps
-from headstart.session import ReadyPosition, Session
-from headstart.template import ChatTemplate, Message, common_prefix
+from headstart.session.book import KVBook, Need, NoRoom, Steps
+from headstart.session.session import ReadyPosition, Session
+from headstart.session.template import ChatTemplate, Message, common_prefix
 
 PREDICTORS = ("continuation", "empty", "repeat")
 # Measured on the benchmark's agent workload (README, "Which predicted delta"): all three

@@ -1,6 +1,6 @@
 """The step loop: one forward per step for every job that needs the model.
 
-A job is a generator that *yields* what it needs computed (a :class:`~headstart.kvbook.Need`:
+A job is a generator that *yields* what it needs computed (a :class:`~headstart.session.book.Need`:
 a session, token ids, how many rows of logits) and is sent those rows back; yielding
 ``None`` gives way for one step. Each step the loop
 
@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from headstart.kvbook import KVBook, Need, NoRoom, Steps
-from headstart.session import Session
+from headstart.session.book import KVBook, Need, NoRoom, Steps
+from headstart.session.session import Session
 from headstart.stats import EngineStats
 
 log = logging.getLogger("headstart.scheduler")

@@ -21,14 +21,14 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
-from headstart import queries
-from headstart.ingest import ingest_batch, window_limit
-from headstart.kvbook import KVBook, Steps
-from headstart.prepos import PreposConfig, next_role, pre_position
-from headstart.scheduler import Job, Scheduler
-from headstart.session import Session
+from headstart.engine.loop import Job, Scheduler
+from headstart.idle import queries
+from headstart.idle.ingest import ingest_batch, window_limit
+from headstart.idle.prepos import PreposConfig, next_role, pre_position
+from headstart.session.book import KVBook, Steps
+from headstart.session.session import Session
+from headstart.session.template import ChatTemplate, common_prefix
 from headstart.stats import EngineStats, StreamStats
-from headstart.template import ChatTemplate, common_prefix
 
 log = logging.getLogger("headstart.upkeep")
 

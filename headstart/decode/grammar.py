@@ -1,6 +1,6 @@
 """Constrained decoding: a grammar's mask over the vocabulary, token by token (xgrammar).
 
-A :class:`~headstart.sampling.Constraint` (any JSON object, or JSON under a schema) is
+A :class:`~headstart.decode.sampling.Constraint` (any JSON object, or JSON under a schema) is
 compiled once per distinct constraint for the model's tokenizer; each request gets its own
 matcher, which logits.py asks for the forbidden tokens at every position and moves past each
 chosen token. xgrammar was chosen over llguidance by measuring both on this CPU with the
@@ -20,7 +20,7 @@ from collections.abc import Iterable
 
 import torch
 
-from headstart.sampling import Constraint
+from headstart.decode.sampling import Constraint
 
 KEPT = 64  # compiled constraints kept per model
 

@@ -3,7 +3,7 @@
 All model work of the engine is asked for here, so the session's ``kv_ids`` is always
 exactly what its KV holds, and background tokens are counted once as computed and then
 once as either reused by a request or wasted. A job never calls the model: ``feed``
-*yields* a :class:`Need` and the step loop (scheduler.py) computes it, together with every
+*yields* a :class:`Need` and the step loop (engine/loop.py) computes it, together with every
 other job's, in one forward (``run``). Ready positions are forks of the session's
 sequence: parking, restoring and dropping one moves block references, never KV rows.
 """
@@ -16,13 +16,13 @@ from typing import Any
 
 import torch
 
+from headstart.decode.sampling import top_gap
 from headstart.model.backend import Backend
 from headstart.model.hf_runner import HFRunner
 from headstart.model.runner import Feed, Runner
-from headstart.sampling import top_gap
-from headstart.session import ReadyPosition, Session
+from headstart.session.session import ReadyPosition, Session
+from headstart.session.template import common_prefix
 from headstart.stats import EngineStats
-from headstart.template import common_prefix
 
 
 class NoRoom(Exception):
