@@ -10,7 +10,7 @@ from headstart.engine.engine import Engine, Request
 from headstart.model import HFBackend
 from tests.helpers import QUESTIONS, cold
 
-GREEDY = SamplingParams(max_tokens=24)
+GREEDY = SamplingParams(max_tokens=16)
 
 
 def _steps_since(engine: Engine, mark: int) -> list[tuple[int, int]]:
