@@ -179,3 +179,17 @@ def test_wait_idle_returns_only_after_every_jobs_last_step(tiny: HFBackend) -> N
         assert log == ["verified"]
     finally:
         loop.stop()
+
+
+def test_a_short_prefill_never_waits_behind_a_long_cold_one(tiny: HFBackend) -> None:
+    loop, engine = _loop_parts(tiny, step_tokens=8)
+    got: list[torch.Tensor] = []
+    long, short = Session("long", engine.pool), Session("short", engine.pool)
+    loop.submit(Job(_feeding(engine, long, list(range(200, 240)), False, got)))
+    loop.submit(Job(_feeding(engine, short, [7, 8, 9], False, got)))
+    assert loop._step()
+    assert short.kv_ids == [7, 8, 9] and len(got) == 1  # its whole delta in the first step
+    assert len(long.kv_ids) == 5  # the long prompt took the rest of the budget
+    while not loop.idle():
+        loop._step()
+    assert len(long.kv_ids) == 40 and len(got) == 2

@@ -10,8 +10,9 @@ a session, token ids, how many rows of logits) and is sent those rows back; yiel
    forward (a gate answer, a ``ready_exact`` first token, a ``fast_answer`` pick) go out
    here, at the step boundary, before the forward;
 3. fills the step's token budget (``step_tokens``): one token for every running decode,
-   then prefill chunks of waiting requests in arrival order, then idle-time work in
-   whatever is left, round-robin over sessions; every prompt is prefilled in chunks;
+   then prefill chunks of waiting requests (an equal share each first, so a short delta is
+   never stuck behind a long cold prompt, the rest in arrival order), then idle-time work
+   in whatever is left, round-robin over sessions; every prompt is prefilled in chunks;
 4. runs ONE forward over all of it and sends each job whose need is complete its rows,
    which runs it on to its next need (a decode's next pick happens right after the
    forward that made its logits).
@@ -267,8 +268,7 @@ class Scheduler:
             stepping.add(job.need.session)  # type: ignore[union-attr]
             left -= 1
         waiting: list[Job] = []
-        for job in prefills:
-            n = _chunk(job.need, left, bool(plan))  # type: ignore[arg-type]
+        for job, n in _share(prefills, left, bool(plan)):
             if n == 0:
                 waiting.append(job)
                 continue
@@ -331,6 +331,27 @@ class Scheduler:
                 if self._background.get(key) is job:
                     self._background.move_to_end(key)
         return taken
+
+
+def _share(prefills: list[Job], left: int, others: bool) -> list[tuple[Job, int]]:
+    """The prefill budget over waiting prompts: each first gets up to an equal share (so a
+    short delta never waits behind a long cold prompt: it is done in one step), then what
+    is left goes to them in arrival order."""
+    if not prefills:
+        return []
+    share = max(1, left // len(prefills))
+    given: dict[int, int] = {}
+    for i, job in enumerate(prefills):
+        given[i] = _chunk(job.need, min(share, left), others or any(given.values()))  # type: ignore[arg-type]
+        left -= given[i]
+    for i, job in enumerate(prefills):
+        if left <= 0:
+            break
+        more = _chunk(job.need, given[i] + left, True) if given[i] < job.need.left else given[i]  # type: ignore[union-attr,arg-type]
+        if more > given[i]:
+            left -= more - given[i]
+            given[i] = more
+    return [(job, given[i]) for i, job in enumerate(prefills)]
 
 
 def _chunk(need: Need, left: int, others: bool) -> int:
