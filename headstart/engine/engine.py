@@ -55,7 +55,7 @@ from headstart.idle.prepos import DEFAULT_PREDICTOR, PREDICTORS, SURE_GAP, Prepo
 from headstart.kv.spill import Spill
 from headstart.model.backend import Backend
 from headstart.model.runner import from_backend
-from headstart.session.book import KVBook
+from headstart.session.book import KVBook, Steps
 from headstart.session.evict import Budget, default_budget
 from headstart.session.prefix import PrefixCache
 from headstart.session.registry import Limits, SessionRegistry
@@ -319,7 +319,8 @@ class Engine:
         self.stream_stats = StreamStats()
         self.context_limit = min(info.context_length, self.config.max_context or info.context_length)
         self.idle = IdleWork(
-            book=self.book, template=self.template, scheduler=self.scheduler, stats=self.stats,
+            book=self.book, template=self.template, queue=self._queue_idle, queued=self.scheduler.has_background,
+            stats=self.stats,
             stream_stats=self.stream_stats, persist=self.sessions.persist, prepos=self.prepos_config,
             stop=self.stop_ids, pre_position=self.config.pre_position, context_length=info.context_length,
             context_limit=self.context_limit, context_reserve=self.config.context_reserve,
@@ -350,6 +351,10 @@ class Engine:
             if self.writer is not None:
                 self.writer.stop()  # what is queued is committed first
             self.sessions.store.close()  # and let the next server on it claim it
+
+    def _queue_idle(self, key: str, steps: Steps, on_cancel: Callable[[], None],
+                    on_error: Callable[[BaseException], None]) -> None:
+        self.scheduler.submit_background(key, Job(steps, on_error=on_error, on_cancel=on_cancel))
 
     def _reap_loop(self, interval: float) -> None:
         while not self._reaper_stop.wait(interval):

@@ -21,7 +21,6 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
-from headstart.engine.loop import Job, Scheduler
 from headstart.idle import queries
 from headstart.idle.ingest import ingest_batch, window_limit
 from headstart.idle.prepos import PreposConfig, next_role, pre_position
@@ -65,7 +64,10 @@ class IdleWork:
 
     book: KVBook
     template: ChatTemplate
-    scheduler: Scheduler
+    # The model loop, seen from below: queue a session's job (steps, on_cancel, on_error),
+    # replacing any it has; and whether one is queued.
+    queue: Callable[[str, Steps, Callable[[], None], Callable[[BaseException], None]], None]
+    queued: Callable[[str], bool]
     stats: EngineStats
     stream_stats: StreamStats
     persist: Callable[[Session], None]  # commit a session's durable part
@@ -84,13 +86,10 @@ class IdleWork:
 def schedule(idle: IdleWork, s: Session) -> None:
     """Make sure an upkeep job is queued for ``s`` (call after adding work)."""
     with s.upkeep_lock:
-        if s.upkeep_queued and idle.scheduler.has_background(s.id):
+        if s.upkeep_queued and idle.queued(s.id):
             return
         s.upkeep_queued = True
-        job = Job(_run(idle, s))
-        job.on_cancel = lambda: _interrupted(idle, s)
-        job.on_error = lambda exc: _failed(idle, s, exc)
-        idle.scheduler.submit_background(s.id, job)
+        idle.queue(s.id, _run(idle, s), lambda: _interrupted(idle, s), lambda exc: _failed(idle, s, exc))
 
 
 def request_warm(idle: IdleWork, s: Session, prompt: list[int]) -> WarmTicket:
