@@ -164,7 +164,7 @@ def run_replica_bench(args: argparse.Namespace) -> int:
         return 2
     workload = make_workload("agent", seed=args.seed, quick=args.quick, sessions=args.sessions, turns=args.turns,
                              max_tokens=args.max_tokens, gaps="fixed:0")
-    clients = args.clients or 2
+    clients = args.clients[0] if args.clients else 2  # one count (a sweep is the in-process bench's)
     model = ["--model", args.model] if args.model else []
     flags = {"db": args.db, "replicas": args.replicas, "replica_cpus": 0, "no_pre_position": True,
              "no_gate": True, "spill": "off", **({"model": args.model} if args.model else {})}

@@ -42,7 +42,7 @@ from headstart.decode.logits import Chooser, TokenLogprob
 from headstart.decode.sampling import Constraint, SamplingParams, accept, candidate_gap, top_gap
 from headstart.decode.textstream import TextStream
 from headstart.engine.gate import SERVER_KEY, Decision, Gate, answers_key, session_key
-from headstart.engine.loop import Job, Scheduler
+from headstart.engine.loop import Job, Scheduler, default_step_tokens
 from headstart.engine.output import Completion, Delta, Handle
 from headstart.engine.writer import Writer, done
 from headstart.errors import (
@@ -54,12 +54,15 @@ from headstart.errors import (
     SessionNotFound,
     StoreUnavailable,
     TooManySessions,
+    check_context,
 )
+from headstart.idle import job as upkeep
+from headstart.idle.job import IdleWork
 from headstart.idle.prepos import PREDICTORS, PreposConfig
 from headstart.kv.spill import Spill
 from headstart.model.backend import Backend
 from headstart.model.runner import from_backend
-from headstart.session.book import KVBook
+from headstart.session.book import KVBook, Steps
 from headstart.session.evict import Budget, default_budget
 from headstart.session.prefix import PrefixCache
 from headstart.session.registry import Limits, SessionRegistry
@@ -143,6 +146,8 @@ class EngineConfig:
     # benchmark compares with): capacity in pool blocks, 0 for none.
     prefix_cache_blocks: int = 0
     kv_block: int = KV_BLOCK
+    # Tokens one step's forward may hold (decodes, prefill chunks, idle work); None: by device.
+    step_tokens: int | None = None
 
     def prepos(self) -> PreposConfig:
         if self.predictor not in PREDICTORS:
@@ -156,41 +161,12 @@ class EngineConfig:
         )
 
 
-class _OwnForwards:
-    """The forward passes of one job: counted over its own steps only. The model thread runs
-    one step at a time, so the forwards other sessions ran in between are not counted."""
-
-    def __init__(self, stats: EngineStats) -> None:
-        self._stats = stats
-        self._done = 0
-        self._step_from: int | None = None
-
-    def steps(self, steps: Generator[None, None, None]) -> Generator[None, None, None]:
-        """``steps``, counting the forwards each of its steps ran."""
-        try:
-            while True:
-                self._step_from = self._stats.forward_calls
-                try:
-                    next(steps)
-                except StopIteration:
-                    return
-                self._done += self._stats.forward_calls - self._step_from
-                self._step_from = None
-                yield
-        finally:
-            steps.close()
-
-    def now(self) -> int:
-        """Forwards so far (called from within one of the job's steps)."""
-        running = self._stats.forward_calls - self._step_from if self._step_from is not None else 0
-        return self._done + running
-
-
 class _Emitter:
     """Turns chosen tokens into deltas on a handle and decides when to stop."""
 
     def __init__(
-        self, engine: Engine, handle: Handle, params: SamplingParams, chooser: Chooser, tools: ToolPlan = NO_TOOLS
+        self, engine: Engine, handle: Handle, job: Job, params: SamplingParams, chooser: Chooser,
+        tools: ToolPlan = NO_TOOLS,
     ) -> None:
         self.handle = handle
         self.params = params
@@ -201,20 +177,20 @@ class _Emitter:
         self.pending = list(tools.prefix)
         self.hold = HoldBack(tools.parse)
         self.stream = TextStream(engine.template.tokenizer, params.stop)
-        self.stop_ids = {*engine.backend.info.eos_token_ids, engine.template.end_of_message}
+        self.stop_ids = engine.stop_ids
         self.tokens: list[int] = []
         self.logprobs: list[TokenLogprob] = []  # of the chosen tokens, when asked for
         self._unsent: list[TokenLogprob] = []  # not yet on a delta
         self.first_at: float | None = None
         self.decided_at: float | None = None
         self.finish_reason: str | None = None
-        self.forwards = _OwnForwards(engine.stats)
+        self.job = job  # its forwards are the request's own, in steps shared with others
         self.forwards_before_first: int | None = None
 
     def _first(self) -> None:
         """Note the first token's moment and how many of this request's forwards preceded it."""
         self.first_at = time.perf_counter()
-        self.forwards_before_first = self.forwards.now()
+        self.forwards_before_first = self.job.forwards
 
     def emit(self, token: int, *, forced: bool = False) -> bool:
         """Send ``token``; True when the answer is finished."""
@@ -296,7 +272,7 @@ class Turn:
     speculative: bool = False
     verified: bool | None = None
     chosen: int | None = None
-    verify: Callable[[], None] | None = None
+    verify: Callable[[], Generator[Any, Any, None]] | None = None
     reloaded: int = 0
     shadow: dict[str, Any] | None = None  # what the gate would have said on an exact path
     gate_keys: tuple[str, ...] = ()  # its calibration keys, most specific first
@@ -326,8 +302,9 @@ class Engine:
             confidence=self.config.gate_confidence,
             window=self.config.gate_window,
         )
-        self.scheduler = Scheduler()
         info = backend.info
+        # Every stop of an answer: the template's end of message and the model's eos tokens.
+        self.stop_ids = frozenset({*info.eos_token_ids, self.template.end_of_message})
         machine = default_budget(info.device)
         self.runner = from_backend(
             backend,  # type: ignore[arg-type]
@@ -337,6 +314,7 @@ class Engine:
         )
         self.pool = self.runner.pool
         self.book = KVBook(backend, self.runner, self.stats)
+        self.scheduler = Scheduler(self.book, self.stats, self.config.step_tokens or default_step_tokens(info.device))
         self.budget = Budget(self.pool, info.kv_bytes_per_token)
         spill_on = self.config.spill if self.config.spill is not None else info.device == "cpu"
         spill = Spill(spill_dir, self.pool, 4 * self.budget.limit) if spill_on and spill_dir else None
@@ -345,13 +323,20 @@ class Engine:
         # Turns are committed off the model thread, in order (writer.py).
         self.writer = Writer() if store is not None else None
         self.book.make_room = self.sessions.make_room
+        self.stream_stats = StreamStats()
         self.context_limit = min(info.context_length, self.config.max_context or info.context_length)
+        self.idle = IdleWork(
+            book=self.book, template=self.template, queue=self._queue_idle, queued=self.scheduler.has_background,
+            stats=self.stats,
+            stream_stats=self.stream_stats, persist=self.sessions.persist, prepos=self.prepos_config,
+            stop=self.stop_ids, pre_position=self.config.pre_position, context_length=info.context_length,
+            context_limit=self.context_limit, context_reserve=self.config.context_reserve,
+        )
         self.prefix_cache = (
             PrefixCache(self.pool, self.config.prefix_cache_blocks) if self.config.prefix_cache_blocks else None
         )
         self.started = time.time()
         self._reaper_stop = threading.Event()
-        self.stream_stats = StreamStats()
         self._grammars: Grammars | None = None  # built on the first constrained request
         # Called on the model thread with every finished request (metrics, benchmarks).
         self.observers: list[Callable[[Completion], None]] = []
@@ -373,6 +358,10 @@ class Engine:
             if self.writer is not None:
                 self.writer.stop()  # what is queued is committed first
             self.sessions.store.close()  # and let the next server on it claim it
+
+    def _queue_idle(self, key: str, steps: Steps, on_cancel: Callable[[], None],
+                    on_error: Callable[[BaseException], None]) -> None:
+        self.scheduler.submit_background(key, Job(steps, on_error=on_error, on_cancel=on_cancel))
 
     def _reap_loop(self, interval: float) -> None:
         while not self._reaper_stop.wait(interval):
@@ -415,6 +404,7 @@ class Engine:
                 "expired": evictions.expired,
             },
             "background_chunks": self.scheduler.background_chunks,
+            "step_tokens": self.scheduler.step_tokens,
         }
 
     # -- sessions --------------------------------------------------------------------
@@ -441,10 +431,8 @@ class Engine:
 
     def schedule_upkeep(self, s: Session) -> None:
         """Make sure ``s``'s idle-time job is queued: data to ingest, registered questions,
-        a warm, pre-positioning (upkeep.py decides what is left to do)."""
-        from headstart.idle import job as upkeep  # upkeep builds on this module
-
-        upkeep.schedule(self, s)
+        a warm, pre-positioning (idle/job.py decides what is left to do)."""
+        upkeep.schedule(self.idle, s)
 
     # -- requests --------------------------------------------------------------------
 
@@ -473,8 +461,7 @@ class Engine:
             raise BadRequest("fast_answer cannot be combined with a tool_choice that forces a call", "fast_answer")
         prompt += tool_plan.prefix
         limit = self.context_limit
-        if len(prompt) >= limit:
-            raise ContextTooLong(len(prompt), limit)
+        check_context(len(prompt), limit)
         params = req.params
         if len(prompt) + params.max_tokens > limit:
             params = dataclasses.replace(params, max_tokens=limit - len(prompt))
@@ -507,7 +494,7 @@ class Engine:
             chooser = Chooser(params, prompt, self.backend.info.vocab_size, self.backend.info.device, generator,
                               matcher=self._matcher(params), output=tool_plan.prefix)
             return Turn(req, params, prompt, candidates, s, persistent, h, job,
-                        _Emitter(self, h, params, chooser, tool_plan), generator, threshold, chooser)
+                        _Emitter(self, h, job, params, chooser, tool_plan), generator, threshold, chooser)
 
         handle.choices = [handle, *(Handle(loop, arrival) for _ in range(req.n - 1))]
         turns = [turn(h) for h in handle.choices]
@@ -517,8 +504,7 @@ class Engine:
                 *([session_key(s.id)] if persistent else []),
                 SERVER_KEY,
             )
-        serve = self._serve(turns[0]) if req.n == 1 else self._serve_choices(turns)
-        job.steps = turns[0].emitter.forwards.steps(serve)
+        job.steps = self._serve(turns[0]) if req.n == 1 else self._serve_choices(turns)
         job.on_error = lambda exc: self._fail(s, handle, exc)
         self.scheduler.submit(job)
         return handle
@@ -545,8 +531,7 @@ class Engine:
         """Compile ``constraint`` ahead of its request (a door calls this off its event loop:
         a new schema takes seconds); the compiled grammar is kept for every later request."""
         if self._grammars is None:
-            stop = {*self.backend.info.eos_token_ids, self.template.end_of_message}
-            self._grammars = Grammars(self.template.tokenizer, self.backend.info.vocab_size, stop)
+            self._grammars = Grammars(self.template.tokenizer, self.backend.info.vocab_size, set(self.stop_ids))
         try:
             self._grammars.compile(constraint)
         except GrammarError as exc:
@@ -589,9 +574,6 @@ class Engine:
             self.stats.errors += 1
         # The KV may be half-updated: start this session's cache over (its transcript stays).
         self.book.reset(s)
-        for rp in s.ready.values():
-            self.book.discard(rp)
-        s.ready.clear()
         self.sessions.release(s)
         for h in handle.choices:
             h.put(exc)
@@ -636,8 +618,7 @@ class Engine:
         else:
             yield from self._serve_exact(t, nxt)
         if t.verify is not None:
-            yield  # the answer is out: verify the gate's answer before the final chunk says so
-            t.verify()
+            yield from t.verify()  # the answer is out: verify it before the final chunk says so
         completion, committed = self._finish(t)
         self._after(t)
         # Delivered once the session is free, so a client's next request never finds it busy.
@@ -712,8 +693,8 @@ class Engine:
             first_ids = t.candidates[1]
             t.emitter.emit_text(t.req.fast_answer[t.chosen], t.candidates[0][t.chosen])  # type: ignore[index]
 
-            def verify() -> None:
-                real = self.book.feed(s, prompt[lcp:], background=False)[-1]
+            def verify() -> Generator[Any, Any, None]:
+                real = (yield from self.book.feed(s, prompt[lcp:], background=False))[-1]
                 t.verified = candidate_gap(real, first_ids)[0] == t.chosen
                 self.gate.record(t.gate_keys, t.gap, t.verified, fired=True)
 
@@ -724,10 +705,9 @@ class Engine:
         assert rules is not None
         sure = bool(rp.forced) and first == rp.forced[0]
         done = t.emitter.emit(first, forced=sure)
-        yield
         drafts = rp.forced[1:] if sure and not done else []
         tail = [] if done else [first, *drafts]
-        out = self.book.feed(s, prompt[lcp:] + tail, background=False, keep=len(tail) + 1)
+        out = yield from self.book.feed(s, prompt[lcp:] + tail, background=False, keep=len(tail) + 1)
         t.verified = accept(rules.apply(out[0]), rules.apply(rp.logits[0]), first, t.params, t.generator)
         self.gate.record(t.gate_keys, t.gap, t.verified, fired=True)
         if not done:
@@ -803,11 +783,9 @@ class Engine:
             if drafts:
                 self.book.crop(s, len(s.kv_ids) - len(drafts))
                 drafts, draft_logits = [], []
-            # A step ends with a token sent, and the forward that decides the next token is
-            # followed by its pick at once: an answer's end goes out with the forward that
-            # found it, not a round of other sessions' steps later.
-            yield
-            logits = self.book.feed(s, [token], background=False)[-1]
+            # The loop sends the logits right after the forward that made them, so the pick
+            # (and an answer's end) goes out with that forward, not a step later.
+            logits = (yield from self.book.feed(s, [token], background=False))[-1]
         if drafts:
             self.book.crop(s, len(s.kv_ids) - len(drafts))
         self.book.take(s, len(s.kv_ids))
@@ -889,10 +867,7 @@ class Engine:
             # Leave only the session's own context: the question was a one-off.
             own = self.template.entry(s.messages, "user", tools=s.tools, cache=s.renders) if s.messages else []
             self.book.crop(s, common_prefix(s.kv_ids, own))
-        for key, rp in list(s.ready.items()):
-            if not self.book.valid(s, rp):
-                s.ready.pop(key)
-                self.book.discard(rp)
+        self.book.drop_invalid(s)
         self.sessions.release(s)
         if t.req.prompt_ids is not None:
             return  # a raw prompt says nothing about the next chat turn

@@ -15,7 +15,7 @@ from headstart.config import MIN_WINDOW, QUERY_MAX_TOKENS
 from headstart.decode.sampling import SamplingParams
 from headstart.engine.engine import Engine, Request
 from headstart.engine.output import Handle
-from headstart.errors import BadRequest, StoreUnavailable
+from headstart.errors import BadRequest, StoreUnavailable, check_context
 from headstart.idle import job as upkeep
 from headstart.idle import queries
 from headstart.idle.ingest import Entry, PushResult, window_limit
@@ -185,15 +185,13 @@ def ask(
 def warm(engine: Engine, s: Session, req: Request) -> upkeep.WarmTicket:
     """Prefill the request the next turn would send (no generation). It renders and
     tokenises, so a door calls it off its event loop."""
-    from headstart.errors import ContextTooLong, SessionBusy
+    from headstart.errors import SessionBusy
 
     if s.busy:
         raise SessionBusy(f"session {s.id!r} has a request in flight")
     prompt = engine.template.render(req.messages, tools=req.tools, cache=s.renders)
-    limit = engine.context_limit  # --max-context, as for the request this warm prepares
-    if len(prompt) >= limit:
-        raise ContextTooLong(len(prompt), limit)
-    return upkeep.request_warm(engine, s, prompt)
+    check_context(len(prompt), engine.context_limit)  # --max-context, as for the request this warm prepares
+    return upkeep.request_warm(engine.idle, s, prompt)
 
 
 def describe(engine: Engine, s: Session) -> dict[str, Any]:

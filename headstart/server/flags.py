@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 from headstart.config import (
     BACKGROUND_CHUNK,
     CONTEXT_RESERVE,
+    CPU_STEP_TOKENS,
+    CUDA_STEP_TOKENS,
     GATE_CONFIDENCE,
     GATE_TARGET,
     GATE_WINDOW,
@@ -97,6 +99,10 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--predictor", choices=PREDICTORS, default=PREDICTOR,
                    help="what pre-positioning assumes the next message is")
     p.add_argument("--background-chunk", type=int, default=BACKGROUND_CHUNK, help="tokens per background chunk")
+    p.add_argument("--step-tokens", type=int, default=None,
+                   help="tokens one step's forward holds: every running decode's token, then prefill chunks, "
+                        f"then idle-time work in what is left (default: {CPU_STEP_TOKENS} on CPU, "
+                        f"{CUDA_STEP_TOKENS} on CUDA)")
     p.add_argument("--kv-budget", type=parse_bytes, default=None,
                    help="bytes of KV all sessions may hold, e.g. 2GiB (default: a quarter of RAM, 40%% of free GPU)")
     p.add_argument("--spill", choices=("auto", "on", "off"), default="auto",
@@ -117,6 +123,9 @@ def parse_bytes(text: str) -> int:
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
+    if args.step_tokens is not None and args.step_tokens < 1:
+        print("headstart: --step-tokens must be at least 1", file=sys.stderr)
+        raise SystemExit(2)
     if not (0.0 < args.gate_target < 1.0 and 0.0 < args.gate_confidence < 1.0 and args.gate_window >= 1):
         print("headstart: --gate-target and --gate-confidence must be in (0, 1), --gate-window at least 1",
               file=sys.stderr)
@@ -130,6 +139,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         gate_window=args.gate_window,
         predictor=args.predictor,
         background_chunk=args.background_chunk,
+        step_tokens=args.step_tokens,
         kv_budget=args.kv_budget,
         spill={"auto": None, "on": True, "off": False}[args.spill],
         max_sessions=args.max_sessions,

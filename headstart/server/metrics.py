@@ -109,6 +109,31 @@ class EngineCollector(Collector):
             c.add_metric([], stats[name])
             yield c
 
+        steps = stats["steps"]
+        for name, value, doc in (
+            ("steps", steps["n"], "steps of the model loop (one forward each)"),
+            ("step_tokens", steps["tokens_total"], "tokens the steps' forwards computed"),
+            ("step_background_tokens", steps["background_tokens_total"],
+             "of those, tokens of idle-time work (riding in the budget requests left)"),
+        ):
+            c = CounterMetricFamily(f"headstart_{name}", doc)
+            c.add_metric([], value)
+            yield c
+        budget = GaugeMetricFamily("headstart_step_budget_tokens", "tokens one step may hold (--step-tokens)")
+        budget.add_metric([], engine.scheduler.step_tokens)
+        yield budget
+        for name, key, scale, doc in (
+            ("step_duration_seconds", "duration_ms", 1e-3, "duration of recent steps"),
+            ("step_tokens_per_step", "tokens", 1, "tokens per recent step"),
+            ("step_sequences", "sequences", 1, "sequences per recent step's forward"),
+            ("step_background_share", "background_budget_share", 1, "share of the step budget idle work used"),
+        ):
+            g = GaugeMetricFamily(f"headstart_{name}", doc, labels=["quantile"])
+            for q, label in (("p50", "0.5"), ("p99", "0.99")):
+                value = steps[key][q]
+                g.add_metric([label], float("nan") if value is None else value * scale)
+            yield g
+
         sessions = engine.sessions.all()  # all owners
         resident = GaugeMetricFamily("headstart_sessions", "sessions resident")
         resident.add_metric([], len(sessions))
@@ -186,7 +211,7 @@ class Metrics:
         )
         self.background_wait = Histogram(
             "headstart_foreground_wait_on_background_seconds",
-            "time a request waited behind chunks of idle-time work before it started",
+            "time a request's computation waited in steps that ran idle-time work (0 by the step order)",
             buckets=LATENCY_BUCKETS, registry=r,
         )
         r.register(EngineCollector(engine))

@@ -115,7 +115,7 @@ async def warm(request: Request) -> Response:
 
     ticket = await run_in_threadpool(queue_warm)
     result = await unless_gone(
-        request, asyncio.wrap_future(ticket.future), lambda: upkeep.cancel_warm(engine, s, ticket)
+        request, asyncio.wrap_future(ticket.future), lambda: upkeep.cancel_warm(engine.idle, s, ticket)
     )
     return respond(WarmResponse, {**result, "session_id": s.id})
 
