@@ -1,5 +1,6 @@
 """Tool calls without a tool-capable model: the parser, the stream hold-back, tool_choice
-plans on a small tool template, and the clear refusal of a template without tools."""
+plans and their grammars on a small tool template, schemas refused, and the clear refusal
+of a template without tools."""
 
 from __future__ import annotations
 
@@ -12,7 +13,17 @@ from headstart.engine import BadRequest, Request
 from headstart.model import HFBackend
 from headstart.model.loader import local_folder, resolve
 from headstart.template import ChatTemplate, TemplateError
-from headstart.tools import HoldBack, ToolChoiceError, parse, plan_tools
+from headstart.tools import (
+    BARE,
+    Envelope,
+    HoldBack,
+    ParsedAnswer,
+    ToolChoiceError,
+    ToolPlan,
+    envelope,
+    parse,
+    plan_tools,
+)
 
 NAMES = {"get_weather", "add"}
 TOOLS = [
@@ -133,26 +144,110 @@ def test_hold_back_lets_prose_and_code_through_and_stops_at_a_tag() -> None:
     assert HoldBack(active=False).push("{") == "{"
 
 
+def _grammar(plan: ToolPlan):  # type: ignore[no-untyped-def]
+    """A string-level checker of the plan's grammar (xgrammar over a one-character vocabulary:
+    which texts the grammar admits does not depend on the tokenizer)."""
+    import xgrammar as xgr
+
+    assert plan.constraint is not None and plan.constraint.kind == "tool_calls"
+    compiled = xgr.GrammarCompiler(xgr.TokenizerInfo([chr(i) for i in range(32, 127)] + ["\n"])).compile_structural_tag(
+        plan.constraint.schema)
+
+    def admits(text: str) -> bool:
+        matcher = xgr.GrammarMatcher(compiled, terminate_without_stop_token=True)
+        return matcher.accept_string(text) and matcher.is_terminated()
+
+    return admits
+
+
+def _written(template: ChatTemplate, messages: list, name: str, args: dict) -> str:
+    """A call as the template itself writes it after ``messages``."""
+    start = template.render_text(messages, tools=STRICT_TOOLS, generation_prompt=True)
+    call = {"type": "function", "function": {"name": name, "arguments": args}}
+    full = template.render_text([*messages, {"role": "assistant", "content": "", "tool_calls": [call]}],
+                                tools=STRICT_TOOLS, generation_prompt=False)
+    return full[len(start):].partition("<|im_end|>")[0]
+
+
+WEATHER_ARGS = {"type": "object", "properties": {
+    "city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]},
+    "where": {"type": "object", "properties": {"lat": {"type": "number"}}, "required": ["lat"],
+              "additionalProperties": False}},
+    "required": ["city", "unit"], "additionalProperties": False}
+STRICT_TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER_ARGS}},
+    {"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}}},
+]
+
+
+def test_the_envelope_is_the_templates_own(tool_template: ChatTemplate) -> None:
+    assert envelope(tool_template, STRICT_TOOLS) == Envelope('<tool_call>\n{"name": "', '", "arguments": ',
+                                                             "}\n</tool_call>", "")  # calls back to back
+    odd = AutoTokenizer.from_pretrained(local_folder(resolve(None)))
+    odd.chat_template = TOOL_TEMPLATE.replace('<tool_call>\n{\"name\": \"{{ c.function.name }}\", '
+                                              '\"arguments\": {{ c.function.arguments | tojson }}}',
+                                              "CALL {{ c.function.name }}({{ c.function.arguments | tojson }})")
+    assert envelope(ChatTemplate(odd), STRICT_TOOLS) is BARE  # one the parser would not read back
+
+
 def test_plans_for_each_tool_choice(tool_template: ChatTemplate) -> None:
     messages = [{"role": "user", "content": "Weather in Paris?"}]
-    auto = plan_tools(tool_template, messages, TOOLS, None)
-    assert auto.parse and not auto.prefix and auto.names == NAMES
-    none = plan_tools(tool_template, messages, TOOLS, "none")
+    auto = plan_tools(tool_template, TOOLS, None)
+    assert auto.parse and auto.constraint is None and auto.names == NAMES
+    none = plan_tools(tool_template, TOOLS, "none")
     assert not none.parse and none.read('{"name": "add", "arguments": {}}').calls == []
-    required = plan_tools(tool_template, messages, TOOLS, "required")
-    assert tool_template.decode(required.prefix) == '<tool_call>\n{"name": "'
-    named = plan_tools(tool_template, messages, TOOLS, {"type": "function", "function": {"name": "add"}})
-    assert tool_template.decode(named.prefix) == '<tool_call>\n{"name": "add", "arguments":'
-    assert named.names == {"add"}
-    # the forced tokens are the ones the template's own rendering of a call has there
-    rendered = tool_template.render(
-        [*messages, {"role": "assistant", "content": "", "tool_calls": [
-            {"type": "function", "function": {"name": "add", "arguments": {"a": 1}}}]}],
-        tools=TOOLS, generation_prompt=False,
-    )
-    start = tool_template.render(messages, tools=TOOLS)
-    assert rendered[: len(start) + len(named.prefix)] == start + named.prefix
-    assert plan_tools(tool_template, messages, None, None).parse is False
+    assert plan_tools(tool_template, None, None).parse is False
+    paris = _written(tool_template, messages, "get_weather", {"city": "Paris", "unit": "celsius"})
+    one = _written(tool_template, messages, "add", {"a": 1})
+
+    required = _grammar(plan_tools(tool_template, STRICT_TOOLS, "required"))
+    assert required(paris) and required(one) and required(f"{paris}{one}")  # the template's calls, in turn
+    assert not required("It is sunny.") and not required("")  # a call, nothing else
+    assert not required(paris.replace("celsius", "kelvin"))  # an enum
+    assert not required(paris.replace('"city": "Paris", ', ""))  # a required field
+    assert not required(paris.replace("get_weather", "launch_rockets"))
+    assert not required(one.replace("1", '"one"'))  # non-strict functions follow their schema too
+    nested = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "P", "unit": "celsius", "where": %s}}' \
+             "\n</tool_call>"
+    assert required(nested % '{"lat": 1.5}') and not required(nested % '{"lon": 1.5}')
+    single = _grammar(plan_tools(tool_template, STRICT_TOOLS, "required", parallel=False))
+    assert single(paris) and not single(f"{paris}{one}")
+
+    named = plan_tools(tool_template, STRICT_TOOLS, {"type": "function", "function": {"name": "add"}})
+    assert named.names == {"add"} and _grammar(named)(one) and not _grammar(named)(paris)
+
+    strict_auto = plan_tools(tool_template, STRICT_TOOLS, "auto", strict={"get_weather"})
+    free = _grammar(strict_auto)
+    assert free("It is sunny.") and free(paris) and free(f"Let me look.\n{paris}")
+    assert not free(f"Let me look.\n{paris.replace('celsius', 'kelvin')}")  # once opened, a call is valid
+    assert strict_auto.read(paris).calls[0].arguments == {"city": "Paris", "unit": "celsius"}
+    # a call the grammar did not make (bare JSON) is a call only if its strict arguments validate
+    bare = '```json\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "%s"}}\n```'
+    assert [c.name for c in strict_auto.read(bare % "celsius").calls] == ["get_weather"]
+    assert strict_auto.read(bare % "kelvin") == ParsedAnswer(bare % "kelvin", [])
+    assert [c.name for c in strict_auto.read('{"name": "add", "arguments": {"a": "x"}}').calls] == ["add"]
+
+
+@pytest.mark.parametrize(
+    ("parameters", "strict", "words"),
+    [
+        ({"type": "object", "properties": {"a": {"type": "nonsense"}}}, False, "cannot be compiled"),
+        ({"type": "string"}, False, "must describe an object"),
+        ({"type": "object", "properties": {"a": {"not": {"type": "string"}}}}, True, "properties.a.not"),
+        ({"type": "object", "properties": {"a": {"type": "string", "format": "credit-card"}}}, True, "format"),
+        ({"type": "object", "oneOf": [{"required": ["a"]}, {"required": ["b"]}]}, True, "oneOf"),
+    ],
+)
+def test_schemas_the_grammar_cannot_honour_are_refused_naming_the_field(
+    tool_template: ChatTemplate, parameters: dict, strict: bool, words: str
+) -> None:
+    tools = [TOOLS[0], {"type": "function", "function": {"name": "f", "parameters": parameters}}]
+    with pytest.raises(ToolChoiceError, match=words) as info:
+        plan_tools(tool_template, tools, "auto", strict={"f"} if strict else ())
+    assert info.value.param == "tools[1].function.parameters"
+    if strict:  # the same schema, not strict: best effort, accepted
+        plan_tools(tool_template, tools, "required")
 
 
 @pytest.mark.parametrize(
@@ -167,7 +262,7 @@ def test_plans_for_each_tool_choice(tool_template: ChatTemplate) -> None:
 )
 def test_bad_tool_choices_are_refused(tool_template: ChatTemplate, tools, choice, param: str) -> None:
     with pytest.raises(ToolChoiceError) as info:
-        plan_tools(tool_template, [{"role": "user", "content": "hi"}], tools, choice)
+        plan_tools(tool_template, tools, choice)
     assert info.value.param == param
 
 

@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from headstart.engine import BadRequest, Request
-from headstart.grammar import schema_text
+from headstart.grammar import schema_text, strict_problem
 from headstart.sampling import Constraint, SamplingParams
 
 log = logging.getLogger("headstart.server")
@@ -227,6 +227,10 @@ class ResponseFormat(BaseModel):
     def _schema(self) -> ResponseFormat:
         if self.type == "json_schema" and self.json_schema is None:
             raise ValueError("a json_schema response_format needs its json_schema: {name, schema, strict}")
+        if self.json_schema is not None and self.json_schema.strict:
+            problem = strict_problem(self.json_schema.schema_ or {})
+            if problem is not None:
+                raise ValueError(f"strict: {problem}")
         return self
 
     def constraint(self) -> Constraint | None:
@@ -353,6 +357,7 @@ class ChatCompletionRequest(SamplingFields):
             tool_choice=self.tool_choice.model_dump() if isinstance(self.tool_choice, NamedToolChoice)
             else self.tool_choice,
             parallel_tool_calls=self.parallel_tool_calls is not False,
+            strict_tools=frozenset(t.function.name for t in self.tools or () if t.function.strict),
             gate=self.gate,
             gap_threshold=self.gap_threshold,
             fast_answer=self.fast_answer,
