@@ -14,9 +14,9 @@ from typing import Any
 
 import httpx
 
-from headstart.engine import Engine, EngineConfig, SessionNotFound
+from headstart.engine.engine import Engine, EngineConfig, SessionNotFound
+from headstart.engine.loop import Job
 from headstart.model import HFBackend
-from headstart.scheduler import Job
 from headstart.server.app import ServerConfig, create_app
 from tests.conftest import LiveServer
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from headstart.engine import Engine, EngineConfig
+from headstart.engine.engine import Engine, EngineConfig
 from headstart.model import HFBackend, load
 from headstart.model.loader import local_folder, resolve
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from headstart.engine import Engine, Request
-from headstart.handle import Completion
-from headstart.sampling import SamplingParams
+from headstart.decode.sampling import SamplingParams
+from headstart.engine.engine import Engine, Request
+from headstart.engine.output import Completion
 
 GREEDY = SamplingParams(max_tokens=16)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from headstart.engine import Engine
+from headstart.engine.engine import Engine
 from headstart.kv.pool import SCRATCH
 from headstart.model.hf_runner import HFRunner
 from headstart.model.runner import Runner

@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from headstart.cli import api_keys, build_parser
+from headstart.cli.main import api_keys, build_parser
 from headstart.model import HFBackend
 from tests.apiutil import Served, SSEReader, serve, settle
 

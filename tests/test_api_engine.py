@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from headstart import sessionapi
-from headstart.engine import Engine, Request
-from headstart.ingest import DataFeed, Entry, fit_window, ingest_batch, window_limit
+from headstart.decode.sampling import SamplingParams
+from headstart.engine import sessions as sessionapi
+from headstart.engine.engine import Engine, Request
+from headstart.idle.ingest import DataFeed, Entry, fit_window, ingest_batch, window_limit
 from headstart.model import HFBackend
-from headstart.sampling import SamplingParams
-from headstart.template import ChatTemplate
+from headstart.session.template import ChatTemplate
 
 
 def entries(*texts: str) -> list[Entry]:

@@ -11,9 +11,9 @@ import httpx
 import openai
 import pytest
 
+from headstart.idle.queries import QUESTION_ROLE
 from headstart.model import HFBackend
-from headstart.queries import QUESTION_ROLE
-from headstart.template import ChatTemplate
+from headstart.session.template import ChatTemplate
 from tests.apiutil import Blocker, Served, SSEReader, serve, settle, wait_until
 
 HI = [{"role": "user", "content": "Hello there."}]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from headstart.model import HFBackend
-from headstart.template import ChatTemplate
+from headstart.session.template import ChatTemplate
 
 
 def _prompt(backend: HFBackend) -> list[int]:

@@ -13,7 +13,7 @@ import pytest
 
 from headstart.bench.modes import BASE_MODES
 from headstart.bench.workloads import make_workload
-from headstart.cli import main
+from headstart.cli.main import main
 
 pytestmark = pytest.mark.real
 

@@ -17,7 +17,7 @@ from headstart.bench.workloads import (
     parse_gaps,
 )
 from headstart.model.loader import local_folder, resolve
-from headstart.template import ChatTemplate
+from headstart.session.template import ChatTemplate
 
 
 @pytest.fixture(scope="module")
@@ -118,8 +118,8 @@ def test_agent_with_real_tools_sends_tools_instead_of_schemas_in_the_prompt(tmp_
 
 def test_tool_results_answer_the_calls_the_model_made() -> None:
     from headstart.bench.runner import answered, reply
-    from headstart.handle import Completion
-    from headstart.tools import ToolCall
+    from headstart.engine.output import Completion
+    from headstart.session.tools import ToolCall
 
     call = ToolCall("read_file", {"path": "x.py"}, id="call_abc")
     c = Completion(text="", token_ids=[1], finish_reason="tool_calls", path="cold", session_id=None,

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from headstart.budget import Eviction
-from headstart.engine import Engine, EngineConfig, Request, TooManySessions
+from headstart.decode.sampling import SamplingParams
+from headstart.engine.engine import Engine, EngineConfig, Request, TooManySessions
 from headstart.model import HFBackend
-from headstart.sampling import SamplingParams
-from headstart.store import SCHEMA_VERSION, SchemaError, SessionStore
+from headstart.session.evict import Eviction
+from headstart.session.store import SCHEMA_VERSION, SchemaError, SessionStore
 from tests.helpers import GREEDY, QUESTIONS, cold
 from tests.kvmeter import KVMeter, held_kv_bytes
 
@@ -155,7 +155,7 @@ def test_session_limit_and_idle_expiry(tiny: HFBackend, make_engine: Callable[..
 
 
 def test_context_limit_names_both_lengths(tiny: HFBackend, make_engine: Callable[..., Engine]) -> None:
-    from headstart.engine import ContextTooLong
+    from headstart.engine.engine import ContextTooLong
 
     engine = make_engine(tiny, max_context=64)
     messages = [{"role": "user", "content": "word " * 80}]

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import httpx
 
-from headstart.store import SessionStore
+from headstart.session.store import SessionStore
 from tests.serverproc import Server
 
 SEED = 20261201

@@ -16,16 +16,16 @@ import pytest
 from openai import OpenAI
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from headstart import sessionapi
-from headstart.engine import ContextTooLong, Engine, EngineConfig, Request
-from headstart.handle import Completion, Delta
+from headstart.decode.sampling import SamplingParams
+from headstart.decode.textstream import TextStream
+from headstart.engine import sessions as sessionapi
+from headstart.engine.engine import ContextTooLong, Engine, EngineConfig, Request
+from headstart.engine.output import Completion, Delta
 from headstart.model import HFBackend
 from headstart.model.loader import local_folder, resolve
-from headstart.sampling import SamplingParams
 from headstart.server import errors
-from headstart.store import SessionStore
-from headstart.template import ChatTemplate, RenderCache
-from headstart.textstream import TextStream
+from headstart.session.store import SessionStore
+from headstart.session.template import ChatTemplate, RenderCache
 from tests.apiutil import Blocker, serve, settle, wait_until
 from tests.helpers import GREEDY, QUESTIONS
 

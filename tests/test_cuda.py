@@ -7,7 +7,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from headstart.engine import Engine
+from headstart.engine.engine import Engine
 from headstart.model import HFBackend, load
 from tests.helpers import QUESTIONS, cold, converse
 

@@ -8,9 +8,9 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from headstart.handle import Completion
+from headstart.engine.output import Completion
+from headstart.idle.job import WARM_KEY
 from headstart.model import HFBackend
-from headstart.upkeep import WARM_KEY
 from tests.apiutil import Served, serve, wait_until
 
 LONG = [{"role": "user", "content": "Count from one to five hundred, one number per line, in words."}]

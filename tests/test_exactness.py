@@ -6,9 +6,9 @@ from collections.abc import Callable
 
 import pytest
 
-from headstart.engine import Engine, Request
+from headstart.engine.engine import Engine, Request
 from headstart.model import HFBackend
-from headstart.template import ChatTemplate, common_prefix
+from headstart.session.template import ChatTemplate, common_prefix
 from tests.helpers import GREEDY, QUESTIONS, cold, converse
 
 
@@ -83,7 +83,7 @@ def test_ready_exact_with_a_hint_equals_cold_and_needs_no_forward(
 def test_sampled_turns_are_reproducible_with_a_seed(
     real: HFBackend, make_engine: Callable[..., Engine], temperature: float
 ) -> None:
-    from headstart.sampling import SamplingParams
+    from headstart.decode.sampling import SamplingParams
 
     params = SamplingParams(max_tokens=12, temperature=temperature, seed=1234)
     engine = make_engine(real, pre_position=False)

@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from headstart.gate import (
+from headstart.engine.gate import (
     SERVER_KEY,
     Gate,
     answers_key,

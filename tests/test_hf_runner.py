@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
 
-from headstart.engine import Engine
+from headstart.engine.engine import Engine
 from headstart.kv import KVSeq
 from headstart.model import HFBackend
 from headstart.model.hf_runner import HFRunner

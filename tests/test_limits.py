@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from headstart import sessionapi
-from headstart.ingest import MIN_WINDOW, DataFeed, Entry
+from headstart.engine import sessions as sessionapi
+from headstart.idle.ingest import MIN_WINDOW, DataFeed, Entry
 from headstart.model import HFBackend
 from tests.apiutil import Served, serve
 

@@ -9,8 +9,8 @@ import random
 import pytest
 import torch
 
-from headstart.logits import Chooser
-from headstart.sampling import SamplingParams, distribution
+from headstart.decode.logits import Chooser
+from headstart.decode.sampling import SamplingParams, distribution
 
 VOCAB = 64
 

@@ -31,7 +31,7 @@ def oa(srv: Served) -> openai.OpenAI:
 
 
 def _params(fields: dict) -> object:
-    from headstart.sampling import SamplingParams
+    from headstart.decode.sampling import SamplingParams
 
     bias = tuple(sorted((int(k), float(v)) for k, v in fields.get("logit_bias", {}).items()))
     return SamplingParams(presence_penalty=fields.get("presence_penalty", 0.0),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from headstart.prepos import next_role
+from headstart.idle.prepos import next_role
 
 
 def test_after_a_tool_call_or_a_tool_result_the_next_message_is_a_tool_result() -> None:

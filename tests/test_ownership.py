@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from headstart.ownership import Claimed
-from headstart.store import SessionStore
+from headstart.session.ownership import Claimed
+from headstart.session.store import SessionStore
 from tests.serverproc import Server
 
 

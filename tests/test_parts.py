@@ -9,11 +9,11 @@ import time
 import pytest
 import torch
 
+from headstart.decode.sampling import SamplingParams, accept, candidate_gap, distribution, pick, top_gap
+from headstart.decode.textstream import TextStream
+from headstart.engine.loop import Job, Scheduler
 from headstart.model import HFBackend
-from headstart.sampling import SamplingParams, accept, candidate_gap, distribution, pick, top_gap
-from headstart.scheduler import Job, Scheduler
-from headstart.template import ChatTemplate, TemplateError, common_prefix
-from headstart.textstream import TextStream
+from headstart.session.template import ChatTemplate, TemplateError, common_prefix
 
 
 def _ids(backend: HFBackend, text: str) -> list[int]:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from headstart.engine import Engine, Request
+from headstart.decode.sampling import SamplingParams
+from headstart.engine.engine import Engine, Request
 from headstart.model import HFBackend
 from headstart.model.runner import Feed, from_backend
-from headstart.prefixcache import PrefixCache
-from headstart.sampling import SamplingParams
-from headstart.session import Session
-from headstart.template import ChatTemplate, common_prefix
+from headstart.session.prefix import PrefixCache
+from headstart.session.session import Session
+from headstart.session.template import ChatTemplate, common_prefix
 
 PARAMS = SamplingParams(max_tokens=6)
 SYSTEM = {"role": "system", "content": "You are a careful assistant for a shipping company. " * 6}

@@ -6,9 +6,9 @@ import math
 import time
 from collections.abc import Callable
 
-from headstart.engine import Engine, Request
+from headstart.decode.sampling import SamplingParams
+from headstart.engine.engine import Engine, Request
 from headstart.model import HFBackend
-from headstart.sampling import SamplingParams
 from tests.helpers import GREEDY, QUESTIONS, cold, converse, greedy_after
 from tests.kvmeter import held_kv_bytes
 
@@ -222,7 +222,7 @@ def test_the_default_gate_starts_closed_and_opens_once_its_bound_holds(
     """The guaranteed gate (no fixed threshold) on a fresh engine: closed, saying why, while
     the shadow checks of the exact paths accrue; open as soon as the bound over them reaches
     the target, and from then on a streamed turn may be answered by the gate, verified."""
-    from headstart.gate import min_evidence
+    from headstart.engine.gate import min_evidence
 
     engine = make_engine(tiny, gate_target=0.6)
     need = min_evidence(0.6, 0.95)

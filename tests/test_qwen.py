@@ -9,13 +9,13 @@ from collections.abc import Callable
 
 import torch
 
-from headstart.engine import Engine, Request
+from headstart.decode.sampling import SamplingParams
+from headstart.engine.engine import Engine, Request
+from headstart.idle.prepos import next_role
 from headstart.model import HFBackend
 from headstart.model.loader import resolve
 from headstart.model.qwen_chunks import QWEN05
-from headstart.prepos import next_role
-from headstart.sampling import SamplingParams
-from headstart.template import ChatTemplate
+from headstart.session.template import ChatTemplate
 from tests.helpers import cold, converse, greedy_after
 
 SHORT = SamplingParams(max_tokens=8)

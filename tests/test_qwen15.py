@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from headstart.engine import Engine, Request
+from headstart.decode.sampling import SamplingParams
+from headstart.engine.engine import Engine, Request
 from headstart.model import HFBackend
-from headstart.sampling import SamplingParams
-from headstart.template import ChatTemplate
+from headstart.session.template import ChatTemplate
 from tests.helpers import cold, converse
 
 SHORT = SamplingParams(max_tokens=4)

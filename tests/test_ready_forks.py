@@ -6,10 +6,10 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 
-from headstart.budget import Eviction
-from headstart.engine import Engine, Request
+from headstart.engine.engine import Engine, Request
 from headstart.kv.pool import SCRATCH
 from headstart.model import HFBackend
+from headstart.session.evict import Eviction
 from tests.helpers import GREEDY, QUESTIONS, cold, converse
 
 

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import httpx
 
-from headstart import queries, sessionapi
-from headstart.engine import Engine, EngineConfig
+from headstart.engine import sessions as sessionapi
+from headstart.engine.engine import Engine, EngineConfig
+from headstart.idle import queries
 from headstart.model import HFBackend
-from headstart.store import SessionStore
+from headstart.session.store import SessionStore
 from tests.apiutil import SSEReader
 from tests.serverproc import Server
 

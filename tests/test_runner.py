@@ -8,7 +8,7 @@ import torch
 from headstart.kv import KVSeq
 from headstart.model import HFBackend
 from headstart.model.runner import MIN_ROWS, Feed, Runner, from_backend
-from headstart.template import ChatTemplate
+from headstart.session.template import ChatTemplate
 
 MODELS = ["real", "qwen"]
 _runners: dict[str, Runner] = {}

@@ -19,9 +19,9 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from headstart.engine import Engine, Request
+from headstart.decode.sampling import SamplingParams
+from headstart.engine.engine import Engine, Request
 from headstart.model import HFBackend
-from headstart.sampling import SamplingParams
 from headstart.scaleout.app import ACTOR_PREFIX, REPLICA_HEADER, build_app, live_replicas
 from headstart.scaleout.run import deploy, start_ray
 from tests.conftest import free_port, pg_database
@@ -70,7 +70,7 @@ def cluster(pg_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 @pytest.fixture(scope="module")
 def reference(real: HFBackend) -> Iterator[Callable[[list[dict[str, str]]], str]]:
     """The cold answer to a conversation, computed here, outside the cluster."""
-    from headstart.engine import EngineConfig
+    from headstart.engine.engine import EngineConfig
 
     engine = Engine(real, config=EngineConfig(pre_position=False, gate=False)).start()
     yield lambda messages: engine.generate(Request(messages=list(messages), params=PARAMS)).text

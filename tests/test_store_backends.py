@@ -8,10 +8,10 @@ import time
 
 import pytest
 
-from headstart.engine import Engine, EngineConfig, Request
+from headstart.engine.engine import Engine, EngineConfig, Request
 from headstart.errors import SessionMoved
 from headstart.model import HFBackend
-from headstart.store import SCHEMA_VERSION, SchemaError, StaleClaim, StoredSession, open_store
+from headstart.session.store import SCHEMA_VERSION, SchemaError, StaleClaim, StoredSession, open_store
 from tests.helpers import GREEDY, QUESTIONS, cold
 
 
@@ -50,13 +50,13 @@ def test_the_schema_is_versioned_and_a_newer_one_is_refused(store_url: str) -> N
 def test_a_version_1_database_is_migrated_and_keeps_its_sessions(store_url: str) -> None:
     """A database written before sessions had holders opens, with its rows intact at epoch 0."""
     if store_url.startswith("postgresql://"):
-        from headstart.store_pg import _MIGRATIONS
+        from headstart.session.store_pg import _MIGRATIONS
 
         _raw(store_url, _MIGRATIONS[0][0])
         _raw(store_url, "CREATE TABLE headstart_schema (version INTEGER NOT NULL)")
         _raw(store_url, "INSERT INTO headstart_schema VALUES (1)")
     else:
-        from headstart.store import _MIGRATIONS
+        from headstart.session.store import _MIGRATIONS
 
         _raw(store_url, _MIGRATIONS[0][0])
         _raw(store_url, "PRAGMA user_version=1")

@@ -56,7 +56,7 @@ def oa(srv: Served) -> openai.OpenAI:
 def test_json_mode_gives_json_on_twenty_prompts(real: HFBackend, oa: openai.OpenAI) -> None:
     """JSON mode's promise as OpenAI states it: the output is JSON, and an answer cut by
     ``max_tokens`` may be unfinished. Each answer is checked by a JSON grammar built here
-    from xgrammar's own JSON grammar (not through headstart.grammar): a finished answer parses
+    from xgrammar's own JSON grammar (not through headstart.decode.grammar): a finished answer parses
     to an object; a cut one is a prefix the JSON grammar accepts. The 135M model loops inside
     a long string on some of these prompts, so not every answer finishes: at least half must."""
     import xgrammar as xgr

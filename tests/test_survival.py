@@ -18,10 +18,10 @@ from typing import Any
 import httpx
 import pytest
 
-from headstart.engine import Engine, EngineConfig
+from headstart.engine.engine import Engine, EngineConfig
 from headstart.model import HFBackend
 from headstart.server.app import ServerConfig, create_app
-from headstart.store import SessionStore
+from headstart.session.store import SessionStore
 from tests.apiutil import wait_until
 from tests.conftest import LiveServer, free_port
 from tests.kvmeter import KVMeter
@@ -228,8 +228,8 @@ def test_bounded_load_loses_nothing_and_stays_in_budget(real: HFBackend, tmp_pat
     measured on the same server just before."""
     import asyncio
 
-    from headstart.loadtest import TOPICS, run_load
-    from headstart.template import ChatTemplate
+    from headstart.cli.loadtest import TOPICS, run_load
+    from headstart.session.template import ChatTemplate
 
     def rss() -> int:
         status = Path("/proc/self/status").read_text()

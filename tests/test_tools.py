@@ -9,11 +9,11 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from headstart.engine import BadRequest, Request
+from headstart.engine.engine import BadRequest, Request
 from headstart.model import HFBackend
 from headstart.model.loader import local_folder, resolve
-from headstart.template import ChatTemplate, TemplateError
-from headstart.tools import (
+from headstart.session.template import ChatTemplate, TemplateError
+from headstart.session.tools import (
     BARE,
     Envelope,
     HoldBack,

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from openai import BadRequestError, OpenAI
 
-from headstart.engine import Engine, EngineConfig
+from headstart.engine.engine import Engine, EngineConfig
 from headstart.model import HFBackend
 from headstart.server.app import ServerConfig, create_app
 from tests.conftest import LiveServer

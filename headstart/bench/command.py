@@ -22,8 +22,8 @@ from typing import Any
 
 from headstart.bench import modes as modes_mod
 from headstart.bench.workloads import WORKLOADS, Workload, load_trace, make_workload, parse_gaps
-from headstart.gate import DEFAULT_CONFIDENCE, DEFAULT_TARGET
-from headstart.prepos import DEFAULT_PREDICTOR, PREDICTORS
+from headstart.engine.gate import DEFAULT_CONFIDENCE, DEFAULT_TARGET
+from headstart.idle.prepos import DEFAULT_PREDICTOR, PREDICTORS
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
@@ -118,7 +118,7 @@ def run_bench(args: argparse.Namespace) -> int:
     from headstart.bench.runner import ModeRun, merge, run_mode, warm_up
     from headstart.model import load
     from headstart.model.loader import resolve
-    from headstart.template import ChatTemplate
+    from headstart.session.template import ChatTemplate
 
     if args.http:
         from headstart.bench.http import run_http

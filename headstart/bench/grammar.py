@@ -18,8 +18,8 @@ import time
 
 import torch
 
-from headstart.engine import Engine, EngineConfig, Request
-from headstart.sampling import Constraint, SamplingParams
+from headstart.decode.sampling import Constraint, SamplingParams
+from headstart.engine.engine import Engine, EngineConfig, Request
 
 SCHEMA = {
     "type": "object",

@@ -42,7 +42,7 @@ def _port() -> int:
 
 
 def _serve(args: argparse.Namespace, port: int, data: str) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-c", "from headstart.cli import main; raise SystemExit(main())", "--log-level",
+    cmd = [sys.executable, "-c", "from headstart.cli.main import main; raise SystemExit(main())", "--log-level",
            "WARNING", "serve", "--port", str(port), "--db", "", "--gap-threshold", "0", "--temperature", "0"]
     if args.model:
         cmd += ["--model", args.model]
@@ -154,7 +154,7 @@ def _render_cost(model: str | None, messages: list[dict[str, str]], repeat: int 
     from transformers import AutoTokenizer
 
     from headstart.model.loader import local_folder, resolve
-    from headstart.template import ChatTemplate, RenderCache
+    from headstart.session.template import ChatTemplate, RenderCache
 
     template = ChatTemplate(AutoTokenizer.from_pretrained(local_folder(resolve(model))))
     held = RenderCache()

@@ -105,8 +105,8 @@ def run_model_only(
 
 def _decode_ms(engine: Any, sid: str, messages: list[dict[str, str]], tokens: int) -> float:
     """ms per decoded token of one greedy answer (its first token excluded)."""
-    from headstart.engine import Request
-    from headstart.sampling import SamplingParams
+    from headstart.decode.sampling import SamplingParams
+    from headstart.engine.engine import Request
 
     c = engine.generate(Request(messages=messages, params=SamplingParams(max_tokens=tokens), session_id=sid))
     return (c.e2e_ms - c.ttft_ms) / max(1, len(c.token_ids) - 1)
@@ -115,8 +115,8 @@ def _decode_ms(engine: Any, sid: str, messages: list[dict[str, str]], tokens: in
 def engine_figures(backend: HFBackend, context: int = 1000, idle: int = 1000) -> dict[str, Any]:
     """In the engine: ready_exact and gate TTFT at a ``context``-token session, and one
     session's decode ms/token with ``idle`` other sessions resident against with none."""
-    from headstart.engine import Engine, EngineConfig, Request
-    from headstart.sampling import SamplingParams
+    from headstart.decode.sampling import SamplingParams
+    from headstart.engine.engine import Engine, EngineConfig, Request
 
     words = "The committee met on Tuesday to review the budget, the roadmap and the hiring plan. "
     long = [{"role": "user", "content": words * (context // 18)}]

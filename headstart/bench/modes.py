@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from headstart.engine import EngineConfig
-from headstart.gate import DEFAULT_CONFIDENCE, DEFAULT_TARGET
-from headstart.prepos import DEFAULT_PREDICTOR, PREDICTORS
+from headstart.engine.engine import EngineConfig
+from headstart.engine.gate import DEFAULT_CONFIDENCE, DEFAULT_TARGET
+from headstart.idle.prepos import DEFAULT_PREDICTOR, PREDICTORS
 
 BASE_MODES = ("stateless", "prefix_cache", "session", "prepositioned", "gate")
 PEERS = ("llamacpp",)

@@ -31,7 +31,7 @@ from typing import Any
 
 from headstart.bench.runner import ModeRun, Progress, Record, run_clients
 from headstart.bench.workloads import Script, Workload
-from headstart.template import ChatTemplate
+from headstart.session.template import ChatTemplate
 
 NAME = "llamacpp"
 INSTALL_HINT = (

@@ -13,8 +13,8 @@ from collections import Counter
 from typing import Any
 
 from headstart.bench.runner import ModeRun, Record
-from headstart.gate import DEFAULT_CONFIDENCE, calibrate
-from headstart.prepos import DEFAULT_PREDICTOR
+from headstart.engine.gate import DEFAULT_CONFIDENCE, calibrate
+from headstart.idle.prepos import DEFAULT_PREDICTOR
 from headstart.stats import PATHS, percentile, summary
 
 REFERENCE = "stateless"
@@ -137,7 +137,7 @@ def calibration_figures(
     requests: int,
     confidence: float = DEFAULT_CONFIDENCE,
 ) -> dict[str, Any]:
-    """:func:`headstart.gate.calibrate` on ``pairs`` (the guaranteed gate's own math), with
+    """:func:`headstart.engine.gate.calibrate` on ``pairs`` (the guaranteed gate's own math), with
     coverage also as a share of all ``requests`` (exact hits count as covered at every
     threshold)."""
     cal = calibrate(pairs, target, confidence, curve_bounds=True)

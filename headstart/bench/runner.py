@@ -17,10 +17,10 @@ from typing import Any
 
 from headstart.bench.modes import ModeSpec
 from headstart.bench.workloads import Script, Step, Workload
-from headstart.engine import Engine, Request
-from headstart.handle import Completion
+from headstart.decode.sampling import SamplingParams
+from headstart.engine.engine import Engine, Request
+from headstart.engine.output import Completion
 from headstart.model.backend import Backend
-from headstart.sampling import SamplingParams
 
 Message = dict[str, Any]
 

@@ -4,7 +4,7 @@ Each input is the ``--records`` JSONL of one ``headstart bench --modes
 [stateless,]prepositioned,gate`` run (without stateless, the prepositioned run's exact answers
 are the reference). From the records alone (so every run is read with the
 same code, whatever version wrote its report) it derives, per model and workload: where the
-guaranteed gate would fire (:func:`headstart.gate.calibrate` on the prepositioned run's
+guaranteed gate would fire (:func:`headstart.engine.gate.calibrate` on the prepositioned run's
 shadow checks, all of them and with repeated answers left out), how often the gate's choice
 agrees with the full computation on all and on non-repeated decisions, the fixed-threshold
 gate's fires and false accepts, answers right by the workload's rule, and TTFT p50 by path.
@@ -24,7 +24,7 @@ from typing import Any
 
 from headstart.bench.report import repeats, shadow_pairs
 from headstart.bench.runner import ModeRun, Record
-from headstart.gate import DEFAULT_CONFIDENCE, DEFAULT_TARGET, calibrate, lower_bound
+from headstart.engine.gate import DEFAULT_CONFIDENCE, DEFAULT_TARGET, calibrate, lower_bound
 from headstart.stats import percentile
 
 

@@ -101,7 +101,7 @@ class HeadstartReplica:
         if spill:  # a spill folder belongs to one engine: one below it per replica
             spill = str(Path(spill) / self.name)
         elif spill is None:
-            from headstart.store import default_data_dir
+            from headstart.session.store import default_data_dir
 
             spill = str(default_data_dir() / "spill-replicas" / self.name)
         self.config = dataclasses.replace(config, replica=self.name, spill_dir=spill)
@@ -147,7 +147,7 @@ def flags(args: dict[str, Any]) -> list[str]:
 
 def build_app(args: dict[str, Any]) -> Any:
     """Serve's application builder: ``args`` are ``headstart serve`` flags without dashes."""
-    from headstart.cli import build_parser, server_config
+    from headstart.cli.main import build_parser, server_config
 
     parsed = build_parser().parse_args(["serve", *flags({"replicas": 1, **args})])
     return replica_app(server_config(parsed), ReplicaOptions.from_args(parsed))

@@ -43,7 +43,7 @@ def deploy(app: Any, host: str, port: int) -> None:
 def serve_replicas(args: argparse.Namespace) -> int:
     from ray import serve
 
-    from headstart.cli import server_config
+    from headstart.cli.main import server_config
     from headstart.scaleout.app import APP_NAME, replica_app
     from headstart.scaleout.options import ReplicaOptions
 

@@ -22,7 +22,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from headstart.engine import Engine, EngineConfig
+from headstart.engine.engine import Engine, EngineConfig
 from headstart.server.errors import HTTPError, error_response, to_response
 
 log = logging.getLogger("headstart.server")
@@ -78,9 +78,9 @@ def _load(state: State, factory: Callable[[], Engine]) -> None:
 def default_factory(config: ServerConfig) -> Callable[[], Engine]:
     """The engine builder of ``headstart serve``. The database and the spill folder are
     claimed here, before the model loads, so a second server on the same data stops at
-    once (:class:`~headstart.ownership.Claimed`, naming the holder) instead of serving."""
-    from headstart.ownership import Claim
-    from headstart.store import default_data_dir, open_store
+    once (:class:`~headstart.session.ownership.Claimed`, naming the holder) instead of serving."""
+    from headstart.session.ownership import Claim
+    from headstart.session.store import default_data_dir, open_store
 
     data = default_data_dir()
     db = config.db if config.db is not None else str(data / "headstart.db")

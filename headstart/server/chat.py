@@ -20,9 +20,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from headstart.engine import Engine
-from headstart.handle import Completion, Delta, Handle
-from headstart.logits import TokenLogprob
+from headstart.decode.logits import TokenLogprob
+from headstart.engine.engine import Engine
+from headstart.engine.output import Completion, Delta, Handle
 from headstart.server.gone import unless_gone
 from headstart.server.schema import ChatCompletionRequest
 

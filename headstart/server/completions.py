@@ -14,8 +14,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from headstart.handle import Completion, Delta
-from headstart.logits import TokenLogprob
+from headstart.decode.logits import TokenLogprob
+from headstart.engine.output import Completion, Delta
 from headstart.server.chat import (
     ChatShape,
     TokenText,

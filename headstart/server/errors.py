@@ -23,7 +23,7 @@ from headstart.errors import (
     StoreUnavailable,
     TooManySessions,
 )
-from headstart.template import TemplateError
+from headstart.session.template import TemplateError
 
 log = logging.getLogger("headstart.server")
 

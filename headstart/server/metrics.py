@@ -20,8 +20,8 @@ from prometheus_client.registry import Collector
 from starlette.requests import Request
 from starlette.responses import Response
 
-from headstart.engine import Engine
-from headstart.handle import Completion
+from headstart.engine.engine import Engine
+from headstart.engine.output import Completion
 
 if TYPE_CHECKING:
     from headstart.server.app import State

@@ -11,7 +11,8 @@ from pydantic.json_schema import models_json_schema
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from headstart import __version__, sessionapi
+from headstart import __version__
+from headstart.engine import sessions as sessionapi
 from headstart.server import sessions
 from headstart.server.schema import ChatCompletionRequest, CompletionRequest
 from headstart.server.session_schema import ErrorResponse, Health

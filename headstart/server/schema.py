@@ -16,9 +16,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from headstart.engine import BadRequest, Request
-from headstart.grammar import schema_text, strict_problem
-from headstart.sampling import Constraint, SamplingParams
+from headstart.decode.grammar import schema_text, strict_problem
+from headstart.decode.sampling import Constraint, SamplingParams
+from headstart.engine.engine import BadRequest, Request
 
 log = logging.getLogger("headstart.server")
 

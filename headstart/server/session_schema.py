@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
-from headstart.ingest import MIN_WINDOW
+from headstart.idle.ingest import MIN_WINDOW
 from headstart.server.schema import SamplingFields
 
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"

@@ -1,7 +1,7 @@
 """The sessions API: sessions, warm turns, streaming data, questions, registered questions, events.
 
 Each route reads and validates its body, calls the engine-side operation in
-headstart/sessionapi.py, and answers through a response model. A session belongs to the
+headstart/engine/sessions.py, and answers through a response model. A session belongs to the
 API key that created it (``request.state.owner``, set by auth.py): any other key gets 404.
 """
 
@@ -22,10 +22,12 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from headstart import queries, sessionapi, upkeep
-from headstart.engine import Engine
+from headstart.engine import sessions as sessionapi
+from headstart.engine.engine import Engine
 from headstart.errors import BadRequest
-from headstart.ingest import PushResult
+from headstart.idle import job as upkeep
+from headstart.idle import queries
+from headstart.idle.ingest import PushResult
 from headstart.server.chat import SESSION_HEADER, arrival_of, collect, owner_of
 from headstart.server.errors import parse_json, read_body, read_json
 from headstart.server.gone import unless_gone
@@ -44,7 +46,7 @@ from headstart.server.session_schema import (
     SessionObject,
     WarmResponse,
 )
-from headstart.session import Session
+from headstart.session.session import Session
 
 
 def respond(model: type[BaseModel], data: dict[str, Any], status: int = 200) -> Response:

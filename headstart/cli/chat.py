@@ -18,9 +18,9 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from headstart.engine import Engine, Request
-from headstart.handle import Completion, Delta
-from headstart.sampling import SamplingParams
+from headstart.decode.sampling import SamplingParams
+from headstart.engine.engine import Engine, Request
+from headstart.engine.output import Completion, Delta
 
 
 @dataclass
@@ -41,7 +41,7 @@ Talker = Callable[[list[dict[str, str]]], Iterator["str | Served"]]
 
 
 def in_process(args: argparse.Namespace, session_id: str) -> tuple[Talker, Callable[[], None], str]:
-    from headstart.cli import engine_config, set_threads
+    from headstart.cli.main import engine_config, set_threads
     from headstart.model import load
 
     set_threads(args)

@@ -23,11 +23,11 @@ from collections.abc import Generator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from headstart.template import ChatTemplate, Message
+from headstart.session.template import ChatTemplate, Message
 
 if TYPE_CHECKING:
-    from headstart.kvbook import KVBook
-    from headstart.session import Session
+    from headstart.session.book import KVBook
+    from headstart.session.session import Session
 
 DATA_ROLE = "user"
 MIN_WINDOW = 128

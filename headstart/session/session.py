@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
-from headstart.events import EventHub
-from headstart.ingest import DataFeed
+from headstart.idle.ingest import DataFeed
 from headstart.kv import BlockPool, KVSeq, Reservation
-from headstart.store import StoredSession
-from headstart.template import Message, RenderCache
+from headstart.session.events import EventHub
+from headstart.session.store import StoredSession
+from headstart.session.template import Message, RenderCache
 
 DEFAULT_MAX_PENDING = 1024
 
@@ -146,7 +146,7 @@ class Session:
         s.last_delta = stored.state.get("last_delta")
         if "data" in stored.state:
             s.data = DataFeed.restore(stored.state["data"])
-        from headstart.queries import Query  # queries builds on this module
+        from headstart.idle.queries import Query  # queries builds on this module
 
         for q in stored.state.get("queries", []):
             s.queries[q["id"]] = Query(q["id"], q["question"], q["max_tokens"], q["fast_answer"], q["created"])

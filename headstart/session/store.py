@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from headstart.errors import StoreUnavailable
-from headstart.ownership import Claim as Ownership
+from headstart.session.ownership import Claim as Ownership
 
 # _MIGRATIONS[v] holds the statements that bring a database from version v to v+1.
 # store_pg.py keeps the same versions in PostgreSQL's dialect.
@@ -123,7 +123,7 @@ class TranscriptStore(Protocol):
 def open_store(url: str, holder: str | None = None) -> TranscriptStore:
     """``postgresql://...`` opens PostgreSQL; anything else is a SQLite file path."""
     if url.startswith(("postgresql://", "postgres://")):
-        from headstart.store_pg import PostgresStore
+        from headstart.session.store_pg import PostgresStore
 
         return PostgresStore(url, holder)
     return SessionStore(url, holder)
@@ -246,7 +246,7 @@ class FencedSQL:
 class SessionStore(FencedSQL):
     """One SQLite file, one writer connection guarded by a lock. Without a holder the file
     is owned by one process at a time (a second one gets
-    :class:`~headstart.ownership.Claimed`, naming the holder); stores with holders share it,
+    :class:`~headstart.session.ownership.Claimed`, naming the holder); stores with holders share it,
     each write fenced by its claim."""
 
     def __init__(self, path: str | os.PathLike[str], holder: str | None = None) -> None:

@@ -6,7 +6,7 @@ differed from it records what the gate would have answered (the logit gap at the
 position and whether its choice equals the real computation's first token). That is the
 same (gap, verified) pair a gate at threshold 0 would record by answering, without
 letting a false accept change the answer and everything after it. From the pairs, with the
-same math the server's gate uses online (:func:`headstart.gate.calibrate`), comes the lowest
+same math the server's gate uses online (:func:`headstart.engine.gate.calibrate`), comes the lowest
 threshold whose answers' lower precision bound reaches the target, the coverage it leaves,
 how many requests it rests on, and the whole precision-coverage curve with its bounds.
 """
@@ -30,7 +30,7 @@ CALIBRATION_GAPS = "fixed:0+settle"
 def run_calibrate(args: argparse.Namespace) -> int:
     from headstart.bench.report import calibration_figures, repeats, shadow_pairs
     from headstart.bench.runner import run_mode, warm_up
-    from headstart.cli import engine_config
+    from headstart.cli.main import engine_config
     from headstart.model import load
 
     try:

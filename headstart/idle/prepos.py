@@ -13,10 +13,10 @@ from __future__ import annotations
 from collections.abc import Generator
 from dataclasses import dataclass
 
-from headstart.kvbook import KVBook, NoRoom
-from headstart.sampling import top_gap
-from headstart.session import ReadyPosition, Session
-from headstart.template import ChatTemplate, Message, common_prefix
+from headstart.decode.sampling import top_gap
+from headstart.session.book import KVBook, NoRoom
+from headstart.session.session import ReadyPosition, Session
+from headstart.session.template import ChatTemplate, Message, common_prefix
 
 PREDICTORS = ("continuation", "empty", "repeat")
 # Measured on the benchmark's agent workload (README, "Which predicted delta"): all three

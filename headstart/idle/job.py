@@ -21,16 +21,16 @@ from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from headstart import queries
-from headstart.ingest import ingest_batch, window_limit
-from headstart.prepos import next_role, pre_position
-from headstart.sampling import top_gap
-from headstart.scheduler import Job
-from headstart.session import ReadyPosition, Session
-from headstart.template import common_prefix
+from headstart.decode.sampling import top_gap
+from headstart.engine.loop import Job
+from headstart.idle import queries
+from headstart.idle.ingest import ingest_batch, window_limit
+from headstart.idle.prepos import next_role, pre_position
+from headstart.session.session import ReadyPosition, Session
+from headstart.session.template import common_prefix
 
 if TYPE_CHECKING:
-    from headstart.engine import Engine
+    from headstart.engine.engine import Engine
 
 log = logging.getLogger("headstart.upkeep")
 

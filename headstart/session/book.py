@@ -15,9 +15,9 @@ import torch
 from headstart.model.backend import Backend
 from headstart.model.hf_runner import HFRunner
 from headstart.model.runner import Feed, Runner
-from headstart.session import ReadyPosition, Session
+from headstart.session.session import ReadyPosition, Session
+from headstart.session.template import common_prefix
 from headstart.stats import EngineStats
-from headstart.template import common_prefix
 
 
 class NoRoom(Exception):

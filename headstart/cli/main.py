@@ -8,9 +8,9 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-from headstart.engine import EngineConfig
-from headstart.gate import DEFAULT_CONFIDENCE, DEFAULT_TARGET, DEFAULT_WINDOW
-from headstart.prepos import DEFAULT_PREDICTOR, PREDICTORS
+from headstart.engine.engine import EngineConfig
+from headstart.engine.gate import DEFAULT_CONFIDENCE, DEFAULT_TARGET, DEFAULT_WINDOW
+from headstart.idle.prepos import DEFAULT_PREDICTOR, PREDICTORS
 
 if TYPE_CHECKING:
     from headstart.server.app import ServerConfig
@@ -141,9 +141,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return serve_replicas(args)
     import uvicorn
 
-    from headstart.ownership import Claimed
     from headstart.server.app import create_app
-    from headstart.store import SchemaError
+    from headstart.session.ownership import Claimed
+    from headstart.session.store import SchemaError
 
     try:
         app = create_app(server_config(args))
@@ -155,13 +155,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from headstart.chat import run_chat
+    from headstart.cli.chat import run_chat
 
     return run_chat(args)
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from headstart.calibrate import run_calibrate
+    from headstart.cli.calibrate import run_calibrate
 
     return run_calibrate(args)
 
@@ -170,7 +170,7 @@ def cmd_load(args: argparse.Namespace) -> int:
     import asyncio
     import json
 
-    from headstart.loadtest import run_load
+    from headstart.cli.loadtest import run_load
 
     report = asyncio.run(
         run_load(args.url, clients=args.clients, sessions_per_client=args.sessions, seconds=args.seconds,

@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from headstart.budget import Budget, Eviction
+from headstart.engine.loop import Scheduler
 from headstart.errors import (
     BadRequest,
     SessionBusy,
@@ -33,11 +33,11 @@ from headstart.errors import (
     TooManySessions,
 )
 from headstart.kv import BlockPool
-from headstart.kvbook import KVBook
-from headstart.scheduler import Scheduler
-from headstart.session import Session
-from headstart.spill import Spill
-from headstart.store import StaleClaim, TranscriptStore
+from headstart.kv.spill import Spill
+from headstart.session.book import KVBook
+from headstart.session.evict import Budget, Eviction
+from headstart.session.session import Session
+from headstart.session.store import StaleClaim, TranscriptStore
 
 log = logging.getLogger("headstart.registry")
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from headstart.kv import BlockPool, KVSeq
-from headstart.session import Session
+from headstart.session.session import Session
 
 
 def default_budget(device: str) -> int:

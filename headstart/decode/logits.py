@@ -22,7 +22,7 @@ from typing import Protocol
 
 import torch
 
-from headstart.sampling import SamplingParams, pick
+from headstart.decode.sampling import SamplingParams, pick
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from headstart.logits import TokenLogprob
-    from headstart.tools import ToolCall
+    from headstart.decode.logits import TokenLogprob
+    from headstart.session.tools import ToolCall
 
 
 @dataclass

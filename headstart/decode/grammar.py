@@ -1,6 +1,6 @@
 """Constrained decoding: a grammar's mask over the vocabulary, token by token (xgrammar).
 
-A :class:`~headstart.sampling.Constraint` (any JSON object, JSON under a schema, or tool
+A :class:`~headstart.decode.sampling.Constraint` (any JSON object, JSON under a schema, or tool
 calls in the chat template's envelope with each function's arguments under its schema, as
 an xgrammar structural tag built by tools.py) is compiled once per distinct constraint for
 the model's tokenizer; each request gets its own
@@ -22,7 +22,7 @@ from collections.abc import Iterable
 
 import torch
 
-from headstart.sampling import Constraint
+from headstart.decode.sampling import Constraint
 
 KEPT = 64  # compiled constraints kept per model
 

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from headstart.errors import StoreUnavailable
-from headstart.store import SCHEMA_VERSION, Execute, FencedSQL, SchemaError
+from headstart.session.store import SCHEMA_VERSION, Execute, FencedSQL, SchemaError
 
 # The same versions as store._MIGRATIONS, in PostgreSQL's types.
 _MIGRATIONS: list[tuple[str, ...]] = [

@@ -21,7 +21,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from headstart.kv import BlockPool
-from headstart.session import Session
+from headstart.session.session import Session
 
 
 @dataclass

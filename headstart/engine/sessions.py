@@ -10,14 +10,15 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from headstart import queries, upkeep
-from headstart.engine import BadRequest, Engine, Request
+from headstart.decode.sampling import SamplingParams
+from headstart.engine.engine import BadRequest, Engine, Request
+from headstart.engine.output import Handle
 from headstart.errors import StoreUnavailable
-from headstart.handle import Handle
-from headstart.ingest import MIN_WINDOW, Entry, PushResult, window_limit
-from headstart.sampling import SamplingParams
-from headstart.session import Session
-from headstart.template import Message
+from headstart.idle import job as upkeep
+from headstart.idle import queries
+from headstart.idle.ingest import MIN_WINDOW, Entry, PushResult, window_limit
+from headstart.session.session import Session
+from headstart.session.template import Message
 
 QUESTION_OVERHEAD = 16  # template tokens around a question (role header, closing, generation prompt)
 
@@ -188,7 +189,7 @@ def ask(
 def warm(engine: Engine, s: Session, req: Request) -> upkeep.WarmTicket:
     """Prefill the request the next turn would send (no generation). It renders and
     tokenises, so a door calls it off its event loop."""
-    from headstart.engine import ContextTooLong, SessionBusy
+    from headstart.engine.engine import ContextTooLong, SessionBusy
 
     if s.busy:
         raise SessionBusy(f"session {s.id!r} has a request in flight")
@@ -213,7 +214,7 @@ def describe(engine: Engine, s: Session) -> dict[str, Any]:
 def gate_state(engine: Engine, s: Session) -> dict[str, Any]:
     """Where the gate stands for a streamed turn on ``s``, and the calibration of each key
     it rests on (the session's own, the server's)."""
-    from headstart.gate import SERVER_KEY, session_key
+    from headstart.engine.gate import SERVER_KEY, session_key
 
     decision = engine.gate_decision(s)
     keys = (session_key(s.id), SERVER_KEY)

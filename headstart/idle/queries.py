@@ -21,14 +21,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from headstart.decode.sampling import candidate_gap, top_gap
 from headstart.errors import BadRequest, SessionExists, SessionNotFound
-from headstart.sampling import candidate_gap, top_gap
-from headstart.session import ReadyPosition
-from headstart.template import ChatTemplate, common_prefix
+from headstart.session.session import ReadyPosition
+from headstart.session.template import ChatTemplate, common_prefix
 
 if TYPE_CHECKING:
-    from headstart.kvbook import KVBook
-    from headstart.session import Session
+    from headstart.session.book import KVBook
+    from headstart.session.session import Session
 
 QUERY_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 QUESTION_ROLE = "user"

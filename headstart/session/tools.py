@@ -40,9 +40,9 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from headstart.grammar import GrammarError, check_schema
-from headstart.sampling import Constraint
-from headstart.template import ChatTemplate, Message
+from headstart.decode.grammar import GrammarError, check_schema
+from headstart.decode.sampling import Constraint
+from headstart.session.template import ChatTemplate, Message
 
 TAG = "<tool_call>"
 END_TAG = "</tool_call>"

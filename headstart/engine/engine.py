@@ -21,7 +21,23 @@ from typing import Any
 
 import torch
 
-from headstart.budget import Budget, default_budget
+from headstart.decode.grammar import GrammarError, GrammarMatcher, Grammars
+from headstart.decode.logits import Chooser, TokenLogprob
+from headstart.decode.sampling import Constraint, SamplingParams, accept, candidate_gap, top_gap
+from headstart.decode.textstream import TextStream
+from headstart.engine.gate import (
+    DEFAULT_CONFIDENCE,
+    DEFAULT_TARGET,
+    DEFAULT_WINDOW,
+    SERVER_KEY,
+    Decision,
+    Gate,
+    answers_key,
+    session_key,
+)
+from headstart.engine.loop import Job, Scheduler
+from headstart.engine.output import Completion, Delta, Handle
+from headstart.engine.writer import Writer, done
 from headstart.errors import (
     BadRequest,
     ContextTooLong,
@@ -32,35 +48,19 @@ from headstart.errors import (
     StoreUnavailable,
     TooManySessions,
 )
-from headstart.gate import (
-    DEFAULT_CONFIDENCE,
-    DEFAULT_TARGET,
-    DEFAULT_WINDOW,
-    SERVER_KEY,
-    Decision,
-    Gate,
-    answers_key,
-    session_key,
-)
-from headstart.grammar import GrammarError, GrammarMatcher, Grammars
-from headstart.handle import Completion, Delta, Handle
-from headstart.kvbook import KVBook
-from headstart.logits import Chooser, TokenLogprob
+from headstart.idle.prepos import DEFAULT_PREDICTOR, PREDICTORS, SURE_GAP, PreposConfig
+from headstart.kv.spill import Spill
 from headstart.model.backend import Backend
 from headstart.model.runner import from_backend
-from headstart.prefixcache import PrefixCache
-from headstart.prepos import DEFAULT_PREDICTOR, PREDICTORS, SURE_GAP, PreposConfig
-from headstart.registry import Limits, SessionRegistry
-from headstart.sampling import Constraint, SamplingParams, accept, candidate_gap, top_gap
-from headstart.scheduler import Job, Scheduler
-from headstart.session import ReadyPosition, Session
-from headstart.spill import Spill
+from headstart.session.book import KVBook
+from headstart.session.evict import Budget, default_budget
+from headstart.session.prefix import PrefixCache
+from headstart.session.registry import Limits, SessionRegistry
+from headstart.session.session import ReadyPosition, Session
+from headstart.session.store import TranscriptStore
+from headstart.session.template import ChatTemplate, Message, common_prefix
+from headstart.session.tools import NO_TOOLS, HoldBack, ParsedAnswer, ToolChoiceError, ToolPlan, plan_tools
 from headstart.stats import EngineStats, StreamStats
-from headstart.store import TranscriptStore
-from headstart.template import ChatTemplate, Message, common_prefix
-from headstart.textstream import TextStream
-from headstart.tools import NO_TOOLS, HoldBack, ParsedAnswer, ToolChoiceError, ToolPlan, plan_tools
-from headstart.writer import Writer, done
 
 log = logging.getLogger("headstart.engine")
 
@@ -431,7 +431,7 @@ class Engine:
     def schedule_upkeep(self, s: Session) -> None:
         """Make sure ``s``'s idle-time job is queued: data to ingest, registered questions,
         a warm, pre-positioning (upkeep.py decides what is left to do)."""
-        from headstart import upkeep  # upkeep builds on this module
+        from headstart.idle import job as upkeep  # upkeep builds on this module
 
         upkeep.schedule(self, s)
 

@@ -1,0 +1,7 @@
+"""`python -m headstart`: the same command as the `headstart` script."""
+
+import sys
+
+from headstart.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Decoding rules over logits: sampling, logit processors, grammars, stop strings."""

@@ -1,0 +1,1 @@
+"""Idle-time work per session: ingest pushed data, registered questions, pre-positioning."""

@@ -1,0 +1,1 @@
+"""Sessions and their KV: state, lifecycle and eviction, templates, tools, durable transcripts."""
