@@ -87,14 +87,17 @@ def strict_problem(schema: object, path: str = "") -> str | None:
     return None
 
 
-def check_schema(schema: dict, *, strict: bool, param: str) -> None:
-    """Refuse a schema the grammar cannot compile, or (``strict``) cannot fully enforce."""
+def json_grammar(schema: dict, *, strict: bool, param: str) -> str:
+    """The grammar (EBNF) of JSON valid under ``schema``, written as chat templates' ``tojson``
+    writes it (``", "`` and ``": "``, no other blanks), so a call's arguments look like the
+    ones the model read in its prompt. Refuses a schema the grammar cannot compile, or
+    (``strict``) cannot fully enforce."""
     import xgrammar as xgr
 
     if strict and (problem := strict_problem(schema)) is not None:
         raise GrammarError(f"strict: {problem}", param=param)
     try:
-        xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False)
+        return str(xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False, separators=(", ", ": ")))
     except Exception as exc:  # xgrammar raises several kinds for schemas it cannot take
         raise GrammarError(f"the JSON schema cannot be compiled: {exc}", param=param) from exc
 
@@ -151,8 +154,13 @@ class GrammarMatcher:
         self._xgr.apply_token_bitmask_inplace(zeros, self._bitmask)  # type: ignore[attr-defined]
         return torch.isneginf(zeros[0])
 
+    @property
+    def terminated(self) -> bool:
+        """Whether the grammar has taken its stop token (nothing may follow)."""
+        return bool(self._matcher.is_terminated())
+
     def accept(self, token: int) -> None:
-        if not self._matcher.is_terminated() and not self._matcher.accept_token(token):
+        if not self.terminated and not self._matcher.accept_token(token):
             raise RuntimeError(f"token {token} was chosen although the grammar forbids it")
 
 

@@ -40,7 +40,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from headstart.decode.grammar import GrammarError, check_schema
+from headstart.decode.grammar import GrammarError, json_grammar
 from headstart.decode.sampling import Constraint
 from headstart.session.template import ChatTemplate, Message
 
@@ -50,7 +50,6 @@ _FENCE = re.compile(r"^```(?:json)?[ \t]*\n?(.*?)\n?[ \t]*```$", re.DOTALL | re.
 _CALL_KEYS = frozenset({"name", "arguments", "parameters"})
 _PLACEHOLDER = "zqxplaceholderzqx"
 _OTHER = "zqxotherzqx"
-MAX_BLANKS = 1  # consecutive whitespace the grammar allows inside arguments
 
 
 class ToolChoiceError(ValueError):
@@ -194,23 +193,26 @@ def plan_tools(
     schemas = argument_schemas(tools or (), strict)
     if tool_choice == "none":
         return ToolPlan(frozenset(names), parse=False)
-    strict_schemas = tuple((n, json.dumps(schemas[n])) for n in names if n in strict)
+    strict_schemas = tuple((n, json.dumps(schemas[n][0])) for n in names if n in strict)
     allowed = [named] if named is not None else names
     if tool_choice == "required" or named is not None:
-        constraint = call_grammar(envelope(template, tools), {n: schemas[n] for n in allowed},
+        constraint = call_grammar(envelope(template, tools), {n: schemas[n][1] for n in allowed},
                                   "named" if named is not None else "required", parallel)
     elif strict_schemas:
-        constraint = call_grammar(envelope(template, tools), schemas, "auto", parallel)
+        constraint = call_grammar(envelope(template, tools), {n: g for n, (_, g) in schemas.items()}, "auto",
+                                  parallel)
     else:
         constraint = None
     return ToolPlan(frozenset(allowed), parse=True, parallel=parallel, constraint=constraint,
                     strict=strict_schemas)
 
 
-def argument_schemas(tools: Sequence[dict[str, Any]], strict: Collection[str]) -> dict[str, dict[str, Any]]:
-    """Each function's arguments schema (an object; none declared: any object), checked:
-    a schema that does not compile, or a strict one the grammar cannot fully enforce, is
-    refused naming its field."""
+def argument_schemas(
+    tools: Sequence[dict[str, Any]], strict: Collection[str]
+) -> dict[str, tuple[dict[str, Any], str]]:
+    """Each function's arguments schema (an object; none declared: any object) and its
+    grammar: a schema that does not compile, or a strict one the grammar cannot fully
+    enforce, is refused naming its field."""
     out = {}
     for i, tool in enumerate(tools):
         fn = tool["function"]
@@ -224,22 +226,21 @@ def argument_schemas(tools: Sequence[dict[str, Any]], strict: Collection[str]) -
             raise ToolChoiceError("parameters must describe an object (\"type\": \"object\")", param=param)
         schema = {"type": "object", **schema}
         try:
-            check_schema(schema, strict=fn["name"] in strict, param=param)
+            out[fn["name"]] = schema, json_grammar(schema, strict=fn["name"] in strict, param=param)
         except GrammarError as exc:
             raise ToolChoiceError(str(exc), param=exc.param) from exc
-        out[fn["name"]] = schema
     return out
 
 
-def call_grammar(env: Envelope, schemas: dict[str, dict[str, Any]], mode: str, parallel: bool) -> Constraint:
-    """The structural tag for calls of ``schemas``' functions in ``env``: ``named``, one call;
+def call_grammar(env: Envelope, grammars: dict[str, str], mode: str, parallel: bool) -> Constraint:
+    """The structural tag for calls of ``grammars``' functions (their arguments' EBNF) in
+    ``env``: ``named``, one call;
     ``required``, one or more calls and nothing else; ``auto``, free text in which a call,
     once opened by the envelope's trigger, must be complete and valid."""
     tags = [
         {"type": "tag", "begin": f"{env.begin}{name}{env.middle}",
-         "content": {"type": "json_schema", "json_schema": schema, "max_whitespace_cnt": MAX_BLANKS},
-         "end": env.end}
-        for name, schema in schemas.items()
+         "content": {"type": "grammar", "grammar": grammar}, "end": env.end}
+        for name, grammar in grammars.items()
     ]
     if mode == "named":
         fmt: dict[str, Any] = tags[0]
@@ -248,7 +249,6 @@ def call_grammar(env: Envelope, schemas: dict[str, dict[str, Any]], mode: str, p
                "stop_after_first": not parallel}
     else:
         fmt = {"type": "triggered_tags", "triggers": [env.trigger], "tags": tags, "stop_after_first": not parallel}
-    # Key order kept: the grammar writes properties in the order the schema declares them.
     return Constraint("tool_calls", json.dumps({"type": "structural_tag", "format": fmt}))
 
 
