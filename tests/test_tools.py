@@ -277,3 +277,52 @@ def test_a_template_without_tools_refuses_them_clearly(tiny: HFBackend, make_eng
         engine.submit(Request(messages=[{"role": "user", "content": "hi"}], tools=TOOLS))
     with pytest.raises(BadRequest, match="needs tools"):
         engine.submit(Request(messages=[{"role": "user", "content": "hi"}], tool_choice="required"))
+
+
+@pytest.fixture(scope="module")
+def tiny_tools(tiny: HFBackend) -> HFBackend:
+    """The tiny model behind the compact tool template: tool grammars on every engine path, fast."""
+    tokenizer = AutoTokenizer.from_pretrained(local_folder(resolve(None)))
+    tokenizer.chat_template = TOOL_TEMPLATE
+    return HFBackend(tiny.model, tokenizer, "tiny-tools")
+
+
+def _admitted(plan: ToolPlan, text: str) -> bool:
+    """Whether ``text`` is a start the plan's grammar admits (an answer may be cut short)."""
+    import xgrammar as xgr
+
+    assert plan.constraint is not None
+    info = xgr.TokenizerInfo([chr(i) for i in range(32, 127)] + ["\n"])
+    matcher = xgr.GrammarMatcher(xgr.GrammarCompiler(info).compile_structural_tag(plan.constraint.schema))
+    return matcher.accept_string(text)
+
+
+def test_a_tool_grammar_holds_on_the_ready_position_and_the_gate(tiny_tools: HFBackend, make_engine) -> None:
+    """The ready position and its sure tail were computed without the grammar; a required call
+    that meets them is the same as cold. The gate, forced open, scans the masked cached
+    distribution: its answer, first token included, is one the grammar admits."""
+    from headstart.decode.sampling import SamplingParams
+
+    engine = make_engine(tiny_tools)
+    template = ChatTemplate(tiny_tools.tokenizer)
+    plan = plan_tools(template, STRICT_TOOLS, "required")
+    history = [{"role": "user", "content": "Hello!"}]
+    kwargs = {"tools": STRICT_TOOLS, "tool_choice": "required"}
+    first = engine.generate(Request(history, SamplingParams(max_tokens=6), session_id="tg", tools=STRICT_TOOLS))
+    history.append({"role": "assistant", "content": first.text})
+    assert engine.wait_idle(120)
+    ready_turn = [*history, {"role": "user", "content": ""}]
+    params = SamplingParams(max_tokens=24)
+    warm = engine.generate(Request(ready_turn, params, session_id="tg", **kwargs))
+    assert warm.path == "ready_exact"
+    cold = engine.generate(Request(ready_turn, params, **kwargs))
+    assert warm.token_ids == cold.token_ids
+    assert template.decode(warm.token_ids).startswith('<tool_call>\n{"name": "')
+    assert _admitted(plan, template.decode(warm.token_ids))
+    history = [*ready_turn, {"role": "assistant", "content": warm.text}]
+    assert engine.wait_idle(120)
+    gate = engine.submit(Request([*history, {"role": "user", "content": "Again."}], params, session_id="tg",
+                                 stream=True, gap_threshold=0.0, **kwargs)).result()
+    assert gate.path == "gate"
+    assert template.decode(gate.token_ids).startswith("<tool_call>") and _admitted(plan, template.decode(
+        gate.token_ids))

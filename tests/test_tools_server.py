@@ -187,13 +187,12 @@ def test_strict_calls_follow_their_schemas_and_tool_choice(qwen_server: LiveServ
     """required always yields a call, even to a question no tool answers; a named choice
     calls that function; auto with strict tools calls validly. Streamed and not."""
     client, model = _client(qwen_server), "qwen2.5-coder-0.5b"
-    content, calls, finish, _ = _stream(client, model=model, messages=QUESTION, tools=STRICT, max_tokens=40,
-                                        tool_choice="required")
-    assert (content, finish) == ("", "tool_calls")
-    assert [n for n, _ in _valid_calls([(c["name"], c["arguments"]) for c in calls])] == ["get_weather"]
+    content, calls, finish, _ = _stream(client, model=model, messages=JOKE, tools=STRICT, max_tokens=40,
+                                        tool_choice="required")  # no tool tells jokes: a call all the same
+    assert (content, finish) == ("", "tool_calls") and len(calls) == 1
+    _valid_calls([(c["name"], c["arguments"]) for c in calls])
     cases = [
-        (FLIGHT, {"type": "function", "function": {"name": "book_flight"}}, 48),
-        (JOKE, "required", 48),
+        (FLIGHT, {"type": "function", "function": {"name": "book_flight"}}, 60),
         (QUESTION, "auto", 48),  # the model writes a bare fenced call here: validated after the fact
     ]
     for messages, choice, max_tokens in cases:

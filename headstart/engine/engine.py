@@ -558,8 +558,8 @@ class Engine:
                 raise BadRequest(f"logit_bias: {token} is not a token id of this model (0..{vocab - 1})",
                                  param="logit_bias")
         if req.fast_answer is not None and (params.reshapes or params.logprobs):
-            raise BadRequest("fast_answer picks a whole candidate by its first token's logit; it cannot be "
-                             "combined with penalties, logit_bias, a response_format or logprobs", "fast_answer")
+            raise BadRequest("fast_answer picks a whole candidate by its first token's logit; it cannot be combined "
+                             "with penalties, logit_bias, a response_format, a tool grammar or logprobs", "fast_answer")
 
     def _candidates(self, fast_answer: list[str] | None) -> tuple[list[list[int]], torch.Tensor] | None:
         if fast_answer is None:
