@@ -303,7 +303,7 @@ def test_a_tool_grammar_holds_on_the_ready_position_and_the_gate(tiny_tools: HFB
     distribution: its answer, first token included, is one the grammar admits."""
     from headstart.decode.sampling import SamplingParams
 
-    engine = make_engine(tiny_tools)
+    engine = make_engine(tiny_tools, sure_gap=0.0)  # every ready position gets a sure tail, unconstrained
     template = ChatTemplate(tiny_tools.tokenizer)
     plan = plan_tools(template, STRICT_TOOLS, "required")
     history = [{"role": "user", "content": "Hello!"}]
@@ -313,6 +313,9 @@ def test_a_tool_grammar_holds_on_the_ready_position_and_the_gate(tiny_tools: HFB
     assert engine.wait_idle(120)
     ready_turn = [*history, {"role": "user", "content": ""}]
     params = SamplingParams(max_tokens=24)
+    prompt = template.render(ready_turn, tools=STRICT_TOOLS)
+    ready = [rp for rp in engine.sessions.find("tg").ready.values() if rp.ids == prompt]
+    assert ready and ready[0].forced  # a sure tail, decoded without the grammar
     warm = engine.generate(Request(ready_turn, params, session_id="tg", **kwargs))
     assert warm.path == "ready_exact"
     cold = engine.generate(Request(ready_turn, params, **kwargs))
