@@ -85,12 +85,12 @@ def test_qwen_gate_at_threshold_zero(qwen: HFBackend, make_engine: Callable[...,
 def test_qwen_tool_call_then_result_in_a_session_equals_cold(
     qwen: HFBackend, make_engine: Callable[..., Engine]
 ) -> None:
-    """A forced (required) call, its result through the pre-paid `tool` entry, and the
+    """A required call (held to the grammar), its result through the pre-paid `tool` entry, and the
     answer after it: each exactly what a cold computation gives."""
     engine = make_engine(qwen, gate=False, **SMALL_IDLE)
     template = ChatTemplate(qwen.tokenizer)
     first = [{"role": "user", "content": "What is the weather in Paris?"}]
-    params = SamplingParams(max_tokens=24)
+    params = SamplingParams(max_tokens=32)  # the grammar writes the call whole, its closing tag included
     call = engine.generate(Request(first, params, session_id="qwen-tools", tools=WEATHER, tool_choice="required"))
     assert call.finish_reason == "tool_calls" and call.text == ""
     ((name, args),) = [(c.name, c.arguments) for c in call.tool_calls]

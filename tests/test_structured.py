@@ -132,6 +132,8 @@ def test_a_constrained_session_turn_equals_the_same_turn_cold(srv: Served, oa: o
         ({"type": "json_schema", "json_schema": {"name": "bad name!", "schema": {}}},
          "response_format.json_schema.name"),
         ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}, "response_format"),
+        ({"type": "json_schema", "json_schema": {"name": "x", "strict": True, "schema": {
+            "type": "object", "properties": {"a": {"type": "string", "not": {"const": "b"}}}}}}, "response_format"),
     ],
 )
 def test_formats_it_cannot_honour_are_400s(srv: Served, fmt: dict, param: str) -> None:

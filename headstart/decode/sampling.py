@@ -62,10 +62,11 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class Constraint:
-    """What the output must parse as: any JSON object, or JSON valid under ``schema``
-    (a JSON Schema document, as text so the parameters stay hashable)."""
+    """What the output must parse as: any JSON object, JSON valid under ``schema`` (a JSON
+    Schema document), or tool calls (``schema``: an xgrammar structural tag, see tools.py);
+    the schema as text so the parameters stay hashable."""
 
-    kind: str  # "json_object" | "json_schema"
+    kind: str  # "json_object" | "json_schema" | "tool_calls"
     schema: str | None = None
 
 

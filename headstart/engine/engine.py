@@ -98,6 +98,7 @@ class Request:
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None  # none | auto | required | {"type": "function", ...}
     parallel_tool_calls: bool = True
+    strict_tools: frozenset[str] = frozenset()  # functions declared strict: their calls follow their schema
     gate: bool | None = None
     gap_threshold: float | None = None
     fast_answer: list[str] | None = None
@@ -172,9 +173,6 @@ class _Emitter:
         self.params = params
         self.chooser = chooser
         self.tools = tools
-        # Forced answer tokens (a tool call's opening): already in the prompt's KV, sent
-        # with the first token the model chooses.
-        self.pending = list(tools.prefix)
         self.hold = HoldBack(tools.parse)
         self.stream = TextStream(engine.template.tokenizer, params.stop)
         self.stop_ids = engine.stop_ids
@@ -198,8 +196,6 @@ class _Emitter:
             self._first()
         if self.decided_at is None and not forced:
             self.decided_at = time.perf_counter()
-        while self.pending:
-            self._push(self.pending.pop(0))
         if token in self.stop_ids:
             self.finish_reason = "stop"
             return True
@@ -452,17 +448,18 @@ class Engine:
         else:
             prompt = self.template.render(req.messages, tools=req.tools, cache=known.renders if known else None)
         try:
-            tool_plan = plan_tools(
-                self.template, req.messages, req.tools, req.tool_choice, parallel=req.parallel_tool_calls
-            )
+            tool_plan = plan_tools(self.template, req.tools, req.tool_choice, parallel=req.parallel_tool_calls,
+                                   strict=req.strict_tools)
         except ToolChoiceError as exc:
             raise BadRequest(str(exc), param=exc.param) from exc
-        if tool_plan.prefix and req.fast_answer is not None:
-            raise BadRequest("fast_answer cannot be combined with a tool_choice that forces a call", "fast_answer")
-        prompt += tool_plan.prefix
         limit = self.context_limit
         check_context(len(prompt), limit)
         params = req.params
+        if tool_plan.constraint is not None:  # the calls' grammar, through the same machinery as a format
+            if params.constraint is not None:
+                raise BadRequest("response_format cannot be combined with strict tools or a tool_choice that "
+                                 "forces a call", param="response_format")
+            params = dataclasses.replace(params, constraint=tool_plan.constraint)
         if len(prompt) + params.max_tokens > limit:
             params = dataclasses.replace(params, max_tokens=limit - len(prompt))
         self._check_params(params, req)
@@ -492,7 +489,7 @@ class Engine:
 
         def turn(h: Handle) -> Turn:
             chooser = Chooser(params, prompt, self.backend.info.vocab_size, self.backend.info.device, generator,
-                              matcher=self._matcher(params), output=tool_plan.prefix)
+                              matcher=self._matcher(params))
             return Turn(req, params, prompt, candidates, s, persistent, h, job,
                         _Emitter(self, h, job, params, chooser, tool_plan), generator, threshold, chooser)
 
@@ -535,7 +532,7 @@ class Engine:
         try:
             self._grammars.compile(constraint)
         except GrammarError as exc:
-            raise BadRequest(str(exc), param="response_format") from exc
+            raise BadRequest(str(exc), param=exc.param) from exc
 
     def _matcher(self, params: SamplingParams) -> GrammarMatcher | None:
         """A fresh position in the request's grammar."""
@@ -552,12 +549,9 @@ class Engine:
             if not 0 <= token < vocab:
                 raise BadRequest(f"logit_bias: {token} is not a token id of this model (0..{vocab - 1})",
                                  param="logit_bias")
-        if params.constraint is not None and req.tool_choice not in (None, "auto", "none"):
-            raise BadRequest("response_format cannot be combined with a tool_choice that forces a call",
-                             param="response_format")
         if req.fast_answer is not None and (params.reshapes or params.logprobs):
-            raise BadRequest("fast_answer picks a whole candidate by its first token's logit; it cannot be "
-                             "combined with penalties, logit_bias, a response_format or logprobs", "fast_answer")
+            raise BadRequest("fast_answer picks a whole candidate by its first token's logit; it cannot be combined "
+                             "with penalties, logit_bias, a response_format, a tool grammar or logprobs", "fast_answer")
 
     def _candidates(self, fast_answer: list[str] | None) -> tuple[list[list[int]], torch.Tensor] | None:
         if fast_answer is None:
@@ -610,7 +604,6 @@ class Engine:
             yield from self._serve_ready(t, exact)
         elif (
             nxt is not None
-            and not t.emitter.tools.prefix  # a forced opening moves the answer past the decision point
             and self._gate_on(t)
             and self.gate.decide(t.gate_keys, t.threshold).fires(self._signal(nxt, t.candidates, t.chooser)[1])
         ):
@@ -727,7 +720,7 @@ class Engine:
         else:
             t.path = "session"
         logits = yield from self.book.advance(s, prompt, background=False, chunk=len(prompt))
-        if rp is not None and not t.emitter.tools.prefix:
+        if rp is not None:
             # Shadow check: what the gate would have said here, recorded for calibration.
             choice, gap = self._signal(rp, t.candidates)
             real = candidate_gap(logits, t.candidates[1])[0] if t.candidates is not None else int(logits.argmax())
@@ -798,15 +791,14 @@ class Engine:
         text = answer.content or ""
         now = time.perf_counter()
         first = em.first_at or now
-        prompt_tokens = len(t.prompt) - len(em.tools.prefix)  # the forced opening is answer text
         completion = Completion(
             text=text,
             token_ids=list(em.tokens),
             finish_reason="tool_calls" if answer.calls else em.finish_reason or "stop",
             path=t.path,
             session_id=s.id if t.persistent else None,
-            prompt_tokens=prompt_tokens,
-            cached_tokens=min(t.cached, prompt_tokens),
+            prompt_tokens=len(t.prompt),
+            cached_tokens=min(t.cached, len(t.prompt)),
             ttft_ms=(first - handle.arrival) * 1000,
             decided_ms=((em.decided_at or first) - handle.arrival) * 1000,
             e2e_ms=(now - handle.arrival) * 1000,

@@ -22,7 +22,7 @@ from typing import Any, Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from headstart.config import MIN_WINDOW, QUERY_MAX_TOKENS
-from headstart.decode.grammar import schema_text
+from headstart.decode.grammar import schema_text, strict_problem
 from headstart.decode.sampling import Constraint, SamplingParams
 from headstart.engine.engine import Request
 from headstart.errors import BadRequest
@@ -234,6 +234,10 @@ class ResponseFormat(BaseModel):
     def _schema(self) -> ResponseFormat:
         if self.type == "json_schema" and self.json_schema is None:
             raise ValueError("a json_schema response_format needs its json_schema: {name, schema, strict}")
+        if self.json_schema is not None and self.json_schema.strict:
+            problem = strict_problem(self.json_schema.schema_ or {})
+            if problem is not None:
+                raise ValueError(f"strict: {problem}")
         return self
 
     def constraint(self) -> Constraint | None:
@@ -360,6 +364,7 @@ class ChatCompletionRequest(SamplingFields):
             tool_choice=self.tool_choice.model_dump() if isinstance(self.tool_choice, NamedToolChoice)
             else self.tool_choice,
             parallel_tool_calls=self.parallel_tool_calls is not False,
+            strict_tools=frozenset(t.function.name for t in self.tools or () if t.function.strict),
             gate=self.gate,
             gap_threshold=self.gap_threshold,
             fast_answer=self.fast_answer,
