@@ -11,8 +11,9 @@ from headstart.decode.sampling import SamplingParams
 from headstart.engine import sessions as sessionapi
 from headstart.engine.engine import Engine, Request
 from headstart.errors import BadRequest
-from headstart.idle.ingest import DataFeed, Entry, fit_window, ingest_batch, window_limit
+from headstart.idle.ingest import fit_window, ingest_batch, window_limit
 from headstart.model import HFBackend
+from headstart.session.feed import DataFeed, Entry
 from headstart.session.template import ChatTemplate, encode_candidates
 
 

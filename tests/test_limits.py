@@ -10,8 +10,8 @@ import pytest
 
 from headstart.config import MIN_WINDOW
 from headstart.engine import sessions as sessionapi
-from headstart.idle.ingest import DataFeed, Entry
 from headstart.model import HFBackend
+from headstart.session.feed import DataFeed, Entry
 from tests.apiutil import Served, serve
 
 

@@ -18,8 +18,9 @@ from headstart.engine.output import Handle
 from headstart.errors import BadRequest, StoreUnavailable, check_context
 from headstart.idle import job as upkeep
 from headstart.idle import queries
-from headstart.idle.ingest import Entry, PushResult, window_limit
-from headstart.session.session import Session
+from headstart.idle.ingest import window_limit
+from headstart.session.feed import Entry, PushResult
+from headstart.session.session import Query, Session
 from headstart.session.template import Message, encode_candidates
 
 QUESTION_OVERHEAD = 16  # template tokens around a question (role header, closing, generation prompt)
@@ -112,7 +113,7 @@ def add_query(
     query_id: str | None = None,
     max_tokens: int = QUERY_MAX_TOKENS,
     fast_answer: list[str] | None = None,
-) -> queries.Query:
+) -> Query:
     """Register a question on ``s``; it is answered in the background now and after each batch."""
     n = len(engine.template.encode(question))
     cap = engine.config.context_reserve - max_tokens - QUESTION_OVERHEAD

@@ -16,14 +16,13 @@ import re
 import time
 import uuid
 from collections.abc import Collection, Generator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
-from headstart.config import QUERY_MAX_TOKENS
 from headstart.decode.sampling import candidate_gap, top_gap
 from headstart.errors import BadRequest, ContextTooLong, SessionExists, SessionNotFound, check_context
+from headstart.session.session import Query
 from headstart.session.template import ChatTemplate, common_prefix
 
 if TYPE_CHECKING:
@@ -56,53 +55,6 @@ def ready_key(query_id: str) -> str:
 def orphaned(s: Session) -> list[str]:
     """Keys of parked states whose question was deleted since."""
     return [k for k in list(s.ready) if k.startswith(READY_PREFIX) and k.removeprefix(READY_PREFIX) not in s.queries]
-
-
-@dataclass
-class Query:
-    """A registered question and its last answer."""
-
-    id: str
-    question: str
-    max_tokens: int = QUERY_MAX_TOKENS
-    fast_answer: list[str] | None = None
-    created: float = field(default_factory=time.time)
-    value: str | None = None
-    token_ids: list[int] = field(default_factory=list)
-    confidence: float | None = None
-    candidate: int | None = None
-    data_version: int | None = None
-    turns: int | None = None
-    answered_at: float | None = None
-    evaluations: int = 0
-    error: str | None = None
-
-    def fresh(self, s: Session) -> bool:
-        """Answered on the session's current context (same data version, same turns)."""
-        return self.data_version == s.data.version and self.turns == s.turns
-
-    def to_dict(self) -> dict[str, Any]:
-        """What must survive a restart: the question, not its answer (recomputed on start)."""
-        return {"id": self.id, "question": self.question, "max_tokens": self.max_tokens,
-                "fast_answer": self.fast_answer, "created": self.created}
-
-    def describe(self, s: Session) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "object": "session.query",
-            "question": self.question,
-            "max_tokens": self.max_tokens,
-            "fast_answer": self.fast_answer,
-            "created": int(self.created),
-            "value": self.value,
-            "confidence": self.confidence,
-            "candidate": self.candidate,
-            "data_version": self.data_version,
-            "fresh": self.fresh(s),
-            "answered_at": self.answered_at,
-            "evaluations": self.evaluations,
-            "error": self.error,
-        }
 
 
 def register(s: Session, question: str, *, query_id: str | None, max_tokens: int,

@@ -27,7 +27,6 @@ from headstart.engine.engine import Engine
 from headstart.errors import BadRequest
 from headstart.idle import job as upkeep
 from headstart.idle import queries
-from headstart.idle.ingest import PushResult
 from headstart.server.chat import SESSION_HEADER, arrival_of, collect, owner_of
 from headstart.server.errors import parse_json, read_body, read_json
 from headstart.server.gone import unless_gone
@@ -46,6 +45,7 @@ from headstart.server.schemas import (
     SessionObject,
     WarmResponse,
 )
+from headstart.session.feed import PushResult
 from headstart.session.session import Session
 
 

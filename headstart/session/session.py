@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from headstart.config import MAX_PENDING
-from headstart.idle.ingest import DataFeed
+from headstart.config import MAX_PENDING, QUERY_MAX_TOKENS
 from headstart.kv import BlockPool, KVSeq, Reservation
 from headstart.session.events import EventHub
+from headstart.session.feed import DataFeed
 from headstart.session.store import StoredSession
 from headstart.session.template import Message, RenderCache
 
@@ -50,6 +50,53 @@ class ReadyPosition:
 
     def logits_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.logits)
+
+
+@dataclass
+class Query:
+    """A registered question and its last answer."""
+
+    id: str
+    question: str
+    max_tokens: int = QUERY_MAX_TOKENS
+    fast_answer: list[str] | None = None
+    created: float = field(default_factory=time.time)
+    value: str | None = None
+    token_ids: list[int] = field(default_factory=list)
+    confidence: float | None = None
+    candidate: int | None = None
+    data_version: int | None = None
+    turns: int | None = None
+    answered_at: float | None = None
+    evaluations: int = 0
+    error: str | None = None
+
+    def fresh(self, s: Session) -> bool:
+        """Answered on the session's current context (same data version, same turns)."""
+        return self.data_version == s.data.version and self.turns == s.turns
+
+    def to_dict(self) -> dict[str, Any]:
+        """What must survive a restart: the question, not its answer (recomputed on start)."""
+        return {"id": self.id, "question": self.question, "max_tokens": self.max_tokens,
+                "fast_answer": self.fast_answer, "created": self.created}
+
+    def describe(self, s: Session) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "session.query",
+            "question": self.question,
+            "max_tokens": self.max_tokens,
+            "fast_answer": self.fast_answer,
+            "created": int(self.created),
+            "value": self.value,
+            "confidence": self.confidence,
+            "candidate": self.candidate,
+            "data_version": self.data_version,
+            "fresh": self.fresh(s),
+            "answered_at": self.answered_at,
+            "evaluations": self.evaluations,
+            "error": self.error,
+        }
 
 
 @dataclass
@@ -94,7 +141,7 @@ class Session:
         self.pre_positioning = False
         self.last_delta: str | None = None
         # The sessions API (idle/: ingest.py, queries.py, job.py): streamed data, registered
-        # questions (id -> queries.Query), listeners, and the state of the idle-time job.
+        # questions (id -> Query), listeners, and the state of the idle-time job.
         self.data = DataFeed(MAX_PENDING)
         self.queries: dict[str, Any] = {}
         self.events = EventHub()
@@ -145,8 +192,6 @@ class Session:
         s.last_delta = stored.state.get("last_delta")
         if "data" in stored.state:
             s.data = DataFeed.restore(stored.state["data"])
-        from headstart.idle.queries import Query  # queries builds on this module
-
         for q in stored.state.get("queries", []):
             s.queries[q["id"]] = Query(q["id"], q["question"], q["max_tokens"], q["fast_answer"], q["created"])
         s.evicted = True
