@@ -44,7 +44,9 @@ class Completion:
     decided_ms: float
     e2e_ms: float
     foreground_wait_ms: float  # arrival to the request's first step on the model thread: door_ms + queue_ms
-    background_wait_ms: float = 0.0  # of foreground_wait_ms, the time spent behind background chunks
+    # The time the request's computation waited in steps that carried idle-time work instead:
+    # 0 by the step loop's order (background only takes budget no request wants), and measured.
+    background_wait_ms: float = 0.0
     door_ms: float = 0.0  # arrival to queued: parsing, checks, rendering, tokenising, tool planning
     queue_ms: float = 0.0  # queued to the first step on the model thread
     logit_gap: float | None = None
@@ -70,7 +72,6 @@ class Handle:
         self.arrival = time.perf_counter() if arrival is None else arrival  # the door's receipt of the request
         self.cancelled = False
         self.completion: Completion | None = None
-        self.job: Any = None  # the scheduler's job, set by the engine (its background wait)
         self.choices: list[Handle] = [self]  # every choice's handle, when a request asks for n > 1
         self._loop = loop
         self._async: asyncio.Queue[Any] | None = asyncio.Queue() if loop is not None else None
