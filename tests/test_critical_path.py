@@ -4,7 +4,6 @@ equal full ones, incremental detokenisation, prompt final chunks, and honest cou
 from __future__ import annotations
 
 import asyncio
-import os
 import sqlite3
 import threading
 import time
@@ -19,14 +18,16 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from headstart.decode.sampling import SamplingParams
 from headstart.decode.textstream import TextStream
 from headstart.engine import sessions as sessionapi
-from headstart.engine.engine import ContextTooLong, Engine, EngineConfig, Request
+from headstart.engine.engine import Engine, EngineConfig, Request
 from headstart.engine.output import Completion, Delta
+from headstart.errors import ContextTooLong
 from headstart.model import HFBackend
 from headstart.model.loader import local_folder, resolve
 from headstart.server import errors
 from headstart.session.store import SessionStore
 from headstart.session.template import ChatTemplate, RenderCache
 from tests.apiutil import Blocker, serve, settle, wait_until
+from tests.conftest import require_qwen
 from tests.helpers import GREEDY, QUESTIONS
 
 # -- tokenizers of both models (no weights needed) ---------------------------------------
@@ -34,15 +35,7 @@ from tests.helpers import GREEDY, QUESTIONS
 
 def _tokenizer(name: str | None) -> PreTrainedTokenizerBase:
     if name is not None:
-        from headstart.model.qwen_chunks import QWEN05
-
-        name = QWEN05.name
-        try:
-            QWEN05.chunk_paths()
-        except FileNotFoundError as exc:
-            if os.environ.get("HEADSTART_REQUIRE_QWEN"):
-                raise
-            pytest.skip(f"the second model is not installed: {exc}")
+        name = require_qwen()
     return AutoTokenizer.from_pretrained(local_folder(resolve(name)))
 
 

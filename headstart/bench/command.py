@@ -22,8 +22,8 @@ from typing import Any
 
 from headstart.bench import modes as modes_mod
 from headstart.bench.workloads import WORKLOADS, Workload, load_trace, make_workload, parse_gaps
-from headstart.engine.gate import DEFAULT_CONFIDENCE, DEFAULT_TARGET
-from headstart.idle.prepos import DEFAULT_PREDICTOR, PREDICTORS
+from headstart.config import GATE_CONFIDENCE, GATE_TARGET, PREDICTOR
+from headstart.idle.prepos import PREDICTORS
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
@@ -53,9 +53,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="the gate mode's fixed logit-gap threshold; 'guaranteed': the server's default gate "
                         "(fires where the precision bound reaches --target, calibrated online); 'auto': "
                         "calibrated on this run's prepositioned mode with the same bound (in-sample)")
-    p.add_argument("--target", type=float, default=DEFAULT_TARGET, help="precision the calibration's bound aims for")
-    p.add_argument("--confidence", type=float, default=DEFAULT_CONFIDENCE, help="the confidence of that bound")
-    p.add_argument("--predictor", choices=PREDICTORS, default=DEFAULT_PREDICTOR, help="predicted next message")
+    p.add_argument("--target", type=float, default=GATE_TARGET, help="precision the calibration's bound aims for")
+    p.add_argument("--confidence", type=float, default=GATE_CONFIDENCE, help="the confidence of that bound")
+    p.add_argument("--predictor", choices=PREDICTORS, default=PREDICTOR, help="predicted next message")
     p.add_argument("--prefix-blocks", type=int, default=1024, help="prefix_cache capacity in blocks")
     p.add_argument("--prefix-block", type=int, default=16, help="prefix_cache block size in tokens")
     p.add_argument("--peer", choices=modes_mod.PEERS, default=None, help="also run a real peer over HTTP")

@@ -21,20 +21,27 @@ from typing import Any
 
 import torch
 
+from headstart.config import (
+    BACKGROUND_CHUNK,
+    CONTEXT_RESERVE,
+    CONTINUATION_CAP,
+    FORCED_CAP,
+    GATE_CONFIDENCE,
+    GATE_TARGET,
+    GATE_WINDOW,
+    IDLE_EXPIRY_S,
+    KV_BLOCK,
+    MAX_PENDING,
+    MAX_QUERIES,
+    MAX_SESSIONS,
+    PREDICTOR,
+    SURE_GAP,
+)
 from headstart.decode.grammar import GrammarError, GrammarMatcher, Grammars
 from headstart.decode.logits import Chooser, TokenLogprob
 from headstart.decode.sampling import Constraint, SamplingParams, accept, candidate_gap, top_gap
 from headstart.decode.textstream import TextStream
-from headstart.engine.gate import (
-    DEFAULT_CONFIDENCE,
-    DEFAULT_TARGET,
-    DEFAULT_WINDOW,
-    SERVER_KEY,
-    Decision,
-    Gate,
-    answers_key,
-    session_key,
-)
+from headstart.engine.gate import SERVER_KEY, Decision, Gate, answers_key, session_key
 from headstart.engine.loop import Job, Scheduler, default_step_tokens
 from headstart.engine.output import Completion, Delta, Handle
 from headstart.engine.writer import Writer, done
@@ -51,7 +58,7 @@ from headstart.errors import (
 )
 from headstart.idle import job as upkeep
 from headstart.idle.job import IdleWork
-from headstart.idle.prepos import DEFAULT_PREDICTOR, PREDICTORS, SURE_GAP, PreposConfig
+from headstart.idle.prepos import PREDICTORS, PreposConfig
 from headstart.kv.spill import Spill
 from headstart.model.backend import Backend
 from headstart.model.runner import from_backend
@@ -91,6 +98,7 @@ class Request:
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None  # none | auto | required | {"type": "function", ...}
     parallel_tool_calls: bool = True
+    strict_tools: frozenset[str] = frozenset()  # functions declared strict: their calls follow their schema
     gate: bool | None = None
     gap_threshold: float | None = None
     fast_answer: list[str] | None = None
@@ -117,28 +125,28 @@ class EngineConfig:
     # (calibrated online per key, over the last gate_window verified answers), unless a
     # fixed logit-gap threshold is set: that one carries no guarantee.
     gap_threshold: float | None = None
-    gate_target: float = DEFAULT_TARGET
-    gate_confidence: float = DEFAULT_CONFIDENCE
-    gate_window: int = DEFAULT_WINDOW
+    gate_target: float = GATE_TARGET
+    gate_confidence: float = GATE_CONFIDENCE
+    gate_window: int = GATE_WINDOW
     sure_gap: float = SURE_GAP  # pre-positioning decodes past the exit while the gap is at least this
-    predictor: str = DEFAULT_PREDICTOR
-    background_chunk: int = 16
-    continuation_cap: int = 32
-    forced_cap: int = 16
+    predictor: str = PREDICTOR
+    background_chunk: int = BACKGROUND_CHUNK
+    continuation_cap: int = CONTINUATION_CAP
+    forced_cap: int = FORCED_CAP
     kv_budget: int | None = None  # bytes; None: a share of the machine's memory
-    max_sessions: int = 1000
-    idle_expiry_s: float = 3600.0
+    max_sessions: int = MAX_SESSIONS
+    idle_expiry_s: float = IDLE_EXPIRY_S
     max_context: int | None = None  # tokens; None: the model's context
     spill: bool | None = None  # None: on where reloading beats recomputing (the CPU)
     # Sessions API: waiting data entries per session (the oldest are dropped past it),
     # registered questions per session, and tokens of context kept free for questions.
-    max_pending: int = 1024
-    max_queries: int = 16
-    context_reserve: int = 512
+    max_pending: int = MAX_PENDING
+    max_queries: int = MAX_QUERIES
+    context_reserve: int = CONTEXT_RESERVE
     # A block-granular prefix cache shared by one-off requests (the vLLM-style baseline the
     # benchmark compares with): capacity in pool blocks, 0 for none.
     prefix_cache_blocks: int = 0
-    kv_block: int = 16  # tokens per KV pool block
+    kv_block: int = KV_BLOCK
     # Tokens one step's forward may hold (decodes, prefill chunks, idle work); None: by device.
     step_tokens: int | None = None
 
@@ -165,9 +173,6 @@ class _Emitter:
         self.params = params
         self.chooser = chooser
         self.tools = tools
-        # Forced answer tokens (a tool call's opening): already in the prompt's KV, sent
-        # with the first token the model chooses.
-        self.pending = list(tools.prefix)
         self.hold = HoldBack(tools.parse)
         self.stream = TextStream(engine.template.tokenizer, params.stop)
         self.stop_ids = engine.stop_ids
@@ -191,8 +196,6 @@ class _Emitter:
             self._first()
         if self.decided_at is None and not forced:
             self.decided_at = time.perf_counter()
-        while self.pending:
-            self._push(self.pending.pop(0))
         if token in self.stop_ids:
             self.finish_reason = "stop"
             return True
@@ -445,17 +448,18 @@ class Engine:
         else:
             prompt = self.template.render(req.messages, tools=req.tools, cache=known.renders if known else None)
         try:
-            tool_plan = plan_tools(
-                self.template, req.messages, req.tools, req.tool_choice, parallel=req.parallel_tool_calls
-            )
+            tool_plan = plan_tools(self.template, req.tools, req.tool_choice, parallel=req.parallel_tool_calls,
+                                   strict=req.strict_tools)
         except ToolChoiceError as exc:
             raise BadRequest(str(exc), param=exc.param) from exc
-        if tool_plan.prefix and req.fast_answer is not None:
-            raise BadRequest("fast_answer cannot be combined with a tool_choice that forces a call", "fast_answer")
-        prompt += tool_plan.prefix
         limit = self.context_limit
         check_context(len(prompt), limit)
         params = req.params
+        if tool_plan.constraint is not None:  # the calls' grammar, through the same machinery as a format
+            if params.constraint is not None:
+                raise BadRequest("response_format cannot be combined with strict tools or a tool_choice that "
+                                 "forces a call", param="response_format")
+            params = dataclasses.replace(params, constraint=tool_plan.constraint)
         if len(prompt) + params.max_tokens > limit:
             params = dataclasses.replace(params, max_tokens=limit - len(prompt))
         self._check_params(params, req)
@@ -485,7 +489,7 @@ class Engine:
 
         def turn(h: Handle) -> Turn:
             chooser = Chooser(params, prompt, self.backend.info.vocab_size, self.backend.info.device, generator,
-                              matcher=self._matcher(params), output=tool_plan.prefix)
+                              matcher=self._matcher(params))
             return Turn(req, params, prompt, candidates, s, persistent, h, job,
                         _Emitter(self, h, job, params, chooser, tool_plan), generator, threshold, chooser)
 
@@ -528,7 +532,7 @@ class Engine:
         try:
             self._grammars.compile(constraint)
         except GrammarError as exc:
-            raise BadRequest(str(exc), param="response_format") from exc
+            raise BadRequest(str(exc), param=exc.param) from exc
 
     def _matcher(self, params: SamplingParams) -> GrammarMatcher | None:
         """A fresh position in the request's grammar."""
@@ -545,12 +549,9 @@ class Engine:
             if not 0 <= token < vocab:
                 raise BadRequest(f"logit_bias: {token} is not a token id of this model (0..{vocab - 1})",
                                  param="logit_bias")
-        if params.constraint is not None and req.tool_choice not in (None, "auto", "none"):
-            raise BadRequest("response_format cannot be combined with a tool_choice that forces a call",
-                             param="response_format")
         if req.fast_answer is not None and (params.reshapes or params.logprobs):
-            raise BadRequest("fast_answer picks a whole candidate by its first token's logit; it cannot be "
-                             "combined with penalties, logit_bias, a response_format or logprobs", "fast_answer")
+            raise BadRequest("fast_answer picks a whole candidate by its first token's logit; it cannot be combined "
+                             "with penalties, logit_bias, a response_format, a tool grammar or logprobs", "fast_answer")
 
     def _candidates(self, fast_answer: list[str] | None) -> tuple[list[list[int]], torch.Tensor] | None:
         if fast_answer is None:
@@ -603,7 +604,6 @@ class Engine:
             yield from self._serve_ready(t, exact)
         elif (
             nxt is not None
-            and not t.emitter.tools.prefix  # a forced opening moves the answer past the decision point
             and self._gate_on(t)
             and self.gate.decide(t.gate_keys, t.threshold).fires(self._signal(nxt, t.candidates, t.chooser)[1])
         ):
@@ -720,7 +720,7 @@ class Engine:
         else:
             t.path = "session"
         logits = yield from self.book.advance(s, prompt, background=False, chunk=len(prompt))
-        if rp is not None and not t.emitter.tools.prefix:
+        if rp is not None:
             # Shadow check: what the gate would have said here, recorded for calibration.
             choice, gap = self._signal(rp, t.candidates)
             real = candidate_gap(logits, t.candidates[1])[0] if t.candidates is not None else int(logits.argmax())
@@ -791,15 +791,14 @@ class Engine:
         text = answer.content or ""
         now = time.perf_counter()
         first = em.first_at or now
-        prompt_tokens = len(t.prompt) - len(em.tools.prefix)  # the forced opening is answer text
         completion = Completion(
             text=text,
             token_ids=list(em.tokens),
             finish_reason="tool_calls" if answer.calls else em.finish_reason or "stop",
             path=t.path,
             session_id=s.id if t.persistent else None,
-            prompt_tokens=prompt_tokens,
-            cached_tokens=min(t.cached, prompt_tokens),
+            prompt_tokens=len(t.prompt),
+            cached_tokens=min(t.cached, len(t.prompt)),
             ttft_ms=(first - handle.arrival) * 1000,
             decided_ms=((em.decided_at or first) - handle.arrival) * 1000,
             e2e_ms=(now - handle.arrival) * 1000,

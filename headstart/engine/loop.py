@@ -33,14 +33,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from headstart.config import CPU_STEP_TOKENS, CUDA_STEP_TOKENS
 from headstart.session.book import KVBook, Need, NoRoom, Steps
 from headstart.session.session import Session
 from headstart.stats import EngineStats
 
 log = logging.getLogger("headstart.scheduler")
-
-CPU_STEP_TOKENS = 64  # measured on the 2-core CPU (README, "Step budget")
-CUDA_STEP_TOKENS = 2048
 
 
 def default_step_tokens(device: str) -> int:

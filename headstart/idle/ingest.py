@@ -32,7 +32,6 @@ if TYPE_CHECKING:
     from headstart.session.session import Session
 
 DATA_ROLE = "user"
-MIN_WINDOW = 128
 
 
 @dataclass(frozen=True)

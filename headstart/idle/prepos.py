@@ -15,19 +15,12 @@ from dataclasses import dataclass
 
 import torch
 
+from headstart.config import BACKGROUND_CHUNK, CONTINUATION_CAP, FORCED_CAP, PREDICTOR, SURE_GAP
 from headstart.session.book import KVBook, Need, NoRoom, Steps
 from headstart.session.session import ReadyPosition, Session
 from headstart.session.template import ChatTemplate, Message, common_prefix
 
 PREDICTORS = ("continuation", "empty", "repeat")
-# Measured on the benchmark's agent workload (README, "Which predicted delta"): all three
-# reach the same coverage at the target precision, and the empty message costs the least
-# background work, so it is the default.
-DEFAULT_PREDICTOR = "empty"
-# How sure the model must be (logit gap, top-1 minus top-2) for pre-positioning to decode a
-# token of the answer ahead. Always exact: each such token is a draft that the request
-# keeps only if it picks the same token, so this sets background work, not answers.
-SURE_GAP = 2.0
 
 
 @dataclass(frozen=True)
@@ -35,10 +28,10 @@ class PreposConfig:
     """Knobs of the background job; sizes are in tokens. ``threshold`` is the gate's (from
     EngineConfig), which bounds how far the sure tail is decoded."""
 
-    predictor: str = DEFAULT_PREDICTOR
-    chunk: int = 16
-    continuation_cap: int = 32
-    forced_cap: int = 16
+    predictor: str = PREDICTOR
+    chunk: int = BACKGROUND_CHUNK
+    continuation_cap: int = CONTINUATION_CAP
+    forced_cap: int = FORCED_CAP
     threshold: float = SURE_GAP
 
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from headstart.config import QUERY_MAX_TOKENS
 from headstart.decode.sampling import candidate_gap, top_gap
 from headstart.errors import BadRequest, ContextTooLong, SessionExists, SessionNotFound, check_context
 from headstart.session.template import ChatTemplate, common_prefix
@@ -63,7 +64,7 @@ class Query:
 
     id: str
     question: str
-    max_tokens: int = 8
+    max_tokens: int = QUERY_MAX_TOKENS
     fast_answer: list[str] | None = None
     created: float = field(default_factory=time.time)
     value: str | None = None

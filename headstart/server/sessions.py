@@ -31,8 +31,8 @@ from headstart.idle.ingest import PushResult
 from headstart.server.chat import SESSION_HEADER, arrival_of, collect, owner_of
 from headstart.server.errors import parse_json, read_body, read_json
 from headstart.server.gone import unless_gone
-from headstart.server.schema import ChatCompletionRequest
-from headstart.server.session_schema import (
+from headstart.server.schemas import (
+    ChatCompletionRequest,
     CreateSessionRequest,
     Deleted,
     GenerateRequest,

@@ -21,8 +21,9 @@ import time
 import uuid
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from typing import Protocol
 
-from headstart.engine.loop import Scheduler
+from headstart.config import IDLE_EXPIRY_S, MAX_SESSIONS
 from headstart.errors import (
     BadRequest,
     SessionBusy,
@@ -45,10 +46,17 @@ SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 INVALID_ID = "a session id is 1-128 characters of A-Z a-z 0-9 _ -"
 
 
+class IdleWork(Protocol):
+    """What the registry asks of the model thread's loop: a request or an eviction takes a
+    session over from its idle-time work."""
+
+    def cancel_background(self, key: str) -> bool: ...
+
+
 @dataclass(frozen=True)
 class Limits:
-    max_sessions: int = 1000
-    idle_expiry_s: float = 3600.0
+    max_sessions: int = MAX_SESSIONS
+    idle_expiry_s: float = IDLE_EXPIRY_S
 
 
 @dataclass
@@ -67,7 +75,7 @@ class SessionRegistry:
         self,
         pool: BlockPool,
         book: KVBook,
-        scheduler: Scheduler,
+        scheduler: IdleWork,
         budget: Budget,
         limits: Limits,
         store: TranscriptStore | None = None,
