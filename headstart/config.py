@@ -24,7 +24,7 @@ CONTINUATION_CAP = 32  # tokens of a predicted continuation
 FORCED_CAP = 16  # tokens of a sure tail decoded past the exit
 
 # The step loop: tokens one step's forward may hold (every running decode's token, then
-# prefill chunks, then idle-time work). Measured on the 2-core CPU (README, "Step budget").
+# prefill chunks, then idle-time work). Measured on the 2-core CPU (README, "Concurrency": why 64).
 CPU_STEP_TOKENS = 64
 CUDA_STEP_TOKENS = 2048
 

@@ -44,7 +44,9 @@ class Completion:
     decided_ms: float
     e2e_ms: float
     foreground_wait_ms: float  # arrival to the request's first step on the model thread: door_ms + queue_ms
-    background_wait_ms: float = 0.0  # of foreground_wait_ms, the time spent behind background chunks
+    # The time the request's computation waited in steps that carried idle-time work instead:
+    # 0 by the step loop's order (background only takes budget no request wants), and measured.
+    background_wait_ms: float = 0.0
     door_ms: float = 0.0  # arrival to queued: parsing, checks, rendering, tokenising, tool planning
     queue_ms: float = 0.0  # queued to the first step on the model thread
     logit_gap: float | None = None
