@@ -130,6 +130,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         max_body_bytes=args.max_body_bytes,
         api_keys=api_keys(args),
         heartbeat_seconds=args.heartbeat,
+        max_event_streams=args.max_event_streams,
         served_model_names=tuple(args.served_model_name or ()),
     )
 
@@ -215,6 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--context-reserve", type=int, default=512,
                        help="tokens of context kept free for questions on streaming-data sessions")
     serve.add_argument("--heartbeat", type=float, default=15.0, help="seconds between SSE heartbeats")
+    from headstart.server.app import ServerConfig
+
+    serve.add_argument("--max-event-streams", type=int, default=ServerConfig.max_event_streams,
+                       help="open /v1/sessions/{id}/events streams at once; one more gets 429")
     serve.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                        help="the names requests may give as `model` (default: the model's own); the first is "
                             "the one answers carry when a request names none")

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 
 # Serve slots per replica: every open SSE stream (chat or /events) holds one for its whole
 # life, so the slots are many and the engine's own admission (one request per session,
-# the KV budget, the model thread's queue) bounds the compute.
+# the KV budget, the model thread's queue) bounds the compute. /events streams are capped
+# below this (--max-event-streams, 192 by default), so at least the difference (64) is
+# always left to turns.
 DEFAULT_MAX_ONGOING = 256
 
 
