@@ -194,16 +194,18 @@ def test_open_event_streams_leave_a_replica_slots_for_turns(cluster: Cluster) ->
                       timeout=60).status_code == 200
     url = f"{cluster.url}/v1/sessions/{sid}/events"
     with contextlib.ExitStack() as streams:
+        held = []  # the line iterators: a discarded one closes its connection
         for _ in range(MAX_EVENT_STREAMS):
             r = streams.enter_context(httpx.stream("GET", url, timeout=60))
-            assert r.status_code == 200 and next(r.iter_lines()) == "event: subscribed"
+            held.append(r.iter_lines())
+            assert r.status_code == 200 and next(held[-1]) == "event: subscribed"
         messages = [{"role": "user", "content": QUESTIONS[0]}]
         for turn in (_chat, _stream):  # both kinds of turn, with every event stream still open
             answer, _, _, _ = turn(cluster, sid, messages)
             messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": QUESTIONS[1]}]
-        refused = httpx.get(url, timeout=60)
-        assert refused.status_code == 429, refused.text
-        error = refused.json()["error"]
+        with httpx.stream("GET", url, timeout=60) as refused:
+            assert refused.status_code == 429  # (an accepted stream would never end)
+            error = json.loads(refused.read())["error"]
         assert error["code"] == "too_many_event_streams" and error["type"] == "rate_limit_error"
     # Closed streams give their places back.
     deadline = time.monotonic() + 60
