@@ -10,7 +10,7 @@ import torch
 from headstart.kv.pool import SCRATCH
 from headstart.model import HFBackend
 from headstart.model.attention import build_meta, varlen_usable
-from headstart.model.runner import MIN_ROWS, from_backend
+from headstart.model.runner import from_backend
 
 
 def _script():
@@ -24,7 +24,7 @@ def _script():
 
 def test_the_invariance_check_passes_on_the_cpu(tiny: HFBackend) -> None:
     gpu_check = _script()
-    runner = from_backend(tiny, kv_budget=4096 * tiny.info.kv_bytes_per_token, min_rows=MIN_ROWS, kernel="tiled")
+    runner = from_backend(tiny, kv_budget=4096 * tiny.info.kv_bytes_per_token, kernel="tiled")
     assert gpu_check.invariance(tiny, runner) == []
     assert runner.pool.used == 0  # the check gives back every block
 

@@ -7,7 +7,7 @@ import torch
 
 from headstart.kv import KVSeq
 from headstart.model import HFBackend
-from headstart.model.runner import MIN_ROWS, Feed, Runner, from_backend
+from headstart.model.runner import Feed, Runner, from_backend
 from headstart.session.template import ChatTemplate
 
 MODELS = ["real", "qwen"]
@@ -18,7 +18,7 @@ def _runner(which: str, request: pytest.FixtureRequest) -> tuple[HFBackend, Runn
     backend: HFBackend = request.getfixturevalue(which)
     if which not in _runners:  # one runner per model for the whole module (weights are shared)
         _runners[which] = from_backend(backend, kv_budget=8192 * backend.info.kv_bytes_per_token,
-                                       min_rows=MIN_ROWS, kernel="tiled")  # exact mode
+                                       kernel="tiled", linear="mkl")  # chunk-invariant, transformers' bits
     return backend, _runners[which]
 
 
@@ -99,18 +99,27 @@ def test_a_fork_decodes_as_the_original_and_copy_on_write_keeps_it(real: HFBacke
 
 
 @pytest.mark.parametrize("which", MODELS)
-def test_the_fast_mode_matches_transformers_and_sdpa_stays_batch_invariant(
+def test_the_default_mode_matches_transformers_and_is_batch_invariant(
     which: str, request: pytest.FixtureRequest
 ) -> None:
+    """sdpa, the default: a sequence's prefill and decode logits are the same bits alone and
+    in one forward with three other sequences of other lengths (prefilling or decoding)."""
     backend: HFBackend = request.getfixturevalue(which)
-    budget = 4096 * backend.info.kv_bytes_per_token
-    fast = from_backend(backend, kv_budget=budget)  # the default: sdpa, no row padding
+    fast = from_backend(backend, kv_budget=4096 * backend.info.kv_bytes_per_token)
+    assert fast.kernel == "sdpa" and fast.onednn and fast.min_rows == 1  # oneDNN: no row padding
     ids = _prompt(backend)
     want = backend.forward(backend.new_state(), ids)
-    seq = KVSeq(fast.pool)
-    assert (fast.forward([Feed(seq, ids)])[0] - want).abs().max().item() < 1e-4
-    padded = from_backend(backend, kv_budget=budget, min_rows=MIN_ROWS)  # sdpa with row padding
-    alone = padded.forward([Feed(KVSeq(padded.pool), ids)])[0]
-    other = _prompt(backend, "Hi.")
-    batch = padded.forward([Feed(KVSeq(padded.pool), other), Feed(KVSeq(padded.pool), ids)])[1]
-    assert torch.equal(alone, batch)
+    alone = KVSeq(fast.pool)
+    prefill_alone = fast.forward([Feed(alone, ids, keep=3)])[0]
+    assert (prefill_alone[-1:] - want).abs().max().item() < 1e-4
+    decode_alone = fast.forward([Feed(alone, [7])])[0]
+    assert (decode_alone - backend.forward(backend.new_state(), [*ids, 7])).abs().max().item() < 1e-4
+    others = [_prompt(backend, t) for t in ("Hi.", "Write a long poem about the moon and its phases, please.", "2+2?")]
+    seqs = [KVSeq(fast.pool) for _ in range(4)]
+    batch = fast.forward([Feed(seqs[0], others[0]), Feed(seqs[1], ids, keep=3), Feed(seqs[2], others[1]),
+                          Feed(seqs[3], others[2], keep=2)])
+    assert torch.equal(batch[1], prefill_alone)
+    mixed = fast.forward([Feed(seqs[0], [5]), Feed(seqs[1], [7]), Feed(seqs[2], [9]), Feed(seqs[3], others[0])])
+    assert torch.equal(mixed[1], decode_alone)
+    for s in [alone, *seqs]:
+        s.release()

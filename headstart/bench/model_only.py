@@ -19,7 +19,7 @@ from typing import Any
 
 from headstart.kv import KVSeq
 from headstart.model.hf import HFBackend
-from headstart.model.runner import MIN_ROWS, Feed, Runner, from_backend
+from headstart.model.runner import Feed, Runner, from_backend
 
 
 def _median_ms(fn: Callable[[], object], reps: int) -> float:
@@ -48,12 +48,14 @@ def run_model_only(
     need = max(contexts) + reps + 8
     ids = (ids * (need // len(ids) + 1))[:need]
     budget = 2 * (max(contexts) + 64) * max(batches) * backend.info.kv_bytes_per_token
-    runners: dict[str, Runner] = {
+    runners: dict[str, Runner] = {  # the default first, then the other modes (runner.py)
         "runner": from_backend(backend, kv_budget=budget, block_size=block_size),
-        "runner_exact": from_backend(backend, kv_budget=budget, block_size=block_size, min_rows=MIN_ROWS,
-                                     kernel="tiled"),
+        "runner mkl": from_backend(backend, kv_budget=budget, block_size=block_size, linear="mkl"),
+        "runner tiled": from_backend(backend, kv_budget=budget, block_size=block_size, kernel="tiled"),
     }
-    bar = tqdm(total=len(contexts) * (1 + len(runners)) + 1 + len(batches), disable=not progress, file=sys.stderr)
+    batching = list(runners)[:2]
+    steps = len(contexts) * (1 + len(runners)) + 1 + len(batches) * len(batching)
+    bar = tqdm(total=steps, disable=not progress, file=sys.stderr)
     decode: dict[str, dict[int, float]] = {"transformers": {}, **{k: {} for k in runners}}
     for ctx in contexts:
         state = backend.new_state()
@@ -70,36 +72,39 @@ def run_model_only(
             bar.set_description(f"decode {name} @{ctx}")
             bar.update()
     prompt = ids[:prefill_tokens]
-    hf_prefill = _median_ms(lambda: backend.forward(backend.new_state(), prompt), 2)
-    runner = runners["runner"]
+    prefill = {"transformers": _median_ms(lambda: backend.forward(backend.new_state(), prompt), 2)}
 
-    def own_prefill() -> None:
+    def own_prefill(runner: Runner) -> None:
         seq = KVSeq(runner.pool)
         runner.forward([Feed(seq, prompt)])
         seq.release()
 
-    own = _median_ms(own_prefill, 2)
+    for name, runner in runners.items():
+        prefill[name] = _median_ms(lambda r=runner: own_prefill(r), 2)
     bar.set_description("prefill")
     bar.update()
-    batched: dict[int, float] = {}
+    batched: dict[str, dict[int, float]] = {}
     ctx = min(contexts)
-    for b in batches:
-        seqs = [KVSeq(runner.pool) for _ in range(b)]
-        runner.forward([Feed(s, ids[i : i + ctx]) for i, s in enumerate(seqs)])
-        ms = _median_ms(lambda ss=seqs: runner.forward([Feed(s, [ids[ctx]]) for s in ss]), reps)
-        batched[b] = b * 1000 / ms
-        for s in seqs:
-            s.release()
-        bar.set_description(f"batched decode x{b}")
-        bar.update()
+    for name in batching:
+        runner = runners[name]
+        for b in batches:
+            seqs = [KVSeq(runner.pool) for _ in range(b)]
+            runner.forward([Feed(s, ids[i : i + ctx]) for i, s in enumerate(seqs)])
+            ms = _median_ms(lambda ss=seqs, r=runner: r.forward([Feed(s, [ids[ctx]]) for s in ss]), reps)
+            batched.setdefault(name, {})[b] = b * 1000 / ms
+            for s in seqs:
+                s.release()
+            bar.set_description(f"batched decode {name} x{b}")
+            bar.update()
     bar.close()
     return {
         "model": backend.info.name,
         "decode_ms": decode,
-        "prefill_tok_s": {"transformers": prefill_tokens * 1000 / hf_prefill, "runner": prefill_tokens * 1000 / own},
+        "prefill_tok_s": {k: prefill_tokens * 1000 / ms for k, ms in prefill.items()},
         "batched_decode_tok_s": batched,
         "batched_context": ctx,
-        "llama_cpp": "installed" if importlib.util.find_spec("llama_cpp") else "not installed",
+        "llama_cpp": "installed, not measured here (see bench --peer)" if importlib.util.find_spec("llama_cpp")
+        else "llama-cpp-python not installed: skipped",
     }
 
 
@@ -170,12 +175,16 @@ def format_table(r: dict[str, Any]) -> str:
     for name, row in r["decode_ms"].items():
         cells = [f"{row[c]:.1f}" + ("" if name == "transformers" else f" ({row[c] / hf[c]:.2f}x)") for c in ctxs]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    p = r["prefill_tok_s"]
-    lines += ["", f"prefill tok/s: transformers {p['transformers']:.0f}, runner {p['runner']:.0f}", "",
-              f"| sequences in one decode forward (ctx {r['batched_context']}) | tok/s | vs 1 |", "| --- | --- | --- |"]
-    one = r["batched_decode_tok_s"][min(r["batched_decode_tok_s"])]
-    for b, tps in r["batched_decode_tok_s"].items():
-        lines.append(f"| {b} | {tps:.1f} | {tps / one:.2f}x |")
+    hfp = r["prefill_tok_s"]["transformers"]
+    lines += ["", "prefill tok/s: " + ", ".join(
+        f"{k} {v:.0f}" + ("" if k == "transformers" else f" ({v / hfp:.2f}x)") for k, v in r["prefill_tok_s"].items()),
+        "", f"| sequences in one decode forward (ctx {r['batched_context']}) | "
+        + " | ".join(f"{k} tok/s (vs 1)" for k in r["batched_decode_tok_s"]) + " |",
+        "| --- |" + " --- |" * len(r["batched_decode_tok_s"])]
+    rows = r["batched_decode_tok_s"]
+    for b in next(iter(rows.values())):
+        cells = [f"{row[b]:.1f} ({row[b] / row[min(row)]:.2f}x)" for row in rows.values()]
+        lines.append(f"| {b} | " + " | ".join(cells) + " |")
     e = r.get("engine")
     if e:
         lines += ["", f"engine, a {e['context_tokens']}-token session: "
@@ -200,8 +209,9 @@ def plot(r: dict[str, Any], path: Path) -> Path:
     a.set_xlabel("context (tokens)")
     a.set_ylabel("decode ms/token")
     a.legend()
-    batched = r["batched_decode_tok_s"]
-    b.plot(list(batched), list(batched.values()), marker="o", color="#ff7f0e")
+    for name, batched in r["batched_decode_tok_s"].items():
+        b.plot(list(batched), list(batched.values()), marker="o", label=name)
+    b.legend()
     b.set_xlabel("sequences in one forward")
     b.set_ylabel("aggregate decode tokens/s")
     fig.suptitle(f"{r['model']}: transformers backend vs own runner")

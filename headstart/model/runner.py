@@ -4,19 +4,20 @@ A *feed* is a sequence, the ids to append to it and how many of its last rows' l
 are wanted. The runner allocates the rows in the pool, builds the flattened ids,
 positions, slot mapping and per-sequence spans, and runs the model once.
 
-Batch invariance on the CPU: torch 2.13's CPU GEMM (MKL) computes rows in groups of four,
-and a last group of one to three rows goes through other kernels that give other bits
-(measured here: row 4 of a 5-row product differs from row 4 of a 600-row one, rows of
-full groups never do). With ``min_rows=MIN_ROWS`` every product runs on a multiple of four
-rows (the padding rows write their K/V to the pool's scratch block and are never read), and
-with the ``tiled`` attention kernel a sequence's logits are then the same bits alone or
-beside others, and chunked prefill equals prefill at once (tests/test_runner.py, on both
-real models): *exact mode*. It costs speed here (this CPU's MKL runs a 4-row product about
-three times slower than the 1-row one, and the tiled kernel is slower than SDPA), so the
-default is the fast mode, ``min_rows=1`` with ``sdpa``: exact at the level the engine has
-always promised (greedy output equal to a cold computation), not bit for bit across
-chunkings. ``min_rows=MIN_ROWS`` with ``sdpa`` keeps batch invariance but not chunk
-invariance.
+Bitwise invariance on the CPU: two choices make the modes.
+- ``linear``: ``onednn`` (the default) runs the linear layers through oneDNN, whose rows do
+  not depend on the product's row count; ``mkl`` is F.linear, transformers' own kernel (its
+  bits equal the oracle's), which computes rows in groups of four and gives a last group of
+  one to three rows other bits, so there every product is padded to a multiple of
+  ``MIN_ROWS`` rows (the padding rows write their K/V to the pool's scratch block and are
+  never read). Where oneDNN does not run (CUDA, half precision) ``onednn`` means ``mkl``.
+- ``kernel`` (attention.py): ``sdpa`` (the default) runs each sequence alone, so a sequence's
+  logits are the same bits alone or beside any others; ``tiled`` also gives a prompt
+  prefilled in chunks the same bits as at once, at a cost in speed.
+The default (oneDNN, sdpa) is *batch invariant*; ``tiled`` with either linear kernel is batch
+and *chunk invariant*; ``mkl`` with ``tiled`` also matches transformers in every row within
+1e-4 (oneDNN's other summation order moves early prompt rows up to ~1.6e-4).
+tests/test_runner.py proves each on both real models.
 """
 
 from __future__ import annotations
@@ -32,10 +33,10 @@ from headstart.model.arch import ArchConfig
 from headstart.model.attention import KERNELS, build_meta, varlen_usable
 from headstart.model.hf import HFBackend
 from headstart.model.hf_runner import HFRunner
-from headstart.model.llama import Llama
+from headstart.model.llama import LINEARS, Llama
 from headstart.model.weights import from_module
 
-MIN_ROWS = 4  # rows per product group: ``min_rows=MIN_ROWS`` with the tiled kernel is exact mode
+MIN_ROWS = 4  # rows per MKL product group (products are padded to it where oneDNN is not used)
 
 
 @dataclass
@@ -51,11 +52,14 @@ class Feed:
 class Runner:
     """The own forward bound to its pool."""
 
-    def __init__(self, model: Llama, pool: BlockPool, min_rows: int = 1, kernel: str = "sdpa") -> None:
+    def __init__(self, model: Llama, pool: BlockPool, kernel: str = "sdpa", linear: str = "onednn") -> None:
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}")
+        if linear not in LINEARS:
+            raise ValueError(f"linear must be one of {LINEARS}")
         self.model = model
-        self.min_rows = min_rows
+        self.onednn = linear == "onednn" and model.pack()
+        self.min_rows = 1 if self.onednn else MIN_ROWS
         self.kernel = kernel
         self.pool = pool
         self.forwards = 0
@@ -100,7 +104,7 @@ class Runner:
         meta = build_meta(spans, pool.block_size, group, device, varlen_usable(device, self.model.dtype), self.kernel)
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
         logits = self.model.forward(
-            as_tensor(ids), as_tensor(positions), as_tensor(slots), meta, as_tensor(rows), pool
+            as_tensor(ids), as_tensor(positions), as_tensor(slots), meta, as_tensor(rows), pool, self.onednn
         )
         self.forwards += 1
         out: list[torch.Tensor] = []
@@ -123,8 +127,8 @@ def from_backend(
     *,
     kv_budget: int,
     block_size: int = 16,
-    min_rows: int = 1,
     kernel: str = "sdpa",
+    linear: str = "onednn",
     physical_bytes: int | None = None,
 ) -> Runner | HFRunner:
     """The runner for ``backend``'s model with a pool of ``kv_budget`` bytes (at most
@@ -152,4 +156,4 @@ def from_backend(
         except ValueError:  # another architecture, or a RoPE variant the own forward lacks
             return HFRunner(backend, pool)
         model = _models[backend] = Llama(arch, from_module(backend.model, arch))
-    return Runner(model, pool, min_rows, kernel)
+    return Runner(model, pool, kernel, linear)
