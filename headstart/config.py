@@ -53,3 +53,6 @@ HEARTBEAT_S = 15.0  # between SSE heartbeats on a quiet event stream
 REPLICA_CPUS = 1.0
 REPLICA_GPUS = 0.0
 MAX_ONGOING = 256
+# Open /v1/sessions/{id}/events streams per server; one more gets 429. Below MAX_ONGOING, so a
+# replica always keeps at least the difference (64 slots) for turns and other requests.
+MAX_EVENT_STREAMS = 192

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 import time
@@ -234,6 +235,30 @@ def test_events_listener_leaves_when_the_client_goes(srv: Served) -> None:
     while hub.listeners and time.monotonic() < deadline:
         time.sleep(0.02)
     assert hub.listeners == 0
+
+
+def test_event_streams_are_capped_and_give_their_places_back(tiny: HFBackend) -> None:
+    """Past ``max_event_streams`` open streams one more is a 429 in the OpenAI shape (a
+    stream refused this way is never counted); a closed one frees its place."""
+    with serve(tiny, max_event_streams=2) as served, contextlib.ExitStack() as streams:
+        served.client.post("/v1/sessions", json={"id": "watched", "pre_position": False})
+        url = f"{served.url}/v1/sessions/watched/events"
+        opened = []
+        for _ in range(2):
+            r = streams.enter_context(httpx.stream("GET", url, timeout=30))
+            lines = r.iter_lines()  # kept: a discarded line iterator closes the connection
+            assert r.status_code == 200 and next(lines) == "event: subscribed"
+            opened.append((r, lines))
+        for _ in range(2):
+            err = error_of(served.client.get("/v1/sessions/watched/events"), 429)
+            assert err["code"] == "too_many_event_streams" and err["type"] == "rate_limit_error"
+        opened[0][0].close()
+
+        def one_more_opens() -> bool:
+            with httpx.stream("GET", url, timeout=30) as r:
+                return r.status_code == 200 and next(r.iter_lines()) == "event: subscribed"
+
+        wait_until(one_more_opens, timeout=10)
 
 
 def test_warm_then_the_real_turn_is_ready_exact(srv: Served) -> None:

@@ -9,7 +9,9 @@ kill test runs last: it changes the replica set.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,6 +32,9 @@ from tests.helpers import QUESTIONS
 
 pytestmark = pytest.mark.real
 PARAMS = SamplingParams(max_tokens=10)
+# Serve slots per replica, and the open /events streams a replica allows (small, so the
+# limit is reached in a test; the two defaults keep the same order, 256 and 192).
+MAX_ONGOING, MAX_EVENT_STREAMS = 6, 4
 
 
 @dataclass
@@ -58,7 +63,7 @@ def cluster(pg_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         try:
             port = free_port()
             app = build_app({"db": db, "replicas": 2, "replica_cpus": 0, "no_pre_position": True, "no_gate": True,
-                             "spill": "off"})
+                             "spill": "off", "max_ongoing": MAX_ONGOING, "max_event_streams": MAX_EVENT_STREAMS})
             deploy(app, "127.0.0.1", port)
             url = f"http://127.0.0.1:{port}"
             yield Cluster(url, OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120))
@@ -182,6 +187,38 @@ def test_a_client_disconnect_through_the_proxy_cancels_the_turn(cluster: Cluster
     assert s["turns"] == 0  # the cut answer was never committed
 
 
+def test_open_event_streams_leave_a_replica_slots_for_turns(cluster: Cluster) -> None:
+    """A replica holds its most event streams (all one session's, so all on one replica)
+    and still serves that session's turns; one stream more is a 429 in the OpenAI shape."""
+    sid = "watched"
+    assert httpx.post(cluster.url + "/v1/sessions", json={}, headers={"x-session-id": sid},
+                      timeout=60).status_code == 200
+    url = f"{cluster.url}/v1/sessions/{sid}/events"
+    with contextlib.ExitStack() as streams:
+        held = []  # the line iterators: a discarded one closes its connection
+        for _ in range(MAX_EVENT_STREAMS):
+            r = streams.enter_context(httpx.stream("GET", url, timeout=60))
+            held.append(r.iter_lines())
+            assert r.status_code == 200 and next(held[-1]) == "event: subscribed"
+        messages = [{"role": "user", "content": QUESTIONS[0]}]
+        for turn in (_chat, _stream):  # both kinds of turn, with every event stream still open
+            answer, _, _, _ = turn(cluster, sid, messages)
+            messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": QUESTIONS[1]}]
+        with httpx.stream("GET", url, timeout=60) as refused:
+            assert refused.status_code == 429  # (an accepted stream would never end)
+            error = json.loads(refused.read())["error"]
+        assert error["code"] == "too_many_event_streams" and error["type"] == "rate_limit_error"
+    # Closed streams give their places back.
+    deadline = time.monotonic() + 60
+    while True:
+        with httpx.stream("GET", url, timeout=60) as r:
+            if r.status_code == 200:
+                assert next(r.iter_lines()) == "event: subscribed"
+                break
+        assert time.monotonic() < deadline, "closed event streams were never released"
+        time.sleep(0.2)
+
+
 def test_a_killed_replica_s_sessions_go_on_exactly_on_another(cluster: Cluster, reference: Callable) -> None:
     import ray
 
@@ -191,18 +228,38 @@ def test_a_killed_replica_s_sessions_go_on_exactly_on_another(cluster: Cluster, 
         messages.append({"role": "user", "content": q})
         answer, home, _, _ = _chat(cluster, sid, messages)
         messages.append({"role": "assistant", "content": answer})
+    # A second session on the same replica, whose non-streamed answer is under way too.
+    other = next(s for s in (f"bystander-{i}" for i in range(64)) if cluster.replica("/health", s) == home)
+    long_story = [{"role": "user", "content": "Tell me a long story."}]
+    plain: dict[str, httpx.Response] = {}
+    waiting = threading.Thread(target=lambda: plain.setdefault("r", httpx.post(
+        cluster.url + "/v1/chat/completions", headers={"x-session-id": other}, timeout=120,
+        json={"model": "smollm2-135m", "messages": long_story, "max_tokens": 400, "temperature": 0})))
     # A long answer is streaming from the session's replica when that replica dies.
-    long = {"model": "smollm2-135m", "messages": [*messages, {"role": "user", "content": "Tell me a long story."}],
-            "max_tokens": 400, "temperature": 0, "stream": True}
+    long = {"model": "smollm2-135m", "messages": [*messages, *long_story], "max_tokens": 400, "temperature": 0,
+            "stream": True}
     with httpx.stream("POST", cluster.url + "/v1/chat/completions", json=long, headers={"x-session-id": sid},
                       timeout=60) as r:
         assert r.headers[REPLICA_HEADER] == home
         lines = r.iter_lines()
         next(lines)
+        waiting.start()
+        deadline = time.monotonic() + 60
+        while not _busy(cluster, other):
+            assert time.monotonic() < deadline, "the bystander's request never started"
+            time.sleep(0.1)
         ray.kill(ray.get_actor(ACTOR_PREFIX + home, namespace="serve"), no_restart=True)
-        with pytest.raises(httpx.RemoteProtocolError):  # cut, never a [DONE]: not replayed elsewhere
-            for line in lines:
-                assert line != "data: [DONE]"
+        rest = list(lines)  # the stream ends cleanly, with an error event and no [DONE]
+    waiting.join(120)
+    assert "data: [DONE]" not in rest
+    event = rest.index("event: error")
+    error = json.loads(rest[event + 1].removeprefix("data: "))["error"]
+    assert error["code"] == "replica_died" and error["type"] == "server_error"
+    assert "'survivor'" in error["message"] and "not applied" in error["message"]
+    # The non-streamed answer is a 502 in the OpenAI shape, not the proxy's plain-text 500.
+    dead = plain["r"]
+    assert dead.status_code == 502 and dead.headers["content-type"] == "application/json", dead.text
+    assert dead.json()["error"]["code"] == "replica_died" and repr(other) in dead.json()["error"]["message"]
     # The next turn goes to another replica, which rebuilds the KV from the transcript.
     messages.append({"role": "user", "content": QUESTIONS[2]})
     answer, replica, cached, path = _chat(cluster, sid, messages)
@@ -222,6 +279,11 @@ def test_a_killed_replica_s_sessions_go_on_exactly_on_another(cluster: Cluster, 
         assert answer == reference(messages)
         messages.append({"role": "assistant", "content": answer})
     assert json.loads(httpx.get(cluster.url + "/v1/sessions/" + sid, timeout=60).text)["turns"] == 5
+
+
+def _busy(cluster: Cluster, sid: str) -> bool:
+    r = httpx.get(cluster.url + "/v1/sessions/" + sid, timeout=60)
+    return r.status_code == 200 and r.json()["busy"]
 
 
 def test_replicas_refuse_a_store_they_cannot_share(tmp_path: Path) -> None:

@@ -4,11 +4,12 @@ The engine's ``ttft_ms`` counts from the moment the app received a request; a cl
 waits for its own request building, the connection, the HTTP parsing and the SSE flush.
 This runs a real ``headstart serve`` in a child process (so the client shares no
 interpreter lock with it) and drives one ~1,500-token session through it with the
-official ``openai`` client, streaming: every other turn is a ``gate`` hit (the server's
-threshold is 0, so a pre-positioned session always answers from its cached distribution),
-and every other turn a ``ready_exact`` hit (the turn is sent to ``/warm`` first). For each
-request it records the time to the first content chunk at the client and the
-``headstart`` object's ``ttft_ms`` of the same request.
+official ``openai`` client and with plain httpx (two turns each in turn), streaming: every
+other turn is a ``gate`` hit (the server's threshold is 0, so a pre-positioned session
+always answers from its cached distribution), and every other turn a ``ready_exact`` hit
+(the turn is sent to ``/warm`` first). For each request it records the time to the first
+content chunk at the client, how much of it the openai client spent building the request
+before httpx sent it, and the ``headstart`` object's ``ttft_ms`` of the same request.
 """
 
 from __future__ import annotations
@@ -44,9 +45,13 @@ def _settled(http: Any, sid: str, timeout: float = 300) -> None:
     raise RuntimeError(f"session {sid} did not settle")
 
 
-def _timed(client: Any, sid: str, messages: list[dict[str, str]], max_tokens: int) -> dict[str, Any]:
-    """One streamed request: client time to the first content chunk, and the server's figures."""
+def _timed(client: Any, sid: str, messages: list[dict[str, str]], max_tokens: int, sent: list[float],
+           ) -> dict[str, Any]:
+    """One streamed request with the openai client: time to the first content chunk, of it
+    the client's own time to build the request (until httpx sends it, ``sent`` being filled
+    by the client's request hook), and the server's figures."""
     model = client.models.list().data[0].id  # the server's own name for its model (outside the timing)
+    sent.clear()
     start = time.perf_counter()
     first = None
     text, extension = "", None
@@ -61,8 +66,38 @@ def _timed(client: Any, sid: str, messages: list[dict[str, str]], max_tokens: in
         if chunk.model_extra and "headstart" in chunk.model_extra:
             extension = chunk.model_extra["headstart"]
     assert extension is not None, "the final chunk carries the headstart object"
+    return _record("openai", start, sent[0], first, extension, text)
+
+
+def _timed_raw(http: Any, sid: str, messages: list[dict[str, str]], max_tokens: int) -> dict[str, Any]:
+    """The same request with plain httpx, the SSE lines read as they come: the client's
+    own cost left out, what remains is the server's and the transport's."""
+    model = http.get("/v1/models").json()["data"][0]["id"]
+    body = json.dumps({"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
+                       "stream": True}).encode()
+    headers = {"x-session-id": sid, "content-type": "application/json"}
+    start = time.perf_counter()
+    first = None
+    text, extension = "", None
+    with http.stream("POST", "/v1/chat/completions", content=body, headers=headers) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            if first is None and '"content":"' in line and '"content":""' not in line:
+                first = time.perf_counter()
+            chunk = json.loads(line[6:])
+            if chunk.get("choices"):
+                text += chunk["choices"][0]["delta"].get("content") or ""
+            extension = chunk.get("headstart", extension)
+    assert extension is not None, "the final chunk carries the headstart object"
+    return _record("httpx", start, start, first, extension, text)
+
+
+def _record(kind: str, start: float, sent: float, first: float | None, extension: dict[str, Any],
+            text: str) -> dict[str, Any]:
     client_ms = ((first or time.perf_counter()) - start) * 1000
-    return {"path": extension["path"], "client_ttft_ms": client_ms, "server_ttft_ms": extension["ttft_ms"],
+    return {"client": kind, "path": extension["path"], "client_ttft_ms": client_ms,
+            "build_ms": (sent - start) * 1000, "server_ttft_ms": extension["ttft_ms"],
             "door_ms": extension.get("door_ms"), "queue_ms": extension.get("queue_ms"), "text": text}
 
 
@@ -83,7 +118,9 @@ def run_http(args: argparse.Namespace) -> int:
                               threads=args.threads, timeout=600)
         url = server.url
         try:
-            client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+            sent: list[float] = []
+            hooked = httpx.Client(timeout=600, event_hooks={"request": [lambda _: sent.append(time.perf_counter())]})
+            client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, http_client=hooked)
             http = httpx.Client(base_url=url, timeout=600)
             sid = "http-bench"
             # ~1,500 tokens: a system prompt and a few long turns of an agent-like session.
@@ -92,7 +129,7 @@ def run_http(args: argparse.Namespace) -> int:
                 messages += [{"role": "user", "content": _text(rng, 200)},
                              {"role": "assistant", "content": _text(rng, 120)}]
             messages.append({"role": "user", "content": "Summarise the change in one line."})
-            records = [{**_timed(client, sid, messages, max_tokens), "turn": 0}]
+            records = [{**_timed(client, sid, messages, max_tokens, sent), "turn": 0}]
             for turn in range(1, 2 * turns + 1):
                 messages = [*messages, {"role": "assistant", "content": records[-1]["text"]},
                             {"role": "user", "content": f"Next step {turn}: {_text(rng, 8)}"}]
@@ -101,8 +138,13 @@ def run_http(args: argparse.Namespace) -> int:
                     r = http.post(f"/v1/sessions/{sid}/warm",
                                   json={"messages": messages, "max_tokens": max_tokens, "temperature": 0})
                     r.raise_for_status()
-                records.append({**_timed(client, sid, messages, max_tokens), "turn": turn})
-                print(f"turn {turn}: {records[-1]['path']}", file=sys.stderr)
+                # Each path through both clients in turn: the openai client, then plain httpx.
+                if (turn - 1) // 2 % 2 == 0:
+                    record = _timed(client, sid, messages, max_tokens, sent)
+                else:
+                    record = _timed_raw(http, sid, messages, max_tokens)
+                records.append({**record, "turn": turn})
+                print(f"turn {turn}: {record['path']} ({record['client']})", file=sys.stderr)
             info = http.get(f"/v1/sessions/{sid}").json()
             report = _report(records, info["tokens"])
             report["render_ms"] = _render_cost(args.model, messages)
@@ -140,26 +182,36 @@ def _render_cost(model: str | None, messages: list[dict[str, str]], repeat: int 
 
 
 def _report(records: list[dict[str, Any]], tokens: int) -> dict[str, Any]:
-    out: dict[str, Any] = {"session_tokens": tokens, "paths": {}}
+    out: dict[str, Any] = {"session_tokens": tokens, "rows": []}
     for path in sorted({r["path"] for r in records}):
-        rs = [r for r in records if r["path"] == path]
-        client = summary([r["client_ttft_ms"] for r in rs])
-        server = summary([r["server_ttft_ms"] for r in rs])
-        gap = summary([r["client_ttft_ms"] - r["server_ttft_ms"] for r in rs])
-        out["paths"][path] = {"n": len(rs), "client_ttft_ms": client, "server_ttft_ms": server,
-                              "client_minus_server_ms": gap,
-                              "door_ms": summary([r["door_ms"] for r in rs if r["door_ms"] is not None])}
+        for kind in ("openai", "httpx"):
+            rs = [r for r in records if r["path"] == path and r["client"] == kind]
+            if not rs:
+                continue
+            out["rows"].append({
+                "path": path, "client": kind, "n": len(rs),
+                "client_ttft_ms": summary([r["client_ttft_ms"] for r in rs]),
+                "build_ms": summary([r["build_ms"] for r in rs]),
+                "server_ttft_ms": summary([r["server_ttft_ms"] for r in rs]),
+                "client_minus_server_ms": summary([r["client_ttft_ms"] - r["server_ttft_ms"] for r in rs]),
+                # What is left of the gap once the client's own request building is taken out:
+                # the connection, the server's HTTP parsing before its clock starts, the
+                # hand-off of the first chunk to the socket, and the client's reading of it.
+                "transport_ms": summary([r["client_ttft_ms"] - r["server_ttft_ms"] - r["build_ms"] for r in rs]),
+                "door_ms": summary([r["door_ms"] for r in rs if r["door_ms"] is not None]),
+            })
     return out
 
 
 def _markdown(report: dict[str, Any]) -> str:
-    lines = [f"session of {report['session_tokens']} tokens; streaming over loopback with the openai client",
-             "", "| path | n | client TTFT p50 (ms) | server ttft_ms p50 | client - server p50 | client/server | "
-             "door_ms p50 |", "| --- | --- | --- | --- | --- | --- | --- |"]
-    for path, p in report["paths"].items():
-        c, s = p["client_ttft_ms"]["p50"], p["server_ttft_ms"]["p50"]
-        lines.append(f"| {path} | {p['n']} | {c:.2f} | {s:.2f} | {p['client_minus_server_ms']['p50']:.2f} | "
-                     f"{c / s if s else float('inf'):.2f} | {p['door_ms']['p50']:.2f} |")
+    lines = [f"session of {report['session_tokens']} tokens; streaming over loopback (p50s, ms)", "",
+             "| path | client | n | client TTFT | server ttft_ms | client - server | of it, client builds request | "
+             "rest (transport, reading) | door_ms |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row in report["rows"]:
+        lines.append(f"| {row['path']} | {row['client']} | {row['n']} | {row['client_ttft_ms']['p50']:.2f} | "
+                     f"{row['server_ttft_ms']['p50']:.2f} | {row['client_minus_server_ms']['p50']:.2f} | "
+                     f"{row['build_ms']['p50']:.2f} | {row['transport_ms']['p50']:.2f} | "
+                     f"{row['door_ms']['p50']:.2f} |")
     r = report.get("render_ms")
     if r:
         lines += ["", f"rendering + tokenising the last request: full {r['full_p50']:.2f} ms, with the session's "

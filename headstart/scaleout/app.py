@@ -117,6 +117,10 @@ def replica_app(config: ServerConfig, opts: ReplicaOptions) -> Any:
     """The Serve application (bind it with ``serve.run`` or return it from a builder)."""
     if not (config.db or "").startswith(("postgresql://", "postgres://")):
         raise ValueError("replicas share sessions through PostgreSQL: pass --db postgresql://USER@HOST/DB")
+    if config.max_event_streams >= opts.max_ongoing:
+        raise ValueError(f"--max-event-streams ({config.max_event_streams}) must stay below --max-ongoing "
+                         f"({opts.max_ongoing}): each open event stream holds one of a replica's slots, and turns "
+                         "need the rest")
     router = RequestRouterConfig(
         request_router_class=ROUTER,
         # No fallback replicas: a session waits for its own replica rather than be served

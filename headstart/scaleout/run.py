@@ -13,6 +13,8 @@ log = logging.getLogger("headstart.scaleout")
 
 OBJECT_STORE_BYTES = 256 << 20  # replicas pass only requests and answers through Ray
 APP_NAMESPACE = "headstart"
+PROXY_CALLBACK = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
+PROXY_MIDDLEWARES = "headstart.scaleout.proxy:middlewares"  # scaleout/proxy.py: a dead replica's answer
 
 
 def start_ray(address: str | None, num_cpus: int | None = None) -> None:
@@ -23,6 +25,9 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> None:
     # The raylet waits this long for its metrics agent (a Python process) to come up and
     # aborts past it; a loaded 2-core machine needs more than Ray's default.
     os.environ.setdefault("RAY_agent_register_timeout_ms", "120000")
+    # Serve's proxy reads its middlewares from here (its processes inherit this environment
+    # from a Ray started here; a cluster joined at ``address`` needs it set where it started).
+    os.environ.setdefault(PROXY_CALLBACK, PROXY_MIDDLEWARES)
     if address:
         ray.init(address=address, namespace=APP_NAMESPACE)
     else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -22,11 +23,18 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from headstart.config import HEARTBEAT_S, MAX_BODY_BYTES, TEMPERATURE
+from headstart.config import HEARTBEAT_S, MAX_BODY_BYTES, MAX_EVENT_STREAMS, TEMPERATURE
 from headstart.engine.engine import Engine, EngineConfig
 from headstart.server.errors import HTTPError, error_response, to_response
 
 log = logging.getLogger("headstart.server")
+
+# How long a thread waiting for the interpreter lock lets the holder run before it asks for
+# the lock (CPython's default: 5 ms). The event loop hands every request to a worker thread
+# and every token from the model thread to a client; the model thread, busy with the next
+# token, holds the lock between its tensor operations, so each hand-off waited up to the
+# full interval. A short one bounds that wait; switches happen only while threads contend.
+SWITCH_INTERVAL_S = 0.0005
 
 
 @dataclass
@@ -44,6 +52,10 @@ class ServerConfig:
     db: str | None = None  # SQLite file or postgresql:// URL; None: SQLite in the data folder; "" keeps nothing
     spill_dir: str | None = None  # None: in the data folder
     heartbeat_seconds: float = HEARTBEAT_S  # between SSE heartbeats on a quiet event stream
+    # Open ``/events`` streams at once; one more is refused with 429. Each holds a slot of a
+    # replica's ``max_ongoing_requests`` for its whole life, so replicas keep this below
+    # their slots and the rest serve turns (config.py).
+    max_event_streams: int = MAX_EVENT_STREAMS
     served_model_names: tuple[str, ...] = ()  # names the OpenAI door answers to; () for the model's own
     # This server's name among replicas (headstart/scaleout): it fences the server's writes
     # to the shared store and is named in every answer. None: a single server.
@@ -58,6 +70,7 @@ class State:
         self.engine: Engine | None = None
         self.error: str | None = None
         self.ready = threading.Event()
+        self.event_streams = 0  # open /events streams (read and written on the event loop only)
 
     def require_engine(self) -> Engine:
         if self.engine is None:
@@ -169,9 +182,14 @@ def create_app(config: ServerConfig | None = None, factory: Callable[[], Engine]
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         loader = threading.Thread(target=_load, args=(state, build_observed), name="headstart-load", daemon=True)
         loader.start()
-        yield
-        if state.engine is not None:
-            state.engine.stop()
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(interval, SWITCH_INTERVAL_S))
+        try:
+            yield
+        finally:
+            sys.setswitchinterval(interval)
+            if state.engine is not None:
+                state.engine.stop()
 
     routes = [
         Route("/health", health, methods=["GET"]),

@@ -20,6 +20,7 @@ from headstart.config import (
     HOST,
     IDLE_EXPIRY_S,
     MAX_BODY_BYTES,
+    MAX_EVENT_STREAMS,
     MAX_PENDING,
     MAX_QUERIES,
     MAX_SESSIONS,
@@ -55,6 +56,9 @@ def add_serve_flags(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--context-reserve", type=int, default=CONTEXT_RESERVE,
                        help="tokens of context kept free for questions on streaming-data sessions")
     serve.add_argument("--heartbeat", type=float, default=HEARTBEAT_S, help="seconds between SSE heartbeats")
+    serve.add_argument("--max-event-streams", type=int, default=MAX_EVENT_STREAMS,
+                       help="open /v1/sessions/{id}/events streams at once; one more gets 429 (replicas: below "
+                            "--max-ongoing)")
     serve.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                        help="the names requests may give as `model` (default: the model's own); the first is "
                             "the one answers carry when a request names none")
@@ -185,5 +189,6 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         max_body_bytes=args.max_body_bytes,
         api_keys=api_keys(args),
         heartbeat_seconds=args.heartbeat,
+        max_event_streams=args.max_event_streams,
         served_model_names=tuple(args.served_model_name or ()),
     )

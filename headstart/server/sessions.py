@@ -28,7 +28,7 @@ from headstart.errors import BadRequest
 from headstart.idle import job as upkeep
 from headstart.idle import queries
 from headstart.server.chat import SESSION_HEADER, arrival_of, collect, owner_of
-from headstart.server.errors import parse_json, read_body, read_json
+from headstart.server.errors import HTTPError, parse_json, read_body, read_json
 from headstart.server.gone import unless_gone
 from headstart.server.schemas import (
     ChatCompletionRequest,
@@ -232,7 +232,13 @@ async def events(request: Request) -> Response:
     session is deleted. The stream ends when the client goes."""
     engine = _engine(request)
     s = _session(request, engine)
-    heartbeat = request.app.state.headstart.config.heartbeat_seconds
+    state = request.app.state.headstart
+    limit = state.config.max_event_streams
+    if state.event_streams >= limit:
+        raise HTTPError(429, f"{limit} event streams are open on this server, its most (--max-event-streams): "
+                             "close one, or read the session's events from one stream", "rate_limit_error",
+                        code="too_many_event_streams")
+    heartbeat = state.config.heartbeat_seconds
     listener = s.events.subscribe(asyncio.get_running_loop())
 
     async def stream() -> AsyncIterator[str]:
@@ -250,9 +256,24 @@ async def events(request: Request) -> Response:
         finally:
             s.events.unsubscribe(listener)
 
-    return StreamingResponse(
-        stream(), media_type="text/event-stream", headers={"cache-control": "no-cache", "x-accel-buffering": "no"}
-    )
+    state.event_streams += 1
+    return _Counted(stream(), state, media_type="text/event-stream",
+                    headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+
+
+class _Counted(StreamingResponse):
+    """An event stream that counts as open from its route's return until its response ends,
+    however it ends (even a client gone before the stream's first event)."""
+
+    def __init__(self, content: AsyncIterator[str], state: Any, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._state = state
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._state.event_streams -= 1
 
 
 @dataclass(frozen=True)
