@@ -62,6 +62,7 @@ bench: $(VENV)/.installed
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check headstart tests
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -14,13 +14,18 @@ class BadRequest(EngineError):
 
 
 class ContextTooLong(BadRequest):
-    def __init__(self, prompt_tokens: int, limit: int) -> None:
-        super().__init__(
-            f"the prompt has {prompt_tokens} tokens but the context holds {limit}",
-            param="messages",
-        )
+    def __init__(self, prompt_tokens: int, limit: int, answer_tokens: int = 1, what: str = "the prompt") -> None:
+        more = f" and asks for {answer_tokens} more" if answer_tokens > 1 else ""
+        super().__init__(f"{what} has {prompt_tokens} tokens{more} but the context holds {limit}", param="messages")
         self.prompt_tokens = prompt_tokens
         self.limit = limit
+
+
+def check_context(prompt_tokens: int, limit: int, answer_tokens: int = 1, what: str = "the prompt") -> None:
+    """The one length check: a prompt and at least ``answer_tokens`` of answer must fit the
+    context (a request, a warm, a registered question)."""
+    if prompt_tokens + answer_tokens > limit:
+        raise ContextTooLong(prompt_tokens, limit, answer_tokens, what)
 
 
 class SessionNotFound(EngineError):

@@ -80,6 +80,16 @@ class EngineStats:
     completion_tokens: int = 0
     forward_calls: int = 0
     errors: int = 0
+    # Per step of the step loop: its duration, the tokens and sequences its forward held,
+    # the background tokens among them and their share of the step budget.
+    step_ms: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
+    step_tokens: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
+    step_sequences: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
+    step_background: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
+    step_background_share: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
+    steps: int = 0
+    steps_tokens_total: int = 0
+    steps_background_total: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def record_request(
@@ -93,6 +103,18 @@ class EngineStats:
             self.prompt_tokens += prompt
             self.cached_tokens += cached
             self.completion_tokens += completion
+
+    def record_step(self, step: Any, budget: int) -> None:
+        """One step of the loop (scheduler.Step) under a budget of ``budget`` tokens."""
+        with self.lock:
+            self.steps += 1
+            self.steps_tokens_total += step.tokens
+            self.steps_background_total += step.background
+            self.step_ms.append(step.seconds * 1000)
+            self.step_tokens.append(step.tokens)
+            self.step_sequences.append(step.sequences)
+            self.step_background.append(step.background)
+            self.step_background_share.append(step.background / budget)
 
     def snapshot(self) -> dict[str, Any]:
         with self.lock:
@@ -115,4 +137,15 @@ class EngineStats:
                 "completion_tokens": self.completion_tokens,
                 "forward_calls": self.forward_calls,
                 "errors": self.errors,
+                "steps": {
+                    "n": self.steps,
+                    "tokens_total": self.steps_tokens_total,
+                    "background_tokens_total": self.steps_background_total,
+                    "duration_ms": summary(list(self.step_ms)),
+                    "tokens": summary(list(self.step_tokens)),
+                    "sequences": summary(list(self.step_sequences)),
+                    "max_sequences": max(self.step_sequences, default=0),
+                    "background_tokens": summary(list(self.step_background)),
+                    "background_budget_share": summary(list(self.step_background_share)),
+                },
             }

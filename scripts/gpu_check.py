@@ -20,11 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from headstart.bench.model_only import format_table, run_model_only
+from headstart.decode.sampling import SamplingParams
 from headstart.engine.engine import Engine, EngineConfig, Request
 from headstart.kv import KVSeq
 from headstart.model import HFBackend, load
 from headstart.model.runner import Feed, Runner, from_backend
-from headstart.decode.sampling import SamplingParams
 from headstart.session.template import ChatTemplate
 
 QUESTIONS = [

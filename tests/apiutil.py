@@ -14,8 +14,9 @@ from typing import Any
 
 import httpx
 
-from headstart.engine.engine import Engine, EngineConfig, SessionNotFound
+from headstart.engine.engine import Engine, EngineConfig
 from headstart.engine.loop import Job
+from headstart.errors import SessionNotFound
 from headstart.model import HFBackend
 from headstart.server.app import ServerConfig, create_app
 from tests.conftest import LiveServer
@@ -30,8 +31,11 @@ class Served:
 
 
 @contextlib.contextmanager
-def serve(backend: HFBackend, *, engine: dict[str, Any] | None = None, **server: Any) -> Iterator[Served]:
-    """A real server on loopback around a fresh engine on ``backend``."""
+def serve(
+    backend: HFBackend, *, engine: dict[str, Any] | None = None, sndbuf: int | None = None, **server: Any
+) -> Iterator[Served]:
+    """A real server on loopback around a fresh engine on ``backend`` (``sndbuf``: see
+    :class:`LiveServer`)."""
     built: list[Engine] = []
 
     def factory() -> Engine:
@@ -41,7 +45,7 @@ def serve(backend: HFBackend, *, engine: dict[str, Any] | None = None, **server:
 
     server.setdefault("heartbeat_seconds", 0.2)
     app = create_app(ServerConfig(**server), factory=factory)
-    with LiveServer(app) as live, httpx.Client(base_url=live.url, timeout=120) as client:
+    with LiveServer(app, sndbuf=sndbuf) as live, httpx.Client(base_url=live.url, timeout=120) as client:
         yield Served(live.url, built[0], client, app)
 
 
@@ -102,6 +106,7 @@ class SSEReader:
         self.headers = headers or {}
         self.events: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue()
         self.seen: list[tuple[str, dict[str, Any]]] = []
+        self.ids: list[int] = []  # the ``id`` of every event that had one, in the order received
         self.status: int | None = None
         self.ended = threading.Event()
         self.failure: BaseException | None = None  # what ended the reader thread, if not the stream's end
@@ -116,7 +121,9 @@ class SSEReader:
                 for line in r.iter_lines():
                     if self._stop.is_set():
                         return
-                    if line.startswith("event:"):
+                    if line.startswith("id:"):
+                        self.ids.append(int(line[3:]))
+                    elif line.startswith("event:"):
                         name = line[6:].strip()
                     elif line.startswith("data:"):
                         data += line[5:].strip()

@@ -11,13 +11,14 @@ import contextlib
 import os
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from headstart.bench.serverproc import free_port, wait_healthy
 from headstart.engine.engine import Engine, EngineConfig
 from headstart.model import HFBackend, load
 from headstart.model.loader import local_folder, resolve
@@ -28,10 +29,9 @@ def real() -> HFBackend:
     return load()
 
 
-@pytest.fixture(scope="session")
-def qwen() -> HFBackend:
-    """The second, tool-capable model (the ``qwen`` extra). Skipped when it is not installed,
-    unless ``HEADSTART_REQUIRE_QWEN`` is set (CI sets it, so there it must run)."""
+def require_qwen() -> str:
+    """The second model's name. Skips the test when it is not installed, unless
+    ``HEADSTART_REQUIRE_QWEN`` is set (CI sets it, so there it must run)."""
     from headstart.model.qwen_chunks import QWEN05
 
     try:
@@ -40,7 +40,13 @@ def qwen() -> HFBackend:
         if os.environ.get("HEADSTART_REQUIRE_QWEN"):
             raise
         pytest.skip(f"the second model is not installed: {exc}")
-    return load(QWEN05.name)
+    return QWEN05.name
+
+
+@pytest.fixture(scope="session")
+def qwen() -> HFBackend:
+    """The second, tool-capable model (the ``qwen`` extra)."""
+    return load(require_qwen())
 
 
 @pytest.fixture
@@ -82,6 +88,14 @@ def tiny() -> HFBackend:
     return HFBackend(model, tokenizer, "tiny-llama")
 
 
+@pytest.fixture(scope="module")
+def oa(srv: Any) -> Any:
+    """The official ``openai`` client on the module's live server (its ``srv`` fixture)."""
+    import openai
+
+    return openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0)
+
+
 @pytest.fixture
 def make_engine() -> Iterator[Callable[..., Engine]]:
     """Build and start engines that are stopped after the test."""
@@ -95,12 +109,6 @@ def make_engine() -> Iterator[Callable[..., Engine]]:
     yield build
     for engine in engines:
         engine.stop()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LiveServer:
@@ -126,18 +134,9 @@ class LiveServer:
         self.thread = threading.Thread(target=run, daemon=True)
 
     def __enter__(self) -> LiveServer:
-        import httpx
-
         self.thread.start()
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError("server did not become healthy")
+        wait_healthy(self.url, timeout=120)
+        return self
 
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True

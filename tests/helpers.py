@@ -39,6 +39,21 @@ def converse(
     return outs, prompts
 
 
+def hinted_turn(
+    engine: Engine, session_id: str, prompt: list[dict[str, str]], answer: str, question: str,
+    params: SamplingParams = GREEDY,
+) -> tuple[list[dict[str, str]], Completion]:
+    """The client names its next message (the session's hint): pre-positioning parks a ready
+    position for it; then the turn that sends it. Returns its messages and its completion."""
+    session = engine.get_session(session_id)
+    session.settings.hint = question
+    engine.schedule_pre_position(session)
+    assert engine.wait_idle(300)
+    assert session.ready["next"].source == "hint"
+    messages = [*prompt, {"role": "assistant", "content": answer}, {"role": "user", "content": question}]
+    return messages, engine.generate(Request(messages=messages, params=params, session_id=session_id))
+
+
 def cold(
     engine: Engine, messages: list[dict[str, str]], params: SamplingParams = GREEDY, **fields: object
 ) -> Completion:

@@ -9,8 +9,9 @@ import httpx
 import openai
 import pytest
 
-from headstart.cli.main import api_keys, build_parser
+from headstart.cli.main import build_parser
 from headstart.model import HFBackend
+from headstart.server.flags import api_keys
 from tests.apiutil import Served, SSEReader, serve, settle
 
 ALICE, BOB = "alice-key-0123456789", "bob-key-9876543210"

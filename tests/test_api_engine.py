@@ -5,12 +5,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import pytest
+
 from headstart.decode.sampling import SamplingParams
 from headstart.engine import sessions as sessionapi
 from headstart.engine.engine import Engine, Request
+from headstart.errors import BadRequest
 from headstart.idle.ingest import DataFeed, Entry, fit_window, ingest_batch, window_limit
 from headstart.model import HFBackend
-from headstart.session.template import ChatTemplate
+from headstart.session.template import ChatTemplate, encode_candidates
 
 
 def entries(*texts: str) -> list[Entry]:
@@ -71,6 +74,26 @@ def test_ingest_invalidates_the_old_prediction(tiny: HFBackend, make_engine: Cal
         pass
     assert s.data.version == 1 and "next" not in s.ready
     assert s.kv_ids == engine.template.entry(s.messages, "user")
+
+
+def test_fast_answer_candidates_are_refused_alike_by_a_request_and_a_registered_question(
+    tiny: HFBackend, make_engine: Callable[..., Engine]
+) -> None:
+    template = ChatTemplate(tiny.tokenizer)
+    assert encode_candidates(template, ["yes", "no"]) == [template.encode("yes"), template.encode("no")]
+    engine = make_engine(tiny, pre_position=False)
+    s = sessionapi.open_session(engine, "fa", None, system="Answer.")
+    hi = [{"role": "user", "content": "Is it?"}]
+    for bad in ([], ["yes", ""]):
+        with pytest.raises(BadRequest) as direct:
+            encode_candidates(template, bad)
+        with pytest.raises(BadRequest) as asked:
+            engine.submit(Request(messages=hi, params=SamplingParams(max_tokens=1), fast_answer=bad))
+        with pytest.raises(BadRequest) as registered:
+            sessionapi.add_query(engine, s, "Is it?", max_tokens=1, fast_answer=bad)
+        assert str(direct.value) == str(asked.value) == str(registered.value)
+        assert direct.value.param == asked.value.param == registered.value.param == "fast_answer"
+    assert s.queries == {}  # a refused question is not registered
 
 
 def test_query_answer_and_its_cache_hit_equal_a_cold_computation(

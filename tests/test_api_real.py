@@ -25,11 +25,6 @@ def srv(real: HFBackend) -> Iterator[Served]:
         yield served
 
 
-@pytest.fixture(scope="module")
-def oa(srv: Served) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0)
-
-
 def cold_text(oa: openai.OpenAI, messages: list[dict], max_tokens: int) -> str:
     """The same prompt as a one-off chat completion: no session, nothing cached."""
     out = oa.chat.completions.create(model="smollm2-135m", messages=messages, max_tokens=max_tokens, temperature=0)

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from headstart.decode.sampling import SamplingParams
-from headstart.engine.engine import Engine, EngineConfig, Request, TooManySessions
+from headstart.engine.engine import Engine, EngineConfig, Request
+from headstart.errors import TooManySessions
 from headstart.model import HFBackend
 from headstart.session.evict import Eviction
 from headstart.session.store import SCHEMA_VERSION, SchemaError, SessionStore
@@ -155,7 +156,7 @@ def test_session_limit_and_idle_expiry(tiny: HFBackend, make_engine: Callable[..
 
 
 def test_context_limit_names_both_lengths(tiny: HFBackend, make_engine: Callable[..., Engine]) -> None:
-    from headstart.engine.engine import ContextTooLong
+    from headstart.errors import ContextTooLong
 
     engine = make_engine(tiny, max_context=64)
     messages = [{"role": "user", "content": "word " * 80}]

@@ -6,9 +6,11 @@ import subprocess
 import sys
 
 
-def test_terminal_chat_prints_answers_with_path_ttft_and_cache() -> None:
+def _chat_two_turns(*flags: str) -> None:
+    """``headstart chat`` for two questions and an empty line: both answered, each followed by
+    its status line; the second turn reuses the first's KV."""
     run = subprocess.run(
-        [sys.executable, "-m", "headstart.cli", "--log-level", "WARNING", "chat", "--max-tokens", "12"],
+        [sys.executable, "-m", "headstart.cli", "--log-level", "WARNING", "chat", "--max-tokens", "12", *flags],
         input="What is the capital of France?\nAnd of Italy?\n\n",
         capture_output=True, text=True, timeout=300,
     )
@@ -20,22 +22,15 @@ def test_terminal_chat_prints_answers_with_path_ttft_and_cache() -> None:
     assert not status[1].strip().startswith("[cold") and "cached 0/" not in status[1]
 
 
+def test_terminal_chat_prints_answers_with_path_ttft_and_cache() -> None:
+    _chat_two_turns()
+
+
 def test_terminal_chat_talks_to_a_running_server(real) -> None:  # type: ignore[no-untyped-def]
     from tests.apiutil import serve
 
     with serve(real) as srv:
-        run = subprocess.run(
-            [sys.executable, "-m", "headstart.cli", "--log-level", "WARNING", "chat", "--url", srv.url,
-             "--max-tokens", "12", "--session", "from-cli"],
-            input="What is the capital of France?\nAnd of Italy?\n\n",
-            capture_output=True, text=True, timeout=300,
-        )
-        assert run.returncode == 0, run.stderr
-        assert "Paris" in run.stdout
-        status = [line for line in run.stderr.splitlines() if "ttft" in line]
-        assert len(status) == 2
-        assert status[0].strip().startswith("[cold") and "cached 0/" in status[0]
-        assert not status[1].strip().startswith("[cold") and "cached 0/" not in status[1]
+        _chat_two_turns("--url", srv.url, "--session", "from-cli")
         # The conversation lives in the server's session, not in the chat process.
         assert srv.engine.get_session("from-cli").turns == 2
 

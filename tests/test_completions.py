@@ -23,11 +23,6 @@ def srv(real: HFBackend) -> Iterator[Served]:
         yield served
 
 
-@pytest.fixture(scope="module")
-def oa(srv: Served) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0)
-
-
 def _text(srv: Served, ids: list[int]) -> str:
     return srv.engine.template.tokenizer.decode(ids, skip_special_tokens=True)
 

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import httpx
 
+from headstart.bench.serverproc import ServeProcess
 from headstart.session.store import SessionStore
-from tests.serverproc import Server
 
 SEED = 20261201
 CLIENTS = 4
@@ -86,7 +86,7 @@ def client(url: str, sids: list[str], convs: Conversations, rng: random.Random, 
                 del convs.in_flight[sid]
 
 
-def load_then_kill(server: Server, convs: Conversations, rng: random.Random) -> None:
+def load_then_kill(server: ServeProcess, convs: Conversations, rng: random.Random) -> None:
     """Run the clients; SIGKILL the server at a random moment once this round has acknowledged
     a turn, and wait for the clients to notice."""
     stop = threading.Event()
@@ -134,7 +134,7 @@ def check_store(db: Path, convs: Conversations) -> tuple[int, int]:
     return present, in_transit
 
 
-def check_next_turns(server: Server, convs: Conversations, rng: random.Random) -> None:
+def check_next_turns(server: ServeProcess, convs: Conversations, rng: random.Random) -> None:
     """Each session's next turn equals the same messages computed cold (greedy)."""
     listed = httpx.get(f"{server.url}/v1/sessions", timeout=60).json()["data"]
     assert {s["id"] for s in listed} >= {sid for sid, m in convs.acked.items() if m}
@@ -154,7 +154,7 @@ def test_sigkill_under_load_three_times_loses_no_acknowledged_turn(tmp_path: Pat
     rng = random.Random(SEED)
     convs = Conversations()
     args = ("--no-gate",)  # every path exact, so each next turn must equal the cold one
-    server = Server(tmp_path, *args)
+    server = ServeProcess(tmp_path, *args)
     report = []
     try:
         for kill in range(1, KILLS + 1):
@@ -165,7 +165,7 @@ def test_sigkill_under_load_three_times_loses_no_acknowledged_turn(tmp_path: Pat
                           f"restart, {acknowledged - present} lost, {in_transit} in transit")
             print(report[-1])
             assert present == acknowledged, report
-            server = Server(tmp_path, *args)
+            server = ServeProcess(tmp_path, *args)
             check_next_turns(server, convs, rng)
     finally:
         server.stop()

@@ -9,7 +9,7 @@ import pytest
 from headstart.engine.engine import Engine, Request
 from headstart.model import HFBackend
 from headstart.session.template import ChatTemplate, common_prefix
-from tests.helpers import GREEDY, QUESTIONS, cold, converse
+from tests.helpers import GREEDY, QUESTIONS, cold, converse, hinted_turn
 
 
 def test_session_turns_equal_cold_without_idle_work(real: HFBackend, make_engine: Callable[..., Engine]) -> None:
@@ -66,13 +66,7 @@ def test_ready_exact_with_a_hint_equals_cold_and_needs_no_forward(
 ) -> None:
     engine = make_engine(real, gate=False)
     outs, prompts = converse(engine, "hinted", QUESTIONS[:1])
-    session = engine.get_session("hinted")
-    session.settings.hint = QUESTIONS[1]
-    engine.schedule_pre_position(session)
-    assert engine.wait_idle(300)
-    assert session.ready["next"].source == "hint"
-    messages = [*prompts[0], {"role": "assistant", "content": outs[0].text}, {"role": "user", "content": QUESTIONS[1]}]
-    c = engine.generate(Request(messages=messages, params=GREEDY, session_id="hinted"))
+    messages, c = hinted_turn(engine, "hinted", prompts[0], outs[0].text, QUESTIONS[1])
     assert c.path == "ready_exact"
     assert c.extra["forwards_before_first_token"] == 0
     assert c.cached_tokens == c.prompt_tokens

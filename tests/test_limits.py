@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from headstart.config import MIN_WINDOW
 from headstart.engine import sessions as sessionapi
-from headstart.idle.ingest import MIN_WINDOW, DataFeed, Entry
+from headstart.idle.ingest import DataFeed, Entry
 from headstart.model import HFBackend
 from tests.apiutil import Served, serve
 
@@ -48,3 +49,40 @@ def test_pending_never_exceeds_max_pending_while_a_batch_is_in_flight() -> None:
     assert [e.text for e in feed.pending] == ["n1", "n2"]  # the oldest waiting ones go first
     feed.commit()
     assert feed.counters()["pending"] == 2 and feed.counters()["ingested"] == 2
+
+
+def test_the_session_limit_reaches_an_http_client_as_openai_s_429(tiny: HFBackend) -> None:
+    """``--max-sessions`` full: a new session, by ``x-session-id`` or through the sessions API,
+    is a 429 in OpenAI's shape (the official client raises its ``RateLimitError``); it creates
+    nothing; sessionless requests and the sessions held still go on; a delete makes room."""
+    import openai
+
+    hi = [{"role": "user", "content": "Hi."}]
+    with serve(tiny, engine={"pre_position": False, "max_sessions": 2}) as s:
+        oa = openai.OpenAI(base_url=f"{s.url}/v1", api_key="unused", max_retries=0)
+        for sid in ("first", "second"):
+            oa.chat.completions.create(model="tiny-llama", messages=hi, max_tokens=2,
+                                       extra_headers={"x-session-id": sid})
+        with pytest.raises(openai.RateLimitError) as refused:
+            oa.chat.completions.create(model="tiny-llama", messages=hi, max_tokens=2,
+                                       extra_headers={"x-session-id": "third"})
+        assert refused.value.status_code == 429
+        body = refused.value.response.json()
+        assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+        error = body["error"]
+        assert (error["type"], error["code"], error["param"]) == ("rate_limit_error", "too_many_sessions", None)
+        assert "maximum of 2 sessions" in error["message"]
+        retry_after = refused.value.response.headers.get("retry-after")
+        assert retry_after is None or float(retry_after) >= 0  # the client waits that long if the server says
+        r = s.client.post("/v1/sessions", json={"id": "third"})
+        assert r.status_code == 429 and r.json()["error"]["code"] == "too_many_sessions", r.text
+        assert {x["id"] for x in s.client.get("/v1/sessions").json()["data"]} == {"first", "second"}
+        assert s.client.get("/v1/sessions/third").status_code == 404  # the refusal created nothing
+        oa.chat.completions.create(model="tiny-llama", messages=hi, max_tokens=2)  # a one-off still answers
+        again = oa.chat.completions.create(model="tiny-llama", messages=hi, max_tokens=2,
+                                           extra_headers={"x-session-id": "first"})
+        assert again.model_extra["headstart"]["session_id"] == "first"  # a held session goes on
+        assert s.client.delete("/v1/sessions/second").status_code == 200
+        made = oa.chat.completions.create(model="tiny-llama", messages=hi, max_tokens=2,
+                                          extra_headers={"x-session-id": "third"})
+        assert made.model_extra["headstart"]["session_id"] == "third"

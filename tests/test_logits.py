@@ -62,8 +62,8 @@ def test_the_rules_change_the_choice() -> None:
     assert Chooser(SamplingParams(), [], 4, "cpu", None).choose(logits) == 0
     assert Chooser(SamplingParams(logit_bias=((0, -100.0),)), [], 4, "cpu", None).choose(logits) == 1
     assert Chooser(SamplingParams(repetition_penalty=1.5), [0], 4, "cpu", None).choose(logits) == 1  # 5/1.5 < 4
-    c = Chooser(SamplingParams(frequency_penalty=0.6), [], 4, "cpu", None, output=[0, 0])
-    assert c.choose(logits) == 1  # 5 - 2 * 0.6 < 4
+    c = Chooser(SamplingParams(frequency_penalty=0.6), [], 4, "cpu", None)
+    assert [c.choose(logits) for _ in range(3)] == [0, 0, 1]  # 5 - 0.6 > 4, then 5 - 2 * 0.6 < 4
 
 
 def test_a_snapshot_judges_later_logits_under_the_earlier_rules() -> None:

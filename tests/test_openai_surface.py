@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from headstart.model import HFBackend
-from headstart.server import schema
+from headstart.server import schemas
 from tests.apiutil import Served, serve
 
 HI = [{"role": "user", "content": "Hi"}]
@@ -22,11 +22,6 @@ HI = [{"role": "user", "content": "Hi"}]
 def srv(real: HFBackend) -> Iterator[Served]:
     with serve(real, served_model_names=("house-model", "smollm2-135m"), engine={"pre_position": False}) as served:
         yield served
-
-
-@pytest.fixture(scope="module")
-def oa(srv: Served) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0)
 
 
 def _post(srv: Served, **fields: object) -> httpx.Response:
@@ -48,7 +43,7 @@ def test_model_names_are_the_served_ones(srv: Served, oa: openai.OpenAI) -> None
     assert err.value.body["code"] == "model_not_found"
 
 
-@pytest.mark.parametrize("name", sorted(schema.REFUSED))
+@pytest.mark.parametrize("name", sorted(schemas.REFUSED))
 def test_every_refused_field_is_a_400_naming_it(srv: Served, name: str) -> None:
     r = _post(srv, **{name: True})
     assert r.status_code == 400, r.text

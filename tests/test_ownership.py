@@ -11,9 +11,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from headstart.bench.serverproc import ServeProcess
 from headstart.session.ownership import Claimed
 from headstart.session.store import SessionStore
-from tests.serverproc import Server
 
 
 def test_a_store_is_claimed_by_one_process_at_a_time(tmp_path: Path) -> None:
@@ -26,12 +26,12 @@ def test_a_store_is_claimed_by_one_process_at_a_time(tmp_path: Path) -> None:
 
 
 def test_a_second_server_on_the_same_database_exits_naming_the_holder(tmp_path: Path) -> None:
-    with Server(tmp_path) as holder:
+    with ServeProcess(tmp_path) as holder:
         assert holder.chat("mine", [{"role": "user", "content": "Name a colour."}]).status_code == 200
         for data in (tmp_path, tmp_path / "other"):  # the same database; then only the same spill folder
             data.mkdir(exist_ok=True)
             args = () if data == tmp_path else ("--db", str(data / "own.db"), "--spill-dir", str(tmp_path / "spill"))
-            second = Server(data, *args, wait=False)
+            second = ServeProcess(data, *args, wait=False)
             assert second.proc.wait(120) != 0
             message = second.log.read_text()
             assert f"pid {holder.proc.pid} on {socket.gethostname()}, started " in message, message
@@ -43,7 +43,7 @@ def test_a_second_server_on_the_same_database_exits_naming_the_holder(tmp_path: 
 
 
 def test_a_restart_after_the_holder_was_killed_is_not_blocked(tmp_path: Path) -> None:
-    dead = Server(tmp_path)
+    dead = ServeProcess(tmp_path)
     try:
         r = dead.chat("kept", [{"role": "user", "content": "Name a fruit."}])
         assert r.status_code == 200
@@ -52,7 +52,7 @@ def test_a_restart_after_the_holder_was_killed_is_not_blocked(tmp_path: Path) ->
         dead.kill()
     lock = tmp_path / "h.db.lock"
     assert json.loads(lock.read_text())["pid"] == dead.proc.pid  # the dead holder's record is still there
-    with Server(tmp_path) as restarted:
+    with ServeProcess(tmp_path) as restarted:
         got = httpx.get(f"{restarted.url}/v1/sessions/kept", timeout=30).json()
         assert got["turns"] == 1 and got["messages"] == 2
         assert json.loads(lock.read_text())["pid"] == restarted.proc.pid

@@ -1,18 +1,19 @@
 """Fast tests of the parts below the engine: text stream, sampling,
-template entry, scheduler order."""
+template entry, the step loop's budget and order."""
 
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 import torch
 
 from headstart.decode.sampling import SamplingParams, accept, candidate_gap, distribution, pick, top_gap
 from headstart.decode.textstream import TextStream
+from headstart.engine.engine import Engine, EngineConfig
 from headstart.engine.loop import Job, Scheduler
 from headstart.model import HFBackend
+from headstart.session.session import Session
 from headstart.session.template import ChatTemplate, TemplateError, common_prefix
 
 
@@ -90,77 +91,105 @@ def test_entry_is_the_common_part_of_two_renderings(tiny: HFBackend) -> None:
         template.render(messages, tools=[{"type": "function", "function": {"name": "f"}}])
 
 
-def test_scheduler_runs_foreground_before_background_and_round_robin() -> None:
-    scheduler = Scheduler()
-    log: list[str] = []
-    inside, gate = threading.Event(), threading.Event()
-
-    def job(name: str, steps: int, wait: bool = False):
-        for i in range(steps):
-            if wait and i == 0:
-                inside.set()
-                assert gate.wait(5)
-            log.append(f"{name}{i}")
-            yield
-
-    scheduler.submit_background("bg", Job(job("b", 3, wait=True)))
-    scheduler.start()
-    assert inside.wait(5)  # the background job is inside its first chunk
-    scheduler.submit(Job(job("x", 2)))
-    scheduler.submit(Job(job("y", 2)))
-    gate.set()
-    assert scheduler.wait_idle(5)
-    scheduler.stop()
-    assert log == ["b0", "x0", "y0", "x1", "y1", "b1", "b2"]
+def _loop_parts(backend: HFBackend, step_tokens: int) -> tuple[Scheduler, Engine]:
+    """A step loop on a (not started) engine's book, driven one step at a time by the test."""
+    engine = Engine(backend, config=EngineConfig(pre_position=False))
+    return Scheduler(engine.book, engine.stats, step_tokens), engine
 
 
-def test_cancelled_background_job_stops_after_its_chunk() -> None:
-    scheduler = Scheduler()
-    log: list[int] = []
-    inside, go_on = threading.Event(), threading.Event()
+def _feeding(engine: Engine, s: Session, ids: list[int], background: bool, out: list[torch.Tensor]):
+    out.append((yield from engine.book.feed(s, ids, background=background))[-1])
+
+
+def test_step_loop_fills_its_budget_decodes_then_prefills_then_background(tiny: HFBackend) -> None:
+    loop, engine = _loop_parts(tiny, step_tokens=8)
+    pool = engine.pool
+    decode, prefill, idle = (Session(name, pool) for name in ("decode", "prefill", "idle"))
+    got: list[torch.Tensor] = []
+    loop.submit_background("idle", Job(_feeding(engine, idle, list(range(10, 20)), True, got)))
+    loop.submit(Job(_feeding(engine, prefill, list(range(100, 120)), False, got)))
+    loop.submit(Job(_feeding(engine, decode, [5], False, got)))
+    for _ in range(4):
+        assert loop._step()
+    steps = engine.stats.snapshot()["steps"]
+    # step 1: the decode's token and 7 prefill tokens; then 8 prefill; then the prefill's
+    # last 5 and 3 idle tokens in the leftover; then the idle job alone.
+    assert list(engine.stats.step_tokens) == [8, 8, 8, 7]
+    assert list(engine.stats.step_background) == [0, 0, 3, 7]
+    assert list(engine.stats.step_sequences) == [2, 1, 2, 1]
+    assert steps["max_sequences"] == 2
+    assert (len(decode.kv_ids), len(prefill.kv_ids), len(idle.kv_ids)) == (1, 20, 10)
+    assert idle.kv_background == [True] * 10 and prefill.kv_background == [False] * 20
+    assert len(got) == 3 and loop.idle()
+    # the prefill in chunks of 7, 8 and 5 gives the greedy pick of one whole forward
+    ref: list[torch.Tensor] = []
+    loop.submit(Job(_feeding(engine, Session("again", pool), list(range(100, 120)), False, ref)))
+    loop.step_tokens = 64
+    assert loop._step()
+    assert int(got[1].argmax()) == int(ref[0].argmax())
+
+
+def test_every_running_decode_gets_its_token_past_the_budget(tiny: HFBackend) -> None:
+    loop, engine = _loop_parts(tiny, step_tokens=2)
+    got: list[torch.Tensor] = []
+    for i in range(5):
+        loop.submit(Job(_feeding(engine, Session(f"d{i}", engine.pool), [i + 3], False, got)))
+    loop.submit_background("idle", Job(_feeding(engine, Session("idle", engine.pool), [7, 8], True, got)))
+    assert loop._step()
+    assert list(engine.stats.step_sequences) == [5] and list(engine.stats.step_background) == [0]
+    assert len(got) == 5 and not loop.idle()  # the idle job had no budget left
+
+
+def test_cancelled_background_job_stops_after_its_step(tiny: HFBackend) -> None:
+    loop, engine = _loop_parts(tiny, step_tokens=4)
+    s = Session("bg", engine.pool)
 
     def job():
         for i in range(100):
-            log.append(i)
-            if i == 0:
-                inside.set()
-                assert go_on.wait(5)
-            yield
+            yield from engine.book.feed(s, [i + 1], background=True)
 
     steps = job()
-    scheduler.submit_background("k", Job(steps))
-    scheduler.start()
-    assert inside.wait(5)  # cancelled while it is inside its first chunk
-    assert scheduler.cancel_background("k")
-    go_on.set()
-    assert scheduler.wait_idle(5)
-    scheduler.stop()
-    assert log == [0]  # it finished the chunk it was in, and no other
+    loop.submit_background("k", Job(steps))
+    assert loop._step() and s.kv_ids == [1]
+    assert loop.cancel_background("k")
+    loop._step()
+    assert s.kv_ids == [1]  # it ran the step it was in, and no other
     assert steps.gi_frame is None  # and was closed, so it never runs again
+    assert engine.stats.background.computed == 1 and s.kv_background == [True]
 
 
-def test_wait_idle_returns_only_after_every_jobs_last_step() -> None:
-    """A gate answer's completion goes out inside a step and its verification is the next
-    step: a wait_idle right after the answer must wait for the verification too, even if
-    it looks while the model thread is between the end of a step and the job's re-queue."""
-    scheduler = Scheduler()
+def test_wait_idle_returns_only_after_every_jobs_last_step(tiny: HFBackend) -> None:
+    """A gate answer's completion goes out before its verification forward, a step later:
+    a wait_idle right after the answer must wait for the verification too."""
+    loop, engine = _loop_parts(tiny, step_tokens=8)
     log: list[str] = []
-    answered, finish = threading.Event(), threading.Event()
+    answered = threading.Event()
+    s = Session("gate", engine.pool)
 
     def gate_like():
         answered.set()  # the client hears of the answer here
-        assert finish.wait(5)
-        yield
+        yield from engine.book.feed(s, [4, 5, 6], background=False)
         log.append("verified")
 
-    scheduler.start()
-    scheduler.submit(Job(gate_like()))
-    assert answered.wait(5)
-    with scheduler._cond:  # hold the model thread where the step has ended, before the re-queue
-        finish.set()
-        deadline = time.monotonic() + 0.5
-        while scheduler._busy and time.monotonic() < deadline:
-            pass
-        assert scheduler.wait_idle(5)
+    loop.start()
+    try:
+        loop.submit(Job(gate_like()))
+        assert answered.wait(5)
+        assert loop.wait_idle(30)
         assert log == ["verified"]
-    scheduler.stop()
+    finally:
+        loop.stop()
+
+
+def test_a_short_prefill_never_waits_behind_a_long_cold_one(tiny: HFBackend) -> None:
+    loop, engine = _loop_parts(tiny, step_tokens=8)
+    got: list[torch.Tensor] = []
+    long, short = Session("long", engine.pool), Session("short", engine.pool)
+    loop.submit(Job(_feeding(engine, long, list(range(200, 240)), False, got)))
+    loop.submit(Job(_feeding(engine, short, [7, 8, 9], False, got)))
+    assert loop._step()
+    assert short.kv_ids == [7, 8, 9] and len(got) == 1  # its whole delta in the first step
+    assert len(long.kv_ids) == 5  # the long prompt took the rest of the budget
+    while not loop.idle():
+        loop._step()
+    assert len(long.kv_ids) == 40 and len(got) == 2

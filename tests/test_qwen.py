@@ -16,7 +16,7 @@ from headstart.model import HFBackend
 from headstart.model.loader import resolve
 from headstart.model.qwen_chunks import QWEN05
 from headstart.session.template import ChatTemplate
-from tests.helpers import cold, converse, greedy_after
+from tests.helpers import cold, converse, greedy_after, hinted_turn
 
 SHORT = SamplingParams(max_tokens=8)
 QUESTIONS = ["What is 2 + 3? Answer with a number.", "And 4 + 4?", "And 10 - 7?"]
@@ -56,13 +56,7 @@ def test_qwen_every_exact_path_equals_cold(qwen: HFBackend, make_engine: Callabl
     assert outs[0].path == "cold" and outs[1].path in ("entry", "ready_exact")
     assert outs[0].finish_reason == "stop"  # ended on <|im_end|>, which is never sent
     # ready_exact: the client said what comes next
-    session = engine.get_session("qwen-paths")
-    session.settings.hint = QUESTIONS[2]
-    engine.schedule_pre_position(session)
-    assert engine.wait_idle(300)
-    assert session.ready["next"].source == "hint"
-    third = [*prompts[1], {"role": "assistant", "content": outs[1].text}, {"role": "user", "content": QUESTIONS[2]}]
-    hit = engine.generate(Request(messages=third, params=SHORT, session_id="qwen-paths"))
+    third, hit = hinted_turn(engine, "qwen-paths", prompts[1], outs[1].text, QUESTIONS[2], params=SHORT)
     assert hit.path == "ready_exact" and hit.extra["forwards_before_first_token"] == 0
     # session: an edit of the first question keeps only the shared system prompt
     edited = [{"role": "user", "content": "What is 7 + 1? Answer with a number."}]
@@ -91,12 +85,12 @@ def test_qwen_gate_at_threshold_zero(qwen: HFBackend, make_engine: Callable[...,
 def test_qwen_tool_call_then_result_in_a_session_equals_cold(
     qwen: HFBackend, make_engine: Callable[..., Engine]
 ) -> None:
-    """A forced (required) call, its result through the pre-paid `tool` entry, and the
+    """A required call (held to the grammar), its result through the pre-paid `tool` entry, and the
     answer after it: each exactly what a cold computation gives."""
     engine = make_engine(qwen, gate=False, **SMALL_IDLE)
     template = ChatTemplate(qwen.tokenizer)
     first = [{"role": "user", "content": "What is the weather in Paris?"}]
-    params = SamplingParams(max_tokens=24)
+    params = SamplingParams(max_tokens=32)  # the grammar writes the call whole, its closing tag included
     call = engine.generate(Request(first, params, session_id="qwen-tools", tools=WEATHER, tool_choice="required"))
     assert call.finish_reason == "tool_calls" and call.text == ""
     ((name, args),) = [(c.name, c.arguments) for c in call.tool_calls]

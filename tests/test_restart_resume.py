@@ -9,13 +9,13 @@ from pathlib import Path
 
 import httpx
 
+from headstart.bench.serverproc import ServeProcess
 from headstart.engine import sessions as sessionapi
 from headstart.engine.engine import Engine, EngineConfig
 from headstart.idle import queries
 from headstart.model import HFBackend
 from headstart.session.store import SessionStore
 from tests.apiutil import SSEReader
-from tests.serverproc import Server
 
 QUESTION = "Is the latest inlet temperature above 28 C? Answer Yes or No."
 
@@ -41,7 +41,7 @@ def test_an_engine_started_on_a_store_takes_up_its_sessions_work(tiny: HFBackend
 
 def test_restored_sessions_ingest_and_answer_after_a_kill(tmp_path: Path) -> None:
     entries = [f"reading {i}: inlet {20 + (i * 7) % 11}.{i % 10} C" for i in range(12)]
-    first = Server(tmp_path)
+    first = ServeProcess(tmp_path)
     try:
         base = f"{first.url}/v1/sessions"
         assert httpx.post(base, json={"id": "feed"}, timeout=60).status_code == 200
@@ -57,7 +57,7 @@ def test_restored_sessions_ingest_and_answer_after_a_kill(tmp_path: Path) -> Non
     assert waiting > 0, "the first server ingested everything before the kill: nothing left to resume"
     assert [q["id"] for q in stored.state["queries"]] == ["hot"]
 
-    with Server(tmp_path) as second:
+    with ServeProcess(tmp_path) as second:
         session = f"{second.url}/v1/sessions/feed"
         # Only reads from here on: an event stream and GETs, which never schedule work.
         with SSEReader(f"{session}/events") as events:

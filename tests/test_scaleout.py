@@ -19,12 +19,13 @@ import httpx
 import pytest
 from openai import OpenAI
 
+from headstart.bench.serverproc import free_port
 from headstart.decode.sampling import SamplingParams
 from headstart.engine.engine import Engine, Request
 from headstart.model import HFBackend
 from headstart.scaleout.app import ACTOR_PREFIX, REPLICA_HEADER, build_app, live_replicas
 from headstart.scaleout.run import deploy, start_ray
-from tests.conftest import free_port, pg_database
+from tests.conftest import pg_database
 from tests.helpers import QUESTIONS
 
 pytestmark = pytest.mark.real

@@ -11,7 +11,8 @@ import pytest
 from headstart.engine.engine import Engine, EngineConfig, Request
 from headstart.errors import SessionMoved
 from headstart.model import HFBackend
-from headstart.session.store import SCHEMA_VERSION, SchemaError, StaleClaim, StoredSession, open_store
+from headstart.session.open_store import open_store
+from headstart.session.store import SCHEMA_VERSION, SchemaError, StaleClaim, StoredSession
 from tests.helpers import GREEDY, QUESTIONS, cold
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import httpx
 
+from headstart.bench.serverproc import ServeProcess
 from headstart.session.store import SessionStore
-from tests.serverproc import Server
 
 
 def _refused(r: httpx.Response) -> None:
@@ -26,7 +26,7 @@ def _refused(r: httpx.Response) -> None:
 
 
 def test_a_store_that_cannot_be_written_acknowledges_nothing_and_recovers(tmp_path: Path) -> None:
-    server = Server(tmp_path, "--no-gate", "--no-pre-position")
+    server = ServeProcess(tmp_path, "--no-gate", "--no-pre-position")
     sessions = f"{server.url}/v1/sessions"
     try:
         first = [{"role": "user", "content": "Name a colour."}]

@@ -48,11 +48,6 @@ def srv(real: HFBackend) -> Iterator[Served]:
         yield served
 
 
-@pytest.fixture(scope="module")
-def oa(srv: Served) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0)
-
-
 def test_json_mode_gives_json_on_twenty_prompts(real: HFBackend, oa: openai.OpenAI) -> None:
     """JSON mode's promise as OpenAI states it: the output is JSON, and an answer cut by
     ``max_tokens`` may be unfinished. Each answer is checked by a JSON grammar built here
@@ -137,6 +132,8 @@ def test_a_constrained_session_turn_equals_the_same_turn_cold(srv: Served, oa: o
         ({"type": "json_schema", "json_schema": {"name": "bad name!", "schema": {}}},
          "response_format.json_schema.name"),
         ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}, "response_format"),
+        ({"type": "json_schema", "json_schema": {"name": "x", "strict": True, "schema": {
+            "type": "object", "properties": {"a": {"type": "string", "not": {"const": "b"}}}}}}, "response_format"),
     ],
 )
 def test_formats_it_cannot_honour_are_400s(srv: Served, fmt: dict, param: str) -> None:

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
-import signal
 import socket
 import struct
-import subprocess
-import sys
 import termios
 import time
 from pathlib import Path
@@ -18,54 +14,20 @@ from typing import Any
 import httpx
 import pytest
 
+from headstart.bench.serverproc import ServeProcess
 from headstart.engine.engine import Engine, EngineConfig
 from headstart.model import HFBackend
 from headstart.server.app import ServerConfig, create_app
 from headstart.session.store import SessionStore
 from tests.apiutil import wait_until
-from tests.conftest import LiveServer, free_port
+from tests.conftest import LiveServer
 from tests.kvmeter import KVMeter
 
 
-class ServerProcess:
-    """``headstart serve`` as a subprocess on a free loopback port."""
-
-    def __init__(self, data: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "HEADSTART_DATA": str(data), "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "headstart.cli", "--log-level", "WARNING", "serve", "--port", str(self.port),
-             "--db", str(data / "h.db"), "--spill-dir", str(data / "spill")],
-            env=env, stdout=subprocess.DEVNULL, stderr=open(data / f"server-{self.port}.log", "w"),  # noqa: SIM115
-        )
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, (data / f"server-{self.port}.log").read_text()
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError("server did not start")
-
-    def chat(self, sid: str | None, messages: list[dict[str, str]], max_tokens: int = 10) -> dict:
-        headers = {"x-session-id": sid} if sid else {}
-        body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0}
-        r = httpx.post(f"{self.url}/v1/chat/completions", json=body, headers=headers, timeout=120)
-        assert r.status_code == 200, r.text
-        return r.json()
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(30)
-        assert self.proc.returncode == -signal.SIGKILL  # it died of the kill, not of a graceful stop
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(30)
+def _answer(server: ServeProcess, sid: str | None, messages: list[dict[str, str]], max_tokens: int = 10) -> dict:
+    r = server.chat(sid, messages, max_tokens=max_tokens)
+    assert r.status_code == 200, r.text
+    return r.json()
 
 
 def _stored(data: Path) -> dict[str, Any]:
@@ -73,14 +35,14 @@ def _stored(data: Path) -> dict[str, Any]:
 
 
 def test_kill_9_mid_stream_loses_no_acknowledged_turn(tmp_path: Path) -> None:
-    server = ServerProcess(tmp_path)
+    server = ServeProcess(tmp_path)
     acknowledged: dict[str, list[dict[str, str]]] = {"k1": [], "k2": []}
     killed = False
     try:
         for sid, questions in (("k1", ["Name a colour.", "Name another one."]), ("k2", ["Name a fruit."])):
             for q in questions:
                 messages = [*acknowledged[sid], {"role": "user", "content": q}]
-                answer = server.chat(sid, messages)["choices"][0]["message"]["content"]
+                answer = _answer(server, sid, messages)["choices"][0]["message"]["content"]
                 acknowledged[sid] = [*messages, {"role": "assistant", "content": answer}]
         interrupted = [*acknowledged["k1"], {"role": "user", "content": "Write a long poem about colours."}]
         body = {"messages": interrupted, "max_tokens": 200, "temperature": 0, "stream": True}
@@ -101,15 +63,15 @@ def test_kill_9_mid_stream_loses_no_acknowledged_turn(tmp_path: Path) -> None:
         assert stored[sid].messages == messages
         assert stored[sid].turns == len(messages) // 2
 
-    restarted = ServerProcess(tmp_path)
+    restarted = ServeProcess(tmp_path)
     try:
-        after = restarted.chat("k1", interrupted, max_tokens=12)
-        reference = restarted.chat(None, interrupted, max_tokens=12)  # computed from scratch
+        after = _answer(restarted, "k1", interrupted, max_tokens=12)
+        reference = _answer(restarted, None, interrupted, max_tokens=12)  # computed from scratch
         assert after["choices"][0]["message"]["content"] == reference["choices"][0]["message"]["content"]
         assert after["headstart"]["path"] in ("cold", "session", "entry")  # restored sessions pre-position at start
         # The second kill comes the moment a turn is acknowledged: it must already be committed.
         messages = [*acknowledged["k2"], {"role": "user", "content": "Name another fruit."}]
-        answer = restarted.chat("k2", messages)["choices"][0]["message"]["content"]
+        answer = _answer(restarted, "k2", messages)["choices"][0]["message"]["content"]
         restarted.kill()
     finally:
         restarted.stop()

@@ -1,5 +1,6 @@
 """Tool calls without a tool-capable model: the parser, the stream hold-back, tool_choice
-plans on a small tool template, and the clear refusal of a template without tools."""
+plans and their grammars on a small tool template, schemas refused, and the clear refusal
+of a template without tools."""
 
 from __future__ import annotations
 
@@ -8,11 +9,22 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from headstart.engine.engine import BadRequest, Request
+from headstart.engine.engine import Request
+from headstart.errors import BadRequest
 from headstart.model import HFBackend
 from headstart.model.loader import local_folder, resolve
 from headstart.session.template import ChatTemplate, TemplateError
-from headstart.session.tools import HoldBack, ToolChoiceError, parse, plan_tools
+from headstart.session.tools import (
+    BARE,
+    Envelope,
+    HoldBack,
+    ParsedAnswer,
+    ToolChoiceError,
+    ToolPlan,
+    envelope,
+    parse,
+    plan_tools,
+)
 
 NAMES = {"get_weather", "add"}
 TOOLS = [
@@ -133,26 +145,110 @@ def test_hold_back_lets_prose_and_code_through_and_stops_at_a_tag() -> None:
     assert HoldBack(active=False).push("{") == "{"
 
 
+def _grammar(plan: ToolPlan):  # type: ignore[no-untyped-def]
+    """A string-level checker of the plan's grammar (xgrammar over a one-character vocabulary:
+    which texts the grammar admits does not depend on the tokenizer)."""
+    import xgrammar as xgr
+
+    assert plan.constraint is not None and plan.constraint.kind == "tool_calls"
+    compiled = xgr.GrammarCompiler(xgr.TokenizerInfo([chr(i) for i in range(32, 127)] + ["\n"])).compile_structural_tag(
+        plan.constraint.schema)
+
+    def admits(text: str) -> bool:
+        matcher = xgr.GrammarMatcher(compiled, terminate_without_stop_token=True)
+        return matcher.accept_string(text) and matcher.is_terminated()
+
+    return admits
+
+
+def _written(template: ChatTemplate, messages: list, name: str, args: dict) -> str:
+    """A call as the template itself writes it after ``messages``."""
+    start = template.render_text(messages, tools=STRICT_TOOLS, generation_prompt=True)
+    call = {"type": "function", "function": {"name": name, "arguments": args}}
+    full = template.render_text([*messages, {"role": "assistant", "content": "", "tool_calls": [call]}],
+                                tools=STRICT_TOOLS, generation_prompt=False)
+    return full[len(start):].partition("<|im_end|>")[0]
+
+
+WEATHER_ARGS = {"type": "object", "properties": {
+    "city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]},
+    "where": {"type": "object", "properties": {"lat": {"type": "number"}}, "required": ["lat"],
+              "additionalProperties": False}},
+    "required": ["city", "unit"], "additionalProperties": False}
+STRICT_TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER_ARGS}},
+    {"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}}},
+]
+
+
+def test_the_envelope_is_the_templates_own(tool_template: ChatTemplate) -> None:
+    assert envelope(tool_template, STRICT_TOOLS) == Envelope('<tool_call>\n{"name": "', '", "arguments": ',
+                                                             "}\n</tool_call>", "")  # calls back to back
+    odd = AutoTokenizer.from_pretrained(local_folder(resolve(None)))
+    odd.chat_template = TOOL_TEMPLATE.replace('<tool_call>\n{\"name\": \"{{ c.function.name }}\", '
+                                              '\"arguments\": {{ c.function.arguments | tojson }}}',
+                                              "CALL {{ c.function.name }}({{ c.function.arguments | tojson }})")
+    assert envelope(ChatTemplate(odd), STRICT_TOOLS) is BARE  # one the parser would not read back
+
+
 def test_plans_for_each_tool_choice(tool_template: ChatTemplate) -> None:
     messages = [{"role": "user", "content": "Weather in Paris?"}]
-    auto = plan_tools(tool_template, messages, TOOLS, None)
-    assert auto.parse and not auto.prefix and auto.names == NAMES
-    none = plan_tools(tool_template, messages, TOOLS, "none")
+    auto = plan_tools(tool_template, TOOLS, None)
+    assert auto.parse and auto.constraint is None and auto.names == NAMES
+    none = plan_tools(tool_template, TOOLS, "none")
     assert not none.parse and none.read('{"name": "add", "arguments": {}}').calls == []
-    required = plan_tools(tool_template, messages, TOOLS, "required")
-    assert tool_template.decode(required.prefix) == '<tool_call>\n{"name": "'
-    named = plan_tools(tool_template, messages, TOOLS, {"type": "function", "function": {"name": "add"}})
-    assert tool_template.decode(named.prefix) == '<tool_call>\n{"name": "add", "arguments":'
-    assert named.names == {"add"}
-    # the forced tokens are the ones the template's own rendering of a call has there
-    rendered = tool_template.render(
-        [*messages, {"role": "assistant", "content": "", "tool_calls": [
-            {"type": "function", "function": {"name": "add", "arguments": {"a": 1}}}]}],
-        tools=TOOLS, generation_prompt=False,
-    )
-    start = tool_template.render(messages, tools=TOOLS)
-    assert rendered[: len(start) + len(named.prefix)] == start + named.prefix
-    assert plan_tools(tool_template, messages, None, None).parse is False
+    assert plan_tools(tool_template, None, None).parse is False
+    paris = _written(tool_template, messages, "get_weather", {"city": "Paris", "unit": "celsius"})
+    one = _written(tool_template, messages, "add", {"a": 1})
+
+    required = _grammar(plan_tools(tool_template, STRICT_TOOLS, "required"))
+    assert required(paris) and required(one) and required(f"{paris}{one}")  # the template's calls, in turn
+    assert not required("It is sunny.") and not required("")  # a call, nothing else
+    assert not required(paris.replace("celsius", "kelvin"))  # an enum
+    assert not required(paris.replace('"city": "Paris", ', ""))  # a required field
+    assert not required(paris.replace("get_weather", "launch_rockets"))
+    assert not required(one.replace("1", '"one"'))  # non-strict functions follow their schema too
+    nested = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "P", "unit": "celsius", "where": %s}}' \
+             "\n</tool_call>"
+    assert required(nested % '{"lat": 1.5}') and not required(nested % '{"lon": 1.5}')
+    single = _grammar(plan_tools(tool_template, STRICT_TOOLS, "required", parallel=False))
+    assert single(paris) and not single(f"{paris}{one}")
+
+    named = plan_tools(tool_template, STRICT_TOOLS, {"type": "function", "function": {"name": "add"}})
+    assert named.names == {"add"} and _grammar(named)(one) and not _grammar(named)(paris)
+
+    strict_auto = plan_tools(tool_template, STRICT_TOOLS, "auto", strict={"get_weather"})
+    free = _grammar(strict_auto)
+    assert free("It is sunny.") and free(paris) and free(f"Let me look.\n{paris}")
+    assert not free(f"Let me look.\n{paris.replace('celsius', 'kelvin')}")  # once opened, a call is valid
+    assert strict_auto.read(paris).calls[0].arguments == {"city": "Paris", "unit": "celsius"}
+    # a call the grammar did not make (bare JSON) is a call only if its strict arguments validate
+    bare = '```json\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "%s"}}\n```'
+    assert [c.name for c in strict_auto.read(bare % "celsius").calls] == ["get_weather"]
+    assert strict_auto.read(bare % "kelvin") == ParsedAnswer(bare % "kelvin", [])
+    assert [c.name for c in strict_auto.read('{"name": "add", "arguments": {"a": "x"}}').calls] == ["add"]
+
+
+@pytest.mark.parametrize(
+    ("parameters", "strict", "words"),
+    [
+        ({"type": "object", "properties": {"a": {"type": "nonsense"}}}, False, "cannot be compiled"),
+        ({"type": "string"}, False, "must describe an object"),
+        ({"type": "object", "properties": {"a": {"not": {"type": "string"}}}}, True, "properties.a.not"),
+        ({"type": "object", "properties": {"a": {"type": "string", "format": "credit-card"}}}, True, "format"),
+        ({"type": "object", "oneOf": [{"required": ["a"]}, {"required": ["b"]}]}, True, "oneOf"),
+    ],
+)
+def test_schemas_the_grammar_cannot_honour_are_refused_naming_the_field(
+    tool_template: ChatTemplate, parameters: dict, strict: bool, words: str
+) -> None:
+    tools = [TOOLS[0], {"type": "function", "function": {"name": "f", "parameters": parameters}}]
+    with pytest.raises(ToolChoiceError, match=words) as info:
+        plan_tools(tool_template, tools, "auto", strict={"f"} if strict else ())
+    assert info.value.param == "tools[1].function.parameters"
+    if strict:  # the same schema, not strict: best effort, accepted
+        plan_tools(tool_template, tools, "required")
 
 
 @pytest.mark.parametrize(
@@ -167,7 +263,7 @@ def test_plans_for_each_tool_choice(tool_template: ChatTemplate) -> None:
 )
 def test_bad_tool_choices_are_refused(tool_template: ChatTemplate, tools, choice, param: str) -> None:
     with pytest.raises(ToolChoiceError) as info:
-        plan_tools(tool_template, [{"role": "user", "content": "hi"}], tools, choice)
+        plan_tools(tool_template, tools, choice)
     assert info.value.param == param
 
 
@@ -182,3 +278,55 @@ def test_a_template_without_tools_refuses_them_clearly(tiny: HFBackend, make_eng
         engine.submit(Request(messages=[{"role": "user", "content": "hi"}], tools=TOOLS))
     with pytest.raises(BadRequest, match="needs tools"):
         engine.submit(Request(messages=[{"role": "user", "content": "hi"}], tool_choice="required"))
+
+
+@pytest.fixture(scope="module")
+def tiny_tools(tiny: HFBackend) -> HFBackend:
+    """The tiny model behind the compact tool template: tool grammars on every engine path, fast."""
+    tokenizer = AutoTokenizer.from_pretrained(local_folder(resolve(None)))
+    tokenizer.chat_template = TOOL_TEMPLATE
+    return HFBackend(tiny.model, tokenizer, "tiny-tools")
+
+
+def _admitted(plan: ToolPlan, text: str) -> bool:
+    """Whether ``text`` is a start the plan's grammar admits (an answer may be cut short)."""
+    import xgrammar as xgr
+
+    assert plan.constraint is not None
+    info = xgr.TokenizerInfo([chr(i) for i in range(32, 127)] + ["\n"])
+    matcher = xgr.GrammarMatcher(xgr.GrammarCompiler(info).compile_structural_tag(plan.constraint.schema))
+    return matcher.accept_string(text)
+
+
+def test_a_tool_grammar_holds_on_the_ready_position_and_the_gate(tiny_tools: HFBackend, make_engine) -> None:
+    """The ready position and its sure tail were computed without the grammar; a required call
+    that meets them is the same as cold. The gate, forced open, scans the masked cached
+    distribution: its answer, first token included, is one the grammar admits."""
+    from headstart.decode.sampling import SamplingParams
+
+    engine = make_engine(tiny_tools, sure_gap=0.0)  # every ready position gets a sure tail, unconstrained
+    template = ChatTemplate(tiny_tools.tokenizer)
+    plan = plan_tools(template, STRICT_TOOLS, "required")
+    history = [{"role": "user", "content": "Hello!"}]
+    kwargs = {"tools": STRICT_TOOLS, "tool_choice": "required"}
+    first = engine.generate(Request(history, SamplingParams(max_tokens=6), session_id="tg", tools=STRICT_TOOLS))
+    history.append({"role": "assistant", "content": first.text})
+    assert engine.wait_idle(120)
+    ready_turn = [*history, {"role": "user", "content": ""}]
+    params = SamplingParams(max_tokens=24)
+    prompt = template.render(ready_turn, tools=STRICT_TOOLS)
+    ready = [rp for rp in engine.sessions.find("tg").ready.values() if rp.ids == prompt]
+    assert ready and ready[0].forced  # a sure tail, decoded without the grammar
+    warm = engine.generate(Request(ready_turn, params, session_id="tg", **kwargs))
+    assert warm.path == "ready_exact"
+    cold = engine.generate(Request(ready_turn, params, **kwargs))
+    assert warm.token_ids == cold.token_ids
+    assert template.decode(warm.token_ids).startswith('<tool_call>\n{"name": "')
+    assert _admitted(plan, template.decode(warm.token_ids))
+    history = [*ready_turn, {"role": "assistant", "content": warm.text}]
+    assert engine.wait_idle(120)
+    gate = engine.submit(Request([*history, {"role": "user", "content": "Again."}], params, session_id="tg",
+                                 stream=True, gap_threshold=0.0, **kwargs)).result()
+    assert gate.path == "gate"
+    assert template.decode(gate.token_ids).startswith("<tool_call>") and _admitted(plan, template.decode(
+        gate.token_ids))

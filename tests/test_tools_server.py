@@ -149,3 +149,109 @@ def test_malformed_tool_fields_are_400s_naming_the_field(tiny_server: LiveServer
     r = httpx.post(f"{tiny_server.url}/v1/chat/completions", json={"max_tokens": 4, **body}, timeout=30)
     assert r.status_code == 400
     assert r.json()["error"]["param"].startswith(param)
+
+
+# Strict functions (OpenAI's `strict` function calling): required fields, enums, a nested object.
+UNIT = {"type": "string", "enum": ["celsius", "fahrenheit"]}
+STRICT = [
+    {"type": "function", "function": {
+        "name": "get_weather", "description": "Get the current weather in a city", "strict": True,
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "unit": UNIT},
+                       "required": ["city", "unit"], "additionalProperties": False}}},
+    {"type": "function", "function": {
+        "name": "book_flight", "description": "Book a flight for a passenger", "strict": True,
+        "parameters": {"type": "object", "properties": {
+            "origin": {"type": "string"}, "destination": {"type": "string"},
+            "passenger": {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+                          "required": ["name", "age"], "additionalProperties": False}},
+            "required": ["origin", "destination", "passenger"], "additionalProperties": False}}},
+]
+SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in STRICT}
+FLIGHT = [{"role": "user", "content": "Book a flight from Oslo to Rome for Ann, who is 34."}]
+JOKE = [{"role": "user", "content": "Tell me a joke."}]
+
+
+def _valid_calls(calls: list[tuple[str, str]]) -> list[tuple[str, dict[str, Any]]]:
+    """Each call's arguments parsed and validated against its function's schema."""
+    import jsonschema
+
+    out = []
+    for name, arguments in calls:
+        args = json.loads(arguments)
+        jsonschema.validate(args, SCHEMAS[name])
+        out.append((name, args))
+    return out
+
+
+def test_strict_calls_follow_their_schemas_and_tool_choice(qwen_server: LiveServer) -> None:
+    """required always yields a call, even to a question no tool answers; a named choice
+    calls that function; auto with strict tools calls validly. Streamed and not."""
+    client, model = _client(qwen_server), "qwen2.5-coder-0.5b"
+    content, calls, finish, _ = _stream(client, model=model, messages=JOKE, tools=STRICT, max_tokens=40,
+                                        tool_choice="required")  # no tool tells jokes: a call all the same
+    assert (content, finish) == ("", "tool_calls") and len(calls) == 1
+    _valid_calls([(c["name"], c["arguments"]) for c in calls])
+    cases = [
+        (FLIGHT, {"type": "function", "function": {"name": "book_flight"}}, 60),
+        (QUESTION, "auto", 48),  # the model writes a bare fenced call here: validated after the fact
+    ]
+    for messages, choice, max_tokens in cases:
+        r = client.chat.completions.create(model=model, messages=messages, tools=STRICT, tool_choice=choice,
+                                           temperature=0, max_tokens=max_tokens)
+        message = r.choices[0].message
+        assert r.choices[0].finish_reason == "tool_calls" and message.tool_calls, (choice, message)
+        valid = _valid_calls([(c.function.name, c.function.arguments) for c in message.tool_calls])
+        if isinstance(choice, dict):
+            assert [n for n, _ in valid] == ["book_flight"]
+            assert valid[0][1]["passenger"]["age"] == 34
+        if messages is QUESTION:
+            assert valid == [("get_weather", {"city": "Paris", "unit": valid[0][1]["unit"]})]
+
+
+def test_a_constrained_session_turn_with_tools_equals_the_same_turn_cold(qwen_server: LiveServer) -> None:
+    """Turn 2 of a session (the tool's result in, a named call's grammar in force) comes from
+    the session's KV and equals the same request cold, streamed."""
+    session, plain, model = _client(qwen_server, "strict-agent"), _client(qwen_server), "qwen2.5-coder-0.5b"
+    first = session.chat.completions.create(model=model, messages=QUESTION, tools=STRICT, tool_choice="required",
+                                            temperature=0, max_tokens=40)
+    (call,) = first.choices[0].message.tool_calls
+    messages = [*QUESTION, first.choices[0].message,
+                {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"celsius": 18})}]
+    qwen_server.server.config.app.state.headstart.engine.wait_idle(300)
+    kwargs = {"model": model, "messages": messages, "tools": STRICT, "max_tokens": 32,
+              "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}
+    warm = session.chat.completions.create(temperature=0, **kwargs)
+    assert warm.model_extra["headstart"]["path"] in ("entry", "ready_exact")
+    assert warm.usage.prompt_tokens_details.cached_tokens > first.usage.prompt_tokens
+    content, calls, finish, extension = _stream(plain, **kwargs)
+    assert extension["path"] == "cold" and finish == warm.choices[0].finish_reason == "tool_calls"
+    reply = warm.choices[0].message
+    assert content == "" and reply.content is None
+    assert [(c["name"], c["arguments"]) for c in calls] == [(c.function.name, c.function.arguments)
+                                                            for c in reply.tool_calls]
+    assert [n for n, _ in _valid_calls([(c.function.name, c.function.arguments) for c in reply.tool_calls])] == [
+        "get_weather"]
+
+
+@pytest.mark.parametrize(
+    ("tools", "choice", "param", "words"),
+    [
+        ([{"type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "properties": {"a": {"type": "nonsense"}}}}}], None, "tools[0].function.parameters",
+         "cannot be compiled"),
+        ([{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}], None,
+         "tools[0].function.parameters", "object"),
+        ([*STRICT, {"type": "function", "function": {"name": "f", "strict": True, "parameters": {
+            "type": "object", "properties": {"a": {"type": "string", "not": {"const": "x"}}}}}}], None,
+         "tools[2].function.parameters", "properties.a.not"),
+        (STRICT, {"type": "function", "function": {"name": "launch_rockets"}}, "tool_choice", "launch_rockets"),
+    ],
+)
+def test_tool_schemas_and_choices_it_cannot_honour_are_400s(
+    qwen_server: LiveServer, tools: list, choice: Any, param: str, words: str
+) -> None:
+    body = {"messages": QUESTION, "tools": tools, "max_tokens": 4, **({"tool_choice": choice} if choice else {})}
+    r = httpx.post(f"{qwen_server.url}/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and words in error["message"] and error["type"] == "invalid_request_error"

@@ -22,8 +22,8 @@ from typing import Any
 
 from headstart.bench import modes as modes_mod
 from headstart.bench.workloads import WORKLOADS, Workload, load_trace, make_workload, parse_gaps
-from headstart.engine.gate import DEFAULT_CONFIDENCE, DEFAULT_TARGET
-from headstart.idle.prepos import DEFAULT_PREDICTOR, PREDICTORS
+from headstart.config import GATE_CONFIDENCE, GATE_TARGET, PREDICTOR
+from headstart.idle.prepos import PREDICTORS
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,7 +33,11 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sessions", type=int, default=None, help="sessions in the workload")
     p.add_argument("--turns", type=int, default=None, help="requests per session")
     p.add_argument("--max-tokens", type=int, default=None, help="answer length cap")
-    p.add_argument("--clients", type=int, default=None, help="sessions in flight at once (default 2)")
+    p.add_argument("--clients", type=_counts, default=None,
+                   help="sessions in flight at once (default 2); several, e.g. 1,2,4,8: a concurrency sweep of "
+                        "the same requests at each count (throughput, TTFT, steps; bench/sweep.py)")
+    p.add_argument("--step-tokens", type=int, default=None,
+                   help="the engine's step budget in tokens (default: the engine's, by device)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rounds", type=int, default=None,
                    help="run every mode on one group of sessions before the next group; default: groups of "
@@ -49,9 +53,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="the gate mode's fixed logit-gap threshold; 'guaranteed': the server's default gate "
                         "(fires where the precision bound reaches --target, calibrated online); 'auto': "
                         "calibrated on this run's prepositioned mode with the same bound (in-sample)")
-    p.add_argument("--target", type=float, default=DEFAULT_TARGET, help="precision the calibration's bound aims for")
-    p.add_argument("--confidence", type=float, default=DEFAULT_CONFIDENCE, help="the confidence of that bound")
-    p.add_argument("--predictor", choices=PREDICTORS, default=DEFAULT_PREDICTOR, help="predicted next message")
+    p.add_argument("--target", type=float, default=GATE_TARGET, help="precision the calibration's bound aims for")
+    p.add_argument("--confidence", type=float, default=GATE_CONFIDENCE, help="the confidence of that bound")
+    p.add_argument("--predictor", choices=PREDICTORS, default=PREDICTOR, help="predicted next message")
     p.add_argument("--prefix-blocks", type=int, default=1024, help="prefix_cache capacity in blocks")
     p.add_argument("--prefix-block", type=int, default=16, help="prefix_cache block size in tokens")
     p.add_argument("--peer", choices=modes_mod.PEERS, default=None, help="also run a real peer over HTTP")
@@ -106,7 +110,19 @@ def _record_json(r: Any) -> dict[str, Any]:
     return d
 
 
+def _counts(text: str) -> list[int]:
+    counts = [int(x) for x in text.split(",") if x.strip()]
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError("client counts are positive integers, e.g. 1,2,4,8")
+    return counts
+
+
 def run_bench(args: argparse.Namespace) -> int:
+    if args.clients is not None and len(args.clients) > 1:
+        from headstart.bench.sweep import run_sweep
+
+        return run_sweep(args, args.clients)
+    args.clients = args.clients[0] if args.clients else None
     if args.model_only:
         from headstart.bench.model_only import main
 

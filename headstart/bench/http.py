@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from headstart.bench.serverproc import ServeProcess
 from headstart.stats import summary
 
 _WORDS = ("module", "function", "returns", "value", "error", "test", "passes", "branch", "change", "review",
@@ -33,37 +31,6 @@ _WORDS = ("module", "function", "returns", "value", "error", "test", "passes", "
 
 def _text(rng: random.Random, words: int) -> str:
     return " ".join(rng.choice(_WORDS) for _ in range(words)) + "."
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _serve(args: argparse.Namespace, port: int, data: str) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-c", "from headstart.cli.main import main; raise SystemExit(main())", "--log-level",
-           "WARNING", "serve", "--port", str(port), "--db", "", "--gap-threshold", "0", "--temperature", "0"]
-    if args.model:
-        cmd += ["--model", args.model]
-    env = {"HEADSTART_DATA": data, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
-    return subprocess.Popen(cmd, env={**os.environ, **env})
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 600) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError("the server did not become healthy")
 
 
 def _settled(http: Any, sid: str, timeout: float = 300) -> None:
@@ -109,13 +76,13 @@ def run_http(args: argparse.Namespace) -> int:
     rng = random.Random(args.seed)
     turns = args.turns or 8
     max_tokens = args.max_tokens or 8
-    port = _port()
-    url = f"http://127.0.0.1:{port}"
+    model = ["--model", args.model] if args.model else []
     with tempfile.TemporaryDirectory() as data:
-        proc = _serve(args, port, data)
+        print("starting headstart serve...", file=sys.stderr)
+        server = ServeProcess(Path(data), "--gap-threshold", "0", "--temperature", "0", *model, db="",
+                              threads=args.threads, timeout=600)
+        url = server.url
         try:
-            print("starting headstart serve...", file=sys.stderr)
-            _wait_healthy(url, proc)
             client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
             http = httpx.Client(base_url=url, timeout=600)
             sid = "http-bench"
@@ -140,8 +107,7 @@ def run_http(args: argparse.Namespace) -> int:
             report = _report(records, info["tokens"])
             report["render_ms"] = _render_cost(args.model, messages)
         finally:
-            proc.terminate()
-            proc.wait(30)
+            server.stop()
     print(_markdown(report))
     if args.json:
         Path(args.json).write_text(json.dumps({"records": records, "report": report}, indent=2))

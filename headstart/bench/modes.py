@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from headstart.config import GATE_CONFIDENCE, GATE_TARGET, PREDICTOR
 from headstart.engine.engine import EngineConfig
-from headstart.engine.gate import DEFAULT_CONFIDENCE, DEFAULT_TARGET
-from headstart.idle.prepos import DEFAULT_PREDICTOR, PREDICTORS
+from headstart.idle.prepos import PREDICTORS
 
 BASE_MODES = ("stateless", "prefix_cache", "session", "prepositioned", "gate")
 PEERS = ("llamacpp",)
@@ -48,9 +48,9 @@ def mode_specs(
     names: list[str],
     *,
     gap_threshold: float | None = BENCH_GAP,
-    target: float = DEFAULT_TARGET,
-    confidence: float = DEFAULT_CONFIDENCE,
-    predictor: str = DEFAULT_PREDICTOR,
+    target: float = GATE_TARGET,
+    confidence: float = GATE_CONFIDENCE,
+    predictor: str = PREDICTOR,
     prefix_blocks: int = 1024,
     prefix_block: int = 16,
     background_chunk: int = 16,

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from headstart.bench.runner import ModeRun, Progress, Record, run_clients
+from headstart.bench.serverproc import free_port, wait_healthy
 from headstart.bench.workloads import Script, Workload
 from headstart.session.template import ChatTemplate
 
@@ -64,18 +64,12 @@ def version(python: str) -> str:
     return done.stdout.strip()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class LlamaCppServer:
     """The llama.cpp server as a child process, up until the context exits."""
 
     def __init__(self, gguf: Path, python: str = sys.executable, n_ctx: int = 4096, threads: int | None = None,
                  cache_bytes: int = 2 << 30) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.cmd = [
             python, "-m", "llama_cpp.server",
@@ -102,19 +96,11 @@ class LlamaCppServer:
         import httpx
 
         self.proc = subprocess.Popen(self.cmd, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"llama.cpp server exited ({self.proc.returncode}); see {self.log}")
-            try:
-                if httpx.get(f"{self.url}/v1/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        else:
+        try:
+            wait_healthy(self.url, self.proc, timeout=300, log=self.log, path="/v1/models")
+        except RuntimeError:
             self.__exit__()
-            raise RuntimeError(f"llama.cpp server did not come up; see {self.log}")
+            raise
         # One request outside every timed part, as the in-process modes are warmed up.
         with httpx.Client() as c:
             _ask(c, self.url, {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4, "temperature": 0})

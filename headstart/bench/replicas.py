@@ -15,17 +15,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
 
+from headstart.bench.serverproc import ServeProcess, free_port
 from headstart.bench.workloads import Script, Workload, make_workload
 
 
@@ -152,28 +153,6 @@ def overhead(urls: dict[str, str], n: int) -> dict[str, dict[str, float]]:
             for name in urls}
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"headstart serve exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError("headstart serve did not become healthy")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_replica_bench(args: argparse.Namespace) -> int:
     from ray import serve
 
@@ -185,32 +164,29 @@ def run_replica_bench(args: argparse.Namespace) -> int:
         return 2
     workload = make_workload("agent", seed=args.seed, quick=args.quick, sessions=args.sessions, turns=args.turns,
                              max_tokens=args.max_tokens, gaps="fixed:0")
-    clients = args.clients or 2
+    clients = args.clients[0] if args.clients else 2  # one count (a sweep is the in-process bench's)
     model = ["--model", args.model] if args.model else []
     flags = {"db": args.db, "replicas": args.replicas, "replica_cpus": 0, "no_pre_position": True,
              "no_gate": True, "spill": "off", **({"model": args.model} if args.model else {})}
 
     # One server on its own: the baseline the proxy's cost is measured against.
-    single_url = f"http://127.0.0.1:{_free_port()}"
-    single = subprocess.Popen(
-        [sys.executable, "-m", "headstart.cli", "--log-level", "WARNING", "serve", "--port",
-         single_url.rsplit(":", 1)[1], "--db", "", "--no-pre-position", "--no-gate", *model],
-        env={**os.environ}, stdout=subprocess.DEVNULL)
+    data = tempfile.TemporaryDirectory()
+    single = ServeProcess(Path(data.name), "--no-pre-position", "--no-gate", *model, db="", threads=None, timeout=300)
+    single_url = single.url
     results: list[Routing] = []
     try:
-        _wait_healthy(single_url, single)
         start_ray(None)
         for name, affinity in (("affinity", True), ("random", False)):
             serve.shutdown()  # a fresh proxy and replicas for each routing
-            url = f"http://127.0.0.1:{_free_port()}"
+            url = f"http://127.0.0.1:{free_port()}"
             deploy(build_app({**flags, "no_affinity": not affinity}), "127.0.0.1", int(url.rsplit(":", 1)[1]))
             results.append(drive(url, workload, name, clients))
             if affinity:
                 cost = overhead({"single": single_url, "proxy": url}, args.overhead_requests)
     finally:
         serve.shutdown()
-        single.terminate()
-        single.wait(60)
+        single.stop()
+        data.cleanup()
     direct, proxied = cost["single"], cost["proxy"]
     report = {
         "workload": workload.describe(),

@@ -13,8 +13,8 @@ from collections import Counter
 from typing import Any
 
 from headstart.bench.runner import ModeRun, Record
-from headstart.engine.gate import DEFAULT_CONFIDENCE, calibrate
-from headstart.idle.prepos import DEFAULT_PREDICTOR
+from headstart.config import GATE_CONFIDENCE, PREDICTOR
+from headstart.engine.gate import calibrate
 from headstart.stats import PATHS, percentile, summary
 
 REFERENCE = "stateless"
@@ -135,7 +135,7 @@ def calibration_figures(
     target: float,
     exact_hits: int,
     requests: int,
-    confidence: float = DEFAULT_CONFIDENCE,
+    confidence: float = GATE_CONFIDENCE,
 ) -> dict[str, Any]:
     """:func:`headstart.engine.gate.calibrate` on ``pairs`` (the guaranteed gate's own math), with
     coverage also as a share of all ``requests`` (exact hits count as covered at every
@@ -198,7 +198,7 @@ def add_correctness(curve: list[dict[str, Any]], records: list[Record]) -> None:
 
 
 def gate_report(
-    runs: dict[str, ModeRun], target: float, confidence: float = DEFAULT_CONFIDENCE
+    runs: dict[str, ModeRun], target: float, confidence: float = GATE_CONFIDENCE
 ) -> dict[str, Any] | None:
     """The gate at its operating threshold, and where calibration would put it.
 
@@ -283,8 +283,8 @@ def correctness(runs: dict[str, ModeRun], reference: ModeRun) -> dict[str, Any]:
 def predictor_report(
     runs: dict[str, ModeRun],
     target: float,
-    default: str = DEFAULT_PREDICTOR,
-    confidence: float = DEFAULT_CONFIDENCE,
+    default: str = PREDICTOR,
+    confidence: float = GATE_CONFIDENCE,
 ) -> dict[str, Any]:
     """Coverage at the target precision per predicted delta (``prepositioned:PREDICTOR`` runs),
     with the background tokens each costs per request."""
@@ -330,8 +330,8 @@ def build_report(
     clients: int,
     command: str | None = None,
     notes: list[str] | None = None,
-    predictor: str = DEFAULT_PREDICTOR,
-    confidence: float = DEFAULT_CONFIDENCE,
+    predictor: str = PREDICTOR,
+    confidence: float = GATE_CONFIDENCE,
 ) -> dict[str, Any]:
     reference = runs.get(REFERENCE)
     modes = {name: mode_report(run, reference if name != REFERENCE else None) for name, run in runs.items()}

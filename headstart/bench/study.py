@@ -24,7 +24,8 @@ from typing import Any
 
 from headstart.bench.report import repeats, shadow_pairs
 from headstart.bench.runner import ModeRun, Record
-from headstart.engine.gate import DEFAULT_CONFIDENCE, DEFAULT_TARGET, calibrate, lower_bound
+from headstart.config import GATE_CONFIDENCE, GATE_TARGET
+from headstart.engine.gate import calibrate, lower_bound
 from headstart.stats import percentile
 
 
@@ -53,8 +54,8 @@ def _share(n: int, d: int) -> float | None:
     return round(n / d, 4) if d else None
 
 
-def figures(runs: dict[str, ModeRun], target: float = DEFAULT_TARGET,
-            confidence: float = DEFAULT_CONFIDENCE) -> dict[str, Any]:
+def figures(runs: dict[str, ModeRun], target: float = GATE_TARGET,
+            confidence: float = GATE_CONFIDENCE) -> dict[str, Any]:
     """The study's row for one model on one workload."""
     pre, gate = runs["prepositioned"], runs["gate"]
     ref = runs.get("stateless") or pre  # the prepositioned run is exact too: its answers are the real ones
@@ -193,7 +194,7 @@ def plot(rows: dict[str, dict[str, dict[str, Any]]], path: str | Path) -> Path:
                        ax.get_legend_handles_labels()[1] else None)
                 if bound_key and f[bound_key] is not None:
                     ax.plot([x - width / 2, x + width / 2], [f[bound_key]] * 2, color="k", lw=2)
-        ax.axhline(DEFAULT_TARGET, color="k", ls="--", lw=0.8)
+        ax.axhline(GATE_TARGET, color="k", ls="--", lw=0.8)
         labels = [f"{m}\n(n={rows[m][w]['decisions']} / {rows[m][w]['decisions_without_repeats']})"
                   if w in rows[m] else m for m in models]
         ax.set_xticks(range(len(models)), labels, fontsize=8)
@@ -214,8 +215,8 @@ def plot(rows: dict[str, dict[str, dict[str, Any]]], path: str | Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m headstart.bench.study", description=__doc__.split("\n\n")[0])
     p.add_argument("inputs", nargs="+", help="MODEL:WORKLOAD=RECORDS.jsonl")
-    p.add_argument("--target", type=float, default=DEFAULT_TARGET)
-    p.add_argument("--confidence", type=float, default=DEFAULT_CONFIDENCE)
+    p.add_argument("--target", type=float, default=GATE_TARGET)
+    p.add_argument("--confidence", type=float, default=GATE_CONFIDENCE)
     p.add_argument("--markdown", default=None)
     p.add_argument("--json", default=None)
     p.add_argument("--png", default=None)

@@ -30,8 +30,8 @@ CALIBRATION_GAPS = "fixed:0+settle"
 def run_calibrate(args: argparse.Namespace) -> int:
     from headstart.bench.report import calibration_figures, repeats, shadow_pairs
     from headstart.bench.runner import run_mode, warm_up
-    from headstart.cli.main import engine_config
     from headstart.model import load
+    from headstart.server.flags import engine_config
 
     try:
         gaps = parse_gaps(getattr(args, "gaps", None) or CALIBRATION_GAPS)

@@ -41,8 +41,8 @@ Talker = Callable[[list[dict[str, str]]], Iterator["str | Served"]]
 
 
 def in_process(args: argparse.Namespace, session_id: str) -> tuple[Talker, Callable[[], None], str]:
-    from headstart.cli.main import engine_config, set_threads
     from headstart.model import load
+    from headstart.server.flags import engine_config, set_threads
 
     set_threads(args)
     print("loading the model...", file=sys.stderr)

@@ -6,132 +6,8 @@ import argparse
 import logging
 import os
 import sys
-from typing import TYPE_CHECKING
 
-from headstart.engine.engine import EngineConfig
-from headstart.engine.gate import DEFAULT_CONFIDENCE, DEFAULT_TARGET, DEFAULT_WINDOW
-from headstart.idle.prepos import DEFAULT_PREDICTOR, PREDICTORS
-
-if TYPE_CHECKING:
-    from headstart.server.app import ServerConfig
-
-
-def add_model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=os.environ.get("HEADSTART_MODEL"),
-                   help="short name (smollm2-135m, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b), a .gguf file or an "
-                        "HF folder")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when present)")
-    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
-    p.add_argument("--cache-dir", default=None, help="model cache (default $HEADSTART_CACHE or ~/.cache/headstart)")
-
-
-def add_threads_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: torch's choice, all cores); on a machine shared with "
-                        "other jobs fewer threads are steadier")
-
-
-def set_threads(args: argparse.Namespace) -> None:
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-
-
-def add_engine_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--no-pre-position", action="store_true", help="no idle-time work")
-    p.add_argument("--no-gate", action="store_true", help="exact paths only")
-    p.add_argument("--gate-target", type=float, default=DEFAULT_TARGET,
-                   help="the gate fires only where the lower confidence bound of its precision reaches this")
-    p.add_argument("--gate-confidence", type=float, default=DEFAULT_CONFIDENCE,
-                   help="the confidence of that bound (one-sided Clopper-Pearson)")
-    p.add_argument("--gate-window", type=int, default=DEFAULT_WINDOW,
-                   help="recent verified answers the gate's calibration rests on, per key")
-    p.add_argument("--gap-threshold", type=float, default=None,
-                   help="a fixed logit-gap threshold instead: no guarantee (default: none, the guaranteed gate)")
-    p.add_argument("--predictor", choices=PREDICTORS, default=DEFAULT_PREDICTOR,
-                   help="what pre-positioning assumes the next message is")
-    p.add_argument("--background-chunk", type=int, default=16, help="tokens per background chunk")
-    p.add_argument("--kv-budget", type=parse_bytes, default=None,
-                   help="bytes of KV all sessions may hold, e.g. 2GiB (default: a quarter of RAM, 40%% of free GPU)")
-    p.add_argument("--spill", choices=("auto", "on", "off"), default="auto",
-                   help="write evicted KV to disk and reload it (auto: on for CPU, where it is faster)")
-    p.add_argument("--max-sessions", type=int, default=1000)
-    p.add_argument("--idle-expiry", type=float, default=3600.0, help="seconds before an idle session is deleted")
-    p.add_argument("--max-context", type=int, default=None, help="tokens per session (default: the model's)")
-
-
-def parse_bytes(text: str) -> int:
-    """``2GiB``, ``512MB``, ``1e9``: a byte count."""
-    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
-    lowered = text.strip().lower()
-    for suffix, factor in units.items():
-        if lowered.endswith(suffix):
-            return int(float(lowered[: -len(suffix)]) * factor)
-    return int(float(lowered))
-
-
-def engine_config(args: argparse.Namespace) -> EngineConfig:
-    if not (0.0 < args.gate_target < 1.0 and 0.0 < args.gate_confidence < 1.0 and args.gate_window >= 1):
-        print("headstart: --gate-target and --gate-confidence must be in (0, 1), --gate-window at least 1",
-              file=sys.stderr)
-        raise SystemExit(2)
-    return EngineConfig(
-        pre_position=not args.no_pre_position,
-        gate=not args.no_gate,
-        gap_threshold=args.gap_threshold,
-        gate_target=args.gate_target,
-        gate_confidence=args.gate_confidence,
-        gate_window=args.gate_window,
-        predictor=args.predictor,
-        background_chunk=args.background_chunk,
-        kv_budget=args.kv_budget,
-        spill={"auto": None, "on": True, "off": False}[args.spill],
-        max_sessions=args.max_sessions,
-        idle_expiry_s=args.idle_expiry,
-        max_context=args.max_context,
-    )
-
-
-def api_keys(args: argparse.Namespace) -> frozenset[str]:
-    """Keys from --api-key (repeatable), --api-key-file and $HEADSTART_API_KEY."""
-    from headstart.server.auth import read_key_file
-
-    keys = list(args.api_key or [])
-    for path in args.api_key_file or []:
-        keys.extend(read_key_file(path))
-    if os.environ.get("HEADSTART_API_KEY"):
-        keys.append(os.environ["HEADSTART_API_KEY"])
-    return frozenset(k for k in keys if k)
-
-
-def server_config(args: argparse.Namespace) -> ServerConfig:
-    """What the ``serve`` flags ask of each server (one, or every replica)."""
-    import dataclasses
-
-    from headstart.server.app import ServerConfig
-
-    set_threads(args)
-    engine = dataclasses.replace(
-        engine_config(args),
-        max_pending=args.max_pending,
-        max_queries=args.max_queries,
-        context_reserve=args.context_reserve,
-    )
-    return ServerConfig(
-        model=args.model,
-        device=args.device,
-        dtype=args.dtype,
-        cache_dir=args.cache_dir,
-        engine=engine,
-        default_temperature=args.temperature,
-        db=args.db,
-        spill_dir=args.spill_dir,
-        max_body_bytes=args.max_body_bytes,
-        api_keys=api_keys(args),
-        heartbeat_seconds=args.heartbeat,
-        served_model_names=tuple(args.served_model_name or ()),
-    )
+from headstart.server.flags import add_engine_flags, add_model_flags, add_serve_flags, add_threads_flag, server_config
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -196,34 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the OpenAI-compatible server")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--temperature", type=float, default=1.0,
-                       help="temperature when a request names none (OpenAI's default is 1.0)")
-    serve.add_argument("--db", default=None,
-                       help="SQLite file or postgresql://... URL for session transcripts "
-                            "(default: $HEADSTART_DATA/headstart.db; '' for none)")
-    serve.add_argument("--spill-dir", default=None, help="folder for spilled KV (default: $HEADSTART_DATA/spill)")
-    serve.add_argument("--api-key", action="append", default=None, metavar="KEY",
-                       help="require this key (repeatable); every endpoint but /health and /metrics then needs one")
-    serve.add_argument("--api-key-file", action="append", default=None, metavar="PATH",
-                       help="file of keys, one per line (# comments allowed); repeatable")
-    serve.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="larger bodies get 413")
-    serve.add_argument("--max-pending", type=int, default=1024,
-                       help="data entries waiting per session; past it the oldest are dropped (and counted)")
-    serve.add_argument("--max-queries", type=int, default=16, help="registered questions per session")
-    serve.add_argument("--context-reserve", type=int, default=512,
-                       help="tokens of context kept free for questions on streaming-data sessions")
-    serve.add_argument("--heartbeat", type=float, default=15.0, help="seconds between SSE heartbeats")
-    serve.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
-                       help="the names requests may give as `model` (default: the model's own); the first is "
-                            "the one answers carry when a request names none")
-    add_threads_flag(serve)
+    add_serve_flags(serve)
     from headstart.scaleout.options import add_replica_flags
 
     add_replica_flags(serve)
-    add_model_flags(serve)
-    add_engine_flags(serve)
     serve.set_defaults(func=cmd_serve)
 
     chat = sub.add_parser("chat", help="talk to the model in the terminal, with the state shown")

@@ -82,7 +82,6 @@ class Chooser:
         device: torch.device | str,
         generator: torch.Generator | None,
         matcher: Matcher | None = None,
-        output: Sequence[int] = (),
     ) -> None:
         self.params = params
         self.vocab = vocab
@@ -102,8 +101,6 @@ class Chooser:
             self.seen[torch.tensor(list(prompt), dtype=torch.long, device=device)] = True
         self.last: TokenLogprob | None = None
         self.last_step: Step | None = None
-        for token in output:  # answer tokens already fixed (a forced opening) count as output
-            self._advance(token)
 
     @property
     def active(self) -> bool:

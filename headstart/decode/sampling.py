@@ -62,10 +62,11 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class Constraint:
-    """What the output must parse as: any JSON object, or JSON valid under ``schema``
-    (a JSON Schema document, as text so the parameters stay hashable)."""
+    """What the output must parse as: any JSON object, JSON valid under ``schema`` (a JSON
+    Schema document), or tool calls (``schema``: an xgrammar structural tag, see tools.py);
+    the schema as text so the parameters stay hashable."""
 
-    kind: str  # "json_object" | "json_schema"
+    kind: str  # "json_object" | "json_schema" | "tool_calls"
     schema: str | None = None
 
 
@@ -117,19 +118,6 @@ def accept(
         return False
     u = float(torch.rand((), generator=generator, device=target.device))
     return u < min(1.0, p / q)
-
-
-def resample_without(
-    target: torch.Tensor, rejected: int, params: SamplingParams, generator: torch.Generator | None
-) -> int:
-    """After a greedy draft token was rejected by a sampled request: draw from the target
-    with the rejected token removed, which keeps the output distribution exact."""
-    probs = distribution(target, params).clone()
-    probs[rejected] = 0.0
-    total = float(probs.sum())
-    if total <= 0.0:
-        return rejected
-    return int(torch.multinomial(probs / total, 1, generator=generator))
 
 
 def top_gap(logits: torch.Tensor) -> tuple[int, float]:

@@ -21,21 +21,28 @@ from typing import Any
 
 import torch
 
+from headstart.config import (
+    BACKGROUND_CHUNK,
+    CONTEXT_RESERVE,
+    CONTINUATION_CAP,
+    FORCED_CAP,
+    GATE_CONFIDENCE,
+    GATE_TARGET,
+    GATE_WINDOW,
+    IDLE_EXPIRY_S,
+    KV_BLOCK,
+    MAX_PENDING,
+    MAX_QUERIES,
+    MAX_SESSIONS,
+    PREDICTOR,
+    SURE_GAP,
+)
 from headstart.decode.grammar import GrammarError, GrammarMatcher, Grammars
 from headstart.decode.logits import Chooser, TokenLogprob
 from headstart.decode.sampling import Constraint, SamplingParams, accept, candidate_gap, top_gap
 from headstart.decode.textstream import TextStream
-from headstart.engine.gate import (
-    DEFAULT_CONFIDENCE,
-    DEFAULT_TARGET,
-    DEFAULT_WINDOW,
-    SERVER_KEY,
-    Decision,
-    Gate,
-    answers_key,
-    session_key,
-)
-from headstart.engine.loop import Job, Scheduler
+from headstart.engine.gate import SERVER_KEY, Decision, Gate, answers_key, session_key
+from headstart.engine.loop import Job, Scheduler, default_step_tokens
 from headstart.engine.output import Completion, Delta, Handle
 from headstart.engine.writer import Writer, done
 from headstart.errors import (
@@ -47,12 +54,15 @@ from headstart.errors import (
     SessionNotFound,
     StoreUnavailable,
     TooManySessions,
+    check_context,
 )
-from headstart.idle.prepos import DEFAULT_PREDICTOR, PREDICTORS, SURE_GAP, PreposConfig
+from headstart.idle import job as upkeep
+from headstart.idle.job import IdleWork
+from headstart.idle.prepos import PREDICTORS, PreposConfig
 from headstart.kv.spill import Spill
 from headstart.model.backend import Backend
 from headstart.model.runner import from_backend
-from headstart.session.book import KVBook
+from headstart.session.book import KVBook, Steps
 from headstart.session.evict import Budget, default_budget
 from headstart.session.prefix import PrefixCache
 from headstart.session.registry import Limits, SessionRegistry
@@ -88,6 +98,7 @@ class Request:
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None  # none | auto | required | {"type": "function", ...}
     parallel_tool_calls: bool = True
+    strict_tools: frozenset[str] = frozenset()  # functions declared strict: their calls follow their schema
     gate: bool | None = None
     gap_threshold: float | None = None
     fast_answer: list[str] | None = None
@@ -114,28 +125,30 @@ class EngineConfig:
     # (calibrated online per key, over the last gate_window verified answers), unless a
     # fixed logit-gap threshold is set: that one carries no guarantee.
     gap_threshold: float | None = None
-    gate_target: float = DEFAULT_TARGET
-    gate_confidence: float = DEFAULT_CONFIDENCE
-    gate_window: int = DEFAULT_WINDOW
+    gate_target: float = GATE_TARGET
+    gate_confidence: float = GATE_CONFIDENCE
+    gate_window: int = GATE_WINDOW
     sure_gap: float = SURE_GAP  # pre-positioning decodes past the exit while the gap is at least this
-    predictor: str = DEFAULT_PREDICTOR
-    background_chunk: int = 16
-    continuation_cap: int = 32
-    forced_cap: int = 16
+    predictor: str = PREDICTOR
+    background_chunk: int = BACKGROUND_CHUNK
+    continuation_cap: int = CONTINUATION_CAP
+    forced_cap: int = FORCED_CAP
     kv_budget: int | None = None  # bytes; None: a share of the machine's memory
-    max_sessions: int = 1000
-    idle_expiry_s: float = 3600.0
+    max_sessions: int = MAX_SESSIONS
+    idle_expiry_s: float = IDLE_EXPIRY_S
     max_context: int | None = None  # tokens; None: the model's context
     spill: bool | None = None  # None: on where reloading beats recomputing (the CPU)
     # Sessions API: waiting data entries per session (the oldest are dropped past it),
     # registered questions per session, and tokens of context kept free for questions.
-    max_pending: int = 1024
-    max_queries: int = 16
-    context_reserve: int = 512
+    max_pending: int = MAX_PENDING
+    max_queries: int = MAX_QUERIES
+    context_reserve: int = CONTEXT_RESERVE
     # A block-granular prefix cache shared by one-off requests (the vLLM-style baseline the
     # benchmark compares with): capacity in pool blocks, 0 for none.
     prefix_cache_blocks: int = 0
-    kv_block: int = 16  # tokens per KV pool block
+    kv_block: int = KV_BLOCK
+    # Tokens one step's forward may hold (decodes, prefill chunks, idle work); None: by device.
+    step_tokens: int | None = None
 
     def prepos(self) -> PreposConfig:
         if self.predictor not in PREDICTORS:
@@ -149,65 +162,33 @@ class EngineConfig:
         )
 
 
-class _OwnForwards:
-    """The forward passes of one job: counted over its own steps only. The model thread runs
-    one step at a time, so the forwards other sessions ran in between are not counted."""
-
-    def __init__(self, stats: EngineStats) -> None:
-        self._stats = stats
-        self._done = 0
-        self._step_from: int | None = None
-
-    def steps(self, steps: Generator[None, None, None]) -> Generator[None, None, None]:
-        """``steps``, counting the forwards each of its steps ran."""
-        try:
-            while True:
-                self._step_from = self._stats.forward_calls
-                try:
-                    next(steps)
-                except StopIteration:
-                    return
-                self._done += self._stats.forward_calls - self._step_from
-                self._step_from = None
-                yield
-        finally:
-            steps.close()
-
-    def now(self) -> int:
-        """Forwards so far (called from within one of the job's steps)."""
-        running = self._stats.forward_calls - self._step_from if self._step_from is not None else 0
-        return self._done + running
-
-
 class _Emitter:
     """Turns chosen tokens into deltas on a handle and decides when to stop."""
 
     def __init__(
-        self, engine: Engine, handle: Handle, params: SamplingParams, chooser: Chooser, tools: ToolPlan = NO_TOOLS
+        self, engine: Engine, handle: Handle, job: Job, params: SamplingParams, chooser: Chooser,
+        tools: ToolPlan = NO_TOOLS,
     ) -> None:
         self.handle = handle
         self.params = params
         self.chooser = chooser
         self.tools = tools
-        # Forced answer tokens (a tool call's opening): already in the prompt's KV, sent
-        # with the first token the model chooses.
-        self.pending = list(tools.prefix)
         self.hold = HoldBack(tools.parse)
         self.stream = TextStream(engine.template.tokenizer, params.stop)
-        self.stop_ids = {*engine.backend.info.eos_token_ids, engine.template.end_of_message}
+        self.stop_ids = engine.stop_ids
         self.tokens: list[int] = []
         self.logprobs: list[TokenLogprob] = []  # of the chosen tokens, when asked for
         self._unsent: list[TokenLogprob] = []  # not yet on a delta
         self.first_at: float | None = None
         self.decided_at: float | None = None
         self.finish_reason: str | None = None
-        self.forwards = _OwnForwards(engine.stats)
+        self.job = job  # its forwards are the request's own, in steps shared with others
         self.forwards_before_first: int | None = None
 
     def _first(self) -> None:
         """Note the first token's moment and how many of this request's forwards preceded it."""
         self.first_at = time.perf_counter()
-        self.forwards_before_first = self.forwards.now()
+        self.forwards_before_first = self.job.forwards
 
     def emit(self, token: int, *, forced: bool = False) -> bool:
         """Send ``token``; True when the answer is finished."""
@@ -215,8 +196,6 @@ class _Emitter:
             self._first()
         if self.decided_at is None and not forced:
             self.decided_at = time.perf_counter()
-        while self.pending:
-            self._push(self.pending.pop(0))
         if token in self.stop_ids:
             self.finish_reason = "stop"
             return True
@@ -289,7 +268,7 @@ class Turn:
     speculative: bool = False
     verified: bool | None = None
     chosen: int | None = None
-    verify: Callable[[], None] | None = None
+    verify: Callable[[], Generator[Any, Any, None]] | None = None
     reloaded: int = 0
     shadow: dict[str, Any] | None = None  # what the gate would have said on an exact path
     gate_keys: tuple[str, ...] = ()  # its calibration keys, most specific first
@@ -319,8 +298,9 @@ class Engine:
             confidence=self.config.gate_confidence,
             window=self.config.gate_window,
         )
-        self.scheduler = Scheduler()
         info = backend.info
+        # Every stop of an answer: the template's end of message and the model's eos tokens.
+        self.stop_ids = frozenset({*info.eos_token_ids, self.template.end_of_message})
         machine = default_budget(info.device)
         self.runner = from_backend(
             backend,  # type: ignore[arg-type]
@@ -330,6 +310,7 @@ class Engine:
         )
         self.pool = self.runner.pool
         self.book = KVBook(backend, self.runner, self.stats)
+        self.scheduler = Scheduler(self.book, self.stats, self.config.step_tokens or default_step_tokens(info.device))
         self.budget = Budget(self.pool, info.kv_bytes_per_token)
         spill_on = self.config.spill if self.config.spill is not None else info.device == "cpu"
         spill = Spill(spill_dir, self.pool, 4 * self.budget.limit) if spill_on and spill_dir else None
@@ -338,13 +319,20 @@ class Engine:
         # Turns are committed off the model thread, in order (writer.py).
         self.writer = Writer() if store is not None else None
         self.book.make_room = self.sessions.make_room
+        self.stream_stats = StreamStats()
         self.context_limit = min(info.context_length, self.config.max_context or info.context_length)
+        self.idle = IdleWork(
+            book=self.book, template=self.template, queue=self._queue_idle, queued=self.scheduler.has_background,
+            stats=self.stats,
+            stream_stats=self.stream_stats, persist=self.sessions.persist, prepos=self.prepos_config,
+            stop=self.stop_ids, pre_position=self.config.pre_position, context_length=info.context_length,
+            context_limit=self.context_limit, context_reserve=self.config.context_reserve,
+        )
         self.prefix_cache = (
             PrefixCache(self.pool, self.config.prefix_cache_blocks) if self.config.prefix_cache_blocks else None
         )
         self.started = time.time()
         self._reaper_stop = threading.Event()
-        self.stream_stats = StreamStats()
         self._grammars: Grammars | None = None  # built on the first constrained request
         # Called on the model thread with every finished request (metrics, benchmarks).
         self.observers: list[Callable[[Completion], None]] = []
@@ -366,6 +354,10 @@ class Engine:
             if self.writer is not None:
                 self.writer.stop()  # what is queued is committed first
             self.sessions.store.close()  # and let the next server on it claim it
+
+    def _queue_idle(self, key: str, steps: Steps, on_cancel: Callable[[], None],
+                    on_error: Callable[[BaseException], None]) -> None:
+        self.scheduler.submit_background(key, Job(steps, on_error=on_error, on_cancel=on_cancel))
 
     def _reap_loop(self, interval: float) -> None:
         while not self._reaper_stop.wait(interval):
@@ -408,6 +400,7 @@ class Engine:
                 "expired": evictions.expired,
             },
             "background_chunks": self.scheduler.background_chunks,
+            "step_tokens": self.scheduler.step_tokens,
         }
 
     # -- sessions --------------------------------------------------------------------
@@ -434,10 +427,8 @@ class Engine:
 
     def schedule_upkeep(self, s: Session) -> None:
         """Make sure ``s``'s idle-time job is queued: data to ingest, registered questions,
-        a warm, pre-positioning (upkeep.py decides what is left to do)."""
-        from headstart.idle import job as upkeep  # upkeep builds on this module
-
-        upkeep.schedule(self, s)
+        a warm, pre-positioning (idle/job.py decides what is left to do)."""
+        upkeep.schedule(self.idle, s)
 
     # -- requests --------------------------------------------------------------------
 
@@ -457,18 +448,18 @@ class Engine:
         else:
             prompt = self.template.render(req.messages, tools=req.tools, cache=known.renders if known else None)
         try:
-            tool_plan = plan_tools(
-                self.template, req.messages, req.tools, req.tool_choice, parallel=req.parallel_tool_calls
-            )
+            tool_plan = plan_tools(self.template, req.tools, req.tool_choice, parallel=req.parallel_tool_calls,
+                                   strict=req.strict_tools)
         except ToolChoiceError as exc:
             raise BadRequest(str(exc), param=exc.param) from exc
-        if tool_plan.prefix and req.fast_answer is not None:
-            raise BadRequest("fast_answer cannot be combined with a tool_choice that forces a call", "fast_answer")
-        prompt += tool_plan.prefix
         limit = self.context_limit
-        if len(prompt) >= limit:
-            raise ContextTooLong(len(prompt), limit)
+        check_context(len(prompt), limit)
         params = req.params
+        if tool_plan.constraint is not None:  # the calls' grammar, through the same machinery as a format
+            if params.constraint is not None:
+                raise BadRequest("response_format cannot be combined with strict tools or a tool_choice that "
+                                 "forces a call", param="response_format")
+            params = dataclasses.replace(params, constraint=tool_plan.constraint)
         if len(prompt) + params.max_tokens > limit:
             params = dataclasses.replace(params, max_tokens=limit - len(prompt))
         self._check_params(params, req)
@@ -498,9 +489,9 @@ class Engine:
 
         def turn(h: Handle) -> Turn:
             chooser = Chooser(params, prompt, self.backend.info.vocab_size, self.backend.info.device, generator,
-                              matcher=self._matcher(params), output=tool_plan.prefix)
+                              matcher=self._matcher(params))
             return Turn(req, params, prompt, candidates, s, persistent, h, job,
-                        _Emitter(self, h, params, chooser, tool_plan), generator, threshold, chooser)
+                        _Emitter(self, h, job, params, chooser, tool_plan), generator, threshold, chooser)
 
         handle.choices = [handle, *(Handle(loop, arrival) for _ in range(req.n - 1))]
         turns = [turn(h) for h in handle.choices]
@@ -510,8 +501,7 @@ class Engine:
                 *([session_key(s.id)] if persistent else []),
                 SERVER_KEY,
             )
-        serve = self._serve(turns[0]) if req.n == 1 else self._serve_choices(turns)
-        job.steps = turns[0].emitter.forwards.steps(serve)
+        job.steps = self._serve(turns[0]) if req.n == 1 else self._serve_choices(turns)
         job.on_error = lambda exc: self._fail(s, handle, exc)
         self.scheduler.submit(job)
         return handle
@@ -538,12 +528,11 @@ class Engine:
         """Compile ``constraint`` ahead of its request (a door calls this off its event loop:
         a new schema takes seconds); the compiled grammar is kept for every later request."""
         if self._grammars is None:
-            stop = {*self.backend.info.eos_token_ids, self.template.end_of_message}
-            self._grammars = Grammars(self.template.tokenizer, self.backend.info.vocab_size, stop)
+            self._grammars = Grammars(self.template.tokenizer, self.backend.info.vocab_size, set(self.stop_ids))
         try:
             self._grammars.compile(constraint)
         except GrammarError as exc:
-            raise BadRequest(str(exc), param="response_format") from exc
+            raise BadRequest(str(exc), param=exc.param) from exc
 
     def _matcher(self, params: SamplingParams) -> GrammarMatcher | None:
         """A fresh position in the request's grammar."""
@@ -560,12 +549,9 @@ class Engine:
             if not 0 <= token < vocab:
                 raise BadRequest(f"logit_bias: {token} is not a token id of this model (0..{vocab - 1})",
                                  param="logit_bias")
-        if params.constraint is not None and req.tool_choice not in (None, "auto", "none"):
-            raise BadRequest("response_format cannot be combined with a tool_choice that forces a call",
-                             param="response_format")
         if req.fast_answer is not None and (params.reshapes or params.logprobs):
-            raise BadRequest("fast_answer picks a whole candidate by its first token's logit; it cannot be "
-                             "combined with penalties, logit_bias, a response_format or logprobs", "fast_answer")
+            raise BadRequest("fast_answer picks a whole candidate by its first token's logit; it cannot be combined "
+                             "with penalties, logit_bias, a response_format, a tool grammar or logprobs", "fast_answer")
 
     def _candidates(self, fast_answer: list[str] | None) -> tuple[list[list[int]], torch.Tensor] | None:
         if fast_answer is None:
@@ -582,9 +568,6 @@ class Engine:
             self.stats.errors += 1
         # The KV may be half-updated: start this session's cache over (its transcript stays).
         self.book.reset(s)
-        for rp in s.ready.values():
-            self.book.discard(rp)
-        s.ready.clear()
         self.sessions.release(s)
         for h in handle.choices:
             h.put(exc)
@@ -621,7 +604,6 @@ class Engine:
             yield from self._serve_ready(t, exact)
         elif (
             nxt is not None
-            and not t.emitter.tools.prefix  # a forced opening moves the answer past the decision point
             and self._gate_on(t)
             and self.gate.decide(t.gate_keys, t.threshold).fires(self._signal(nxt, t.candidates, t.chooser)[1])
         ):
@@ -629,8 +611,7 @@ class Engine:
         else:
             yield from self._serve_exact(t, nxt)
         if t.verify is not None:
-            yield  # the answer is out: verify the gate's answer before the final chunk says so
-            t.verify()
+            yield from t.verify()  # the answer is out: verify it before the final chunk says so
         completion, committed = self._finish(t)
         self._after(t)
         # Delivered once the session is free, so a client's next request never finds it busy.
@@ -705,8 +686,8 @@ class Engine:
             first_ids = t.candidates[1]
             t.emitter.emit_text(t.req.fast_answer[t.chosen], t.candidates[0][t.chosen])  # type: ignore[index]
 
-            def verify() -> None:
-                real = self.book.feed(s, prompt[lcp:], background=False)[-1]
+            def verify() -> Generator[Any, Any, None]:
+                real = (yield from self.book.feed(s, prompt[lcp:], background=False))[-1]
                 t.verified = candidate_gap(real, first_ids)[0] == t.chosen
                 self.gate.record(t.gate_keys, t.gap, t.verified, fired=True)
 
@@ -717,10 +698,9 @@ class Engine:
         assert rules is not None
         sure = bool(rp.forced) and first == rp.forced[0]
         done = t.emitter.emit(first, forced=sure)
-        yield
         drafts = rp.forced[1:] if sure and not done else []
         tail = [] if done else [first, *drafts]
-        out = self.book.feed(s, prompt[lcp:] + tail, background=False, keep=len(tail) + 1)
+        out = yield from self.book.feed(s, prompt[lcp:] + tail, background=False, keep=len(tail) + 1)
         t.verified = accept(rules.apply(out[0]), rules.apply(rp.logits[0]), first, t.params, t.generator)
         self.gate.record(t.gate_keys, t.gap, t.verified, fired=True)
         if not done:
@@ -740,7 +720,7 @@ class Engine:
         else:
             t.path = "session"
         logits = yield from self.book.advance(s, prompt, background=False, chunk=len(prompt))
-        if rp is not None and not t.emitter.tools.prefix:
+        if rp is not None:
             # Shadow check: what the gate would have said here, recorded for calibration.
             choice, gap = self._signal(rp, t.candidates)
             real = candidate_gap(logits, t.candidates[1])[0] if t.candidates is not None else int(logits.argmax())
@@ -796,11 +776,9 @@ class Engine:
             if drafts:
                 self.book.crop(s, len(s.kv_ids) - len(drafts))
                 drafts, draft_logits = [], []
-            # A step ends with a token sent, and the forward that decides the next token is
-            # followed by its pick at once: an answer's end goes out with the forward that
-            # found it, not a round of other sessions' steps later.
-            yield
-            logits = self.book.feed(s, [token], background=False)[-1]
+            # The loop sends the logits right after the forward that made them, so the pick
+            # (and an answer's end) goes out with that forward, not a step later.
+            logits = (yield from self.book.feed(s, [token], background=False))[-1]
         if drafts:
             self.book.crop(s, len(s.kv_ids) - len(drafts))
         self.book.take(s, len(s.kv_ids))
@@ -813,15 +791,14 @@ class Engine:
         text = answer.content or ""
         now = time.perf_counter()
         first = em.first_at or now
-        prompt_tokens = len(t.prompt) - len(em.tools.prefix)  # the forced opening is answer text
         completion = Completion(
             text=text,
             token_ids=list(em.tokens),
             finish_reason="tool_calls" if answer.calls else em.finish_reason or "stop",
             path=t.path,
             session_id=s.id if t.persistent else None,
-            prompt_tokens=prompt_tokens,
-            cached_tokens=min(t.cached, prompt_tokens),
+            prompt_tokens=len(t.prompt),
+            cached_tokens=min(t.cached, len(t.prompt)),
             ttft_ms=(first - handle.arrival) * 1000,
             decided_ms=((em.decided_at or first) - handle.arrival) * 1000,
             e2e_ms=(now - handle.arrival) * 1000,
@@ -882,10 +859,7 @@ class Engine:
             # Leave only the session's own context: the question was a one-off.
             own = self.template.entry(s.messages, "user", tools=s.tools, cache=s.renders) if s.messages else []
             self.book.crop(s, common_prefix(s.kv_ids, own))
-        for key, rp in list(s.ready.items()):
-            if not self.book.valid(s, rp):
-                s.ready.pop(key)
-                self.book.discard(rp)
+        self.book.drop_invalid(s)
         self.sessions.release(s)
         if t.req.prompt_ids is not None:
             return  # a raw prompt says nothing about the next chat turn

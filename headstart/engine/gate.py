@@ -25,10 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-DEFAULT_TARGET = 0.95
-DEFAULT_CONFIDENCE = 0.95
-DEFAULT_WINDOW = 512  # recent pairs kept per calibration key: old evidence ages out
-MAX_KEYS = 4096  # calibration keys kept (least recently used dropped first)
+from headstart.config import GATE_CONFIDENCE, GATE_MAX_KEYS, GATE_TARGET, GATE_WINDOW
+
 SERVER_KEY = "server"
 
 
@@ -191,8 +189,8 @@ class Calibration:
 
 def calibrate(
     pairs: Sequence[tuple[float, bool]],
-    target: float = DEFAULT_TARGET,
-    confidence: float = DEFAULT_CONFIDENCE,
+    target: float = GATE_TARGET,
+    confidence: float = GATE_CONFIDENCE,
     *,
     curve_bounds: bool = False,
 ) -> Calibration:
@@ -311,9 +309,9 @@ class Gate:
 
     enabled: bool = True
     threshold: float | None = None
-    target: float = DEFAULT_TARGET
-    confidence: float = DEFAULT_CONFIDENCE
-    window: int = DEFAULT_WINDOW
+    target: float = GATE_TARGET
+    confidence: float = GATE_CONFIDENCE
+    window: int = GATE_WINDOW
     counters: GateCounters = field(default_factory=GateCounters)
     history: deque[tuple[float, bool]] = field(default_factory=lambda: deque(maxlen=10_000))
     _keys: OrderedDict[str, _Evidence] = field(default_factory=OrderedDict, repr=False)
@@ -356,7 +354,7 @@ class Gate:
                 ev = self._keys.get(key)
                 if ev is None:
                     ev = self._keys[key] = _Evidence(deque(maxlen=self.window))
-                    while len(self._keys) > MAX_KEYS:
+                    while len(self._keys) > GATE_MAX_KEYS:
                         self._keys.popitem(last=False)
                 self._keys.move_to_end(key)
                 ev.pairs.append((gap, verified))

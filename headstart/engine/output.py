@@ -70,7 +70,6 @@ class Handle:
         self.arrival = time.perf_counter() if arrival is None else arrival  # the door's receipt of the request
         self.cancelled = False
         self.completion: Completion | None = None
-        self.job: Any = None  # the scheduler's job, set by the engine (its background wait)
         self.choices: list[Handle] = [self]  # every choice's handle, when a request asks for n > 1
         self._loop = loop
         self._async: asyncio.Queue[Any] | None = asyncio.Queue() if loop is not None else None

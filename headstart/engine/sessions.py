@@ -2,23 +2,25 @@
 
 Each function validates against the model and the engine's limits (raising the engine's
 errors, which doors map to status codes), changes the session's state, and makes sure the
-session's idle-time job (upkeep.py) will pick the work up. Nothing here waits on the model.
+session's idle-time job (idle/job.py) will pick the work up. Nothing here waits on the model.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
+from headstart.config import MIN_WINDOW, QUERY_MAX_TOKENS
 from headstart.decode.sampling import SamplingParams
-from headstart.engine.engine import BadRequest, Engine, Request
+from headstart.engine.engine import Engine, Request
 from headstart.engine.output import Handle
-from headstart.errors import StoreUnavailable
+from headstart.errors import BadRequest, StoreUnavailable, check_context
 from headstart.idle import job as upkeep
 from headstart.idle import queries
-from headstart.idle.ingest import MIN_WINDOW, Entry, PushResult, window_limit
+from headstart.idle.ingest import Entry, PushResult, window_limit
 from headstart.session.session import Session
-from headstart.session.template import Message
+from headstart.session.template import Message, encode_candidates
 
 QUESTION_OVERHEAD = 16  # template tokens around a question (role header, closing, generation prompt)
 
@@ -108,7 +110,7 @@ def add_query(
     question: str,
     *,
     query_id: str | None = None,
-    max_tokens: int = 8,
+    max_tokens: int = QUERY_MAX_TOKENS,
     fast_answer: list[str] | None = None,
 ) -> queries.Query:
     """Register a question on ``s``; it is answered in the background now and after each batch."""
@@ -117,17 +119,11 @@ def add_query(
     if n > cap:
         raise BadRequest(f"the question has {n} tokens; registered questions take at most {cap}", param="question")
     if fast_answer is not None:
-        _check_candidates(engine, fast_answer)
+        encode_candidates(engine.template, fast_answer)
     q = queries.register(
         s, question, query_id=query_id, max_tokens=max_tokens, fast_answer=fast_answer, limit=engine.config.max_queries
     )
-    try:
-        engine.sessions.persist(s)
-    except StoreUnavailable:
-        with s.data.lock:
-            s.queries.pop(q.id, None)
-        raise
-    engine.schedule_upkeep(s)
+    _store_or_undo(engine, s, lambda: s.queries.pop(q.id, None))
     return q
 
 
@@ -135,19 +131,19 @@ def remove_query(engine: Engine, s: Session, query_id: str) -> None:
     q = queries.get(s, query_id)
     with s.data.lock:
         s.queries.pop(q.id, None)
+    _store_or_undo(engine, s, lambda: s.queries.setdefault(q.id, q))  # its parked state is dropped on the model thread
+
+
+def _store_or_undo(engine: Engine, s: Session, undo: Callable[[], object]) -> None:
+    """Store ``s`` after a change to its questions, then queue its idle-time work; when the
+    store fails, undo the change and refuse, so what a client is told failed never happened."""
     try:
         engine.sessions.persist(s)
     except StoreUnavailable:
         with s.data.lock:
-            s.queries.setdefault(q.id, q)
+            undo()
         raise
-    engine.schedule_upkeep(s)  # its parked state is dropped on the model thread
-
-
-def _check_candidates(engine: Engine, fast_answer: list[str]) -> None:
-    for i, c in enumerate(fast_answer):
-        if not engine.template.encode(c):
-            raise BadRequest(f"candidate {i} encodes to no tokens", param=f"fast_answer[{i}]")
+    engine.schedule_upkeep(s)
 
 
 def ask(
@@ -167,7 +163,7 @@ def ask(
     request); returns the handle and the data version the question sees. It renders and
     tokenises, so a door calls it off its event loop."""
     if fast_answer is not None:
-        _check_candidates(engine, fast_answer)
+        encode_candidates(engine.template, fast_answer)
     version = s.data.version
     messages: list[Message] = [*s.messages, {"role": queries.QUESTION_ROLE, "content": prompt}]
     req = Request(
@@ -189,15 +185,13 @@ def ask(
 def warm(engine: Engine, s: Session, req: Request) -> upkeep.WarmTicket:
     """Prefill the request the next turn would send (no generation). It renders and
     tokenises, so a door calls it off its event loop."""
-    from headstart.engine.engine import ContextTooLong, SessionBusy
+    from headstart.errors import SessionBusy
 
     if s.busy:
         raise SessionBusy(f"session {s.id!r} has a request in flight")
     prompt = engine.template.render(req.messages, tools=req.tools, cache=s.renders)
-    limit = engine.context_limit  # --max-context, as for the request this warm prepares
-    if len(prompt) >= limit:
-        raise ContextTooLong(len(prompt), limit)
-    return upkeep.request_warm(engine, s, prompt)
+    check_context(len(prompt), engine.context_limit)  # --max-context, as for the request this warm prepares
+    return upkeep.request_warm(engine.idle, s, prompt)
 
 
 def describe(engine: Engine, s: Session) -> dict[str, Any]:

@@ -26,11 +26,12 @@ from typing import TYPE_CHECKING, Any
 from headstart.session.template import ChatTemplate, Message
 
 if TYPE_CHECKING:
-    from headstart.session.book import KVBook
+    import torch
+
+    from headstart.session.book import KVBook, Need
     from headstart.session.session import Session
 
 DATA_ROLE = "user"
-MIN_WINDOW = 128
 
 
 @dataclass(frozen=True)
@@ -203,7 +204,7 @@ def fit_window(
 
 def ingest_batch(
     book: KVBook, template: ChatTemplate, s: Session, limit: int, chunk: int
-) -> Generator[None, None, int]:
+) -> Generator[Need | None, torch.Tensor | None, int]:
     """Bring the next batch into ``s``'s context; returns how many entries were ingested."""
     batch = s.data.take(limit // 2)
     if not batch:

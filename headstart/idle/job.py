@@ -17,20 +17,17 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import logging
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from headstart.decode.sampling import top_gap
-from headstart.engine.loop import Job
 from headstart.idle import queries
 from headstart.idle.ingest import ingest_batch, window_limit
-from headstart.idle.prepos import next_role, pre_position
-from headstart.session.session import ReadyPosition, Session
-from headstart.session.template import common_prefix
-
-if TYPE_CHECKING:
-    from headstart.engine.engine import Engine
+from headstart.idle.prepos import PreposConfig, next_role, pre_position
+from headstart.session.book import KVBook, Steps
+from headstart.session.session import Session
+from headstart.session.template import ChatTemplate, common_prefix
+from headstart.stats import EngineStats, StreamStats
 
 log = logging.getLogger("headstart.upkeep")
 
@@ -61,85 +58,102 @@ class WarmTicket:
             self.future.set_result(result)
 
 
-def schedule(engine: Engine, s: Session) -> None:
+@dataclass(frozen=True)
+class IdleWork:
+    """What the idle job uses of the engine, and no more (the engine builds one)."""
+
+    book: KVBook
+    template: ChatTemplate
+    # The model loop, seen from below: queue a session's job (steps, on_cancel, on_error),
+    # replacing any it has; and whether one is queued.
+    queue: Callable[[str, Steps, Callable[[], None], Callable[[BaseException], None]], None]
+    queued: Callable[[str], bool]
+    stats: EngineStats
+    stream_stats: StreamStats
+    persist: Callable[[Session], None]  # commit a session's durable part
+    prepos: PreposConfig
+    stop: frozenset[int]  # the ends of an answer
+    pre_position: bool  # the server's switch
+    context_length: int  # the model's: ingest's window is kept within it
+    context_limit: int  # what a prompt may hold (--max-context)
+    context_reserve: int  # tokens of context kept free for questions
+
+    @property
+    def chunk(self) -> int:
+        return self.prepos.chunk
+
+
+def schedule(idle: IdleWork, s: Session) -> None:
     """Make sure an upkeep job is queued for ``s`` (call after adding work)."""
     with s.upkeep_lock:
-        if s.upkeep_queued and engine.scheduler.has_background(s.id):
+        if s.upkeep_queued and idle.queued(s.id):
             return
         s.upkeep_queued = True
-        job = Job(_run(engine, s))
-        job.on_cancel = lambda: _interrupted(engine, s)
-        job.on_error = lambda exc: _failed(engine, s, exc)
-        engine.scheduler.submit_background(s.id, job)
+        idle.queue(s.id, _run(idle, s), lambda: _interrupted(idle, s), lambda exc: _failed(idle, s, exc))
 
 
-def request_warm(engine: Engine, s: Session, prompt: list[int]) -> WarmTicket:
+def request_warm(idle: IdleWork, s: Session, prompt: list[int]) -> WarmTicket:
     """Queue a warm of ``prompt`` on ``s``; a newer warm replaces (cancels) an older one."""
     ticket = WarmTicket(prompt)
     with s.upkeep_lock:
         old, s.warm_ticket = s.warm_ticket, ticket
     if old is not None:
         old.resolve("cancelled", 0)
-        engine.stream_stats.add(warm_cancelled=1)
-    schedule(engine, s)
+        idle.stream_stats.add(warm_cancelled=1)
+    schedule(idle, s)
     return ticket
 
 
-def cancel_warm(engine: Engine, s: Session, ticket: WarmTicket) -> None:
+def cancel_warm(idle: IdleWork, s: Session, ticket: WarmTicket) -> None:
     """Drop ``ticket`` if it is still waiting or running (its client left): the job stops
     warming after its current chunk."""
     with s.upkeep_lock:
         if s.warm_ticket is not ticket:
             return
         s.warm_ticket = None
-    engine.stream_stats.add(warm_cancelled=1)
+    idle.stream_stats.add(warm_cancelled=1)
     ticket.resolve("cancelled", 0)
 
 
-def _interrupted(engine: Engine, s: Session) -> None:
+def _interrupted(idle: IdleWork, s: Session) -> None:
     """A foreground request (or a delete) took the session: a waiting warm is cancelled,
     and the KV rows it computed stay for that request to reuse."""
     with s.upkeep_lock:
         ticket, s.warm_ticket = s.warm_ticket, None
         s.upkeep_queued = False
     if ticket is not None:
-        engine.stream_stats.add(warm_cancelled=1)
+        idle.stream_stats.add(warm_cancelled=1)
         started = ticket.cached is not None  # else it never ran: nothing was computed
         done = common_prefix(ticket.prompt, list(s.kv_ids)) - ticket.cached if started else 0
         ticket.resolve("cancelled", max(0, done))
 
 
-def _failed(engine: Engine, s: Session, exc: BaseException) -> None:
+def _failed(idle: IdleWork, s: Session, exc: BaseException) -> None:
     """A stage raised: start the KV over (the transcript stays) and drop the batch in flight,
     so a bad batch cannot fail forever."""
     log.error("upkeep of session %s failed", s.id, exc_info=exc)
-    with engine.stats.lock:
-        engine.stats.errors += 1
-    engine.book.crop(s, 0)
-    s.entry_len = None
-    for rp in s.ready.values():
-        engine.book.discard(rp)
-    s.ready.clear()
+    with idle.stats.lock:
+        idle.stats.errors += 1
+    idle.book.reset(s)
     s.data.abandon()
-    _interrupted(engine, s)
+    _interrupted(idle, s)
 
 
-def _has_work(engine: Engine, s: Session) -> bool:
+def _has_work(idle: IdleWork, s: Session) -> bool:
     return s.data.has_work() or bool(queries.stale(s)) or s.warm_ticket is not None or bool(queries.orphaned(s))
 
 
-def _run(engine: Engine, s: Session) -> Generator[None, None, None]:
-    info = engine.backend.info
-    chunk = engine.config.background_chunk
-    limit = window_limit(info.context_length, engine.config.context_reserve, s.data.window)
+def _run(idle: IdleWork, s: Session) -> Steps:
+    chunk = idle.chunk
+    limit = window_limit(idle.context_length, idle.context_reserve, s.data.window)
     positioned_for: tuple[int, int, int] | None = None  # at most one pre-positioning per context
     while True:
-        _drop_orphans(engine, s)
+        _drop_orphans(idle, s)
         if s.data.has_work():
-            n = yield from ingest_batch(engine.book, engine.template, s, limit, chunk)
-            engine.stream_stats.add(ingested=n)
+            n = yield from ingest_batch(idle.book, idle.template, s, limit, chunk)
+            idle.stream_stats.add(ingested=n)
             if n:
-                engine.sessions.persist(s)  # the batch joined the session's messages
+                idle.persist(s)  # the batch joined the session's messages
                 counters = s.data.counters()
                 s.events.publish("data_updated", {**counters, "ingested_now": n, "tokens": len(s.kv_ids)})
             yield
@@ -147,9 +161,10 @@ def _run(engine: Engine, s: Session) -> Generator[None, None, None]:
             if s.queries.get(q.id) is not q:
                 continue  # deleted meanwhile
             ok = yield from queries.evaluate(
-                engine.book, engine.template, s, q, chunk=chunk, context_length=engine.context_limit
+                idle.book, idle.template, s, q, chunk=chunk, context_length=idle.context_limit,
+                stop=idle.stop,
             )
-            engine.stream_stats.add(query_evaluations=1)
+            idle.stream_stats.add(query_evaluations=1)
             if ok and s.queries.get(q.id) is q:
                 s.events.publish("query_answered", _answered(q, s))
             elif not ok:
@@ -159,24 +174,24 @@ def _run(engine: Engine, s: Session) -> Generator[None, None, None]:
             continue
         ticket = s.warm_ticket
         if ticket is not None:
-            yield from _warm(engine, s, ticket)
+            yield from _warm(idle, s, ticket)
             continue
         context = (s.data.version, s.turns, s.prepos_epoch)
-        if context != positioned_for and _needs_prepos(engine, s):
-            done = yield from _pre_position(engine, s)
+        if context != positioned_for and _needs_prepos(idle, s):
+            done = yield from _pre_position(idle, s)
             if done:
                 positioned_for = context
                 continue
         with s.upkeep_lock:
-            if not _has_work(engine, s):
+            if not _has_work(idle, s):
                 s.upkeep_queued = False
                 return
 
 
-def _drop_orphans(engine: Engine, s: Session) -> None:
+def _drop_orphans(idle: IdleWork, s: Session) -> None:
     """Forget the parked states of questions deleted since."""
     for key in queries.orphaned(s):
-        engine.book.discard(s.ready.pop(key))
+        idle.book.discard(s.ready.pop(key))
 
 
 def _answered(q: queries.Query, s: Session) -> dict[str, Any]:
@@ -191,53 +206,55 @@ def _answered(q: queries.Query, s: Session) -> dict[str, Any]:
     }
 
 
-def _warm(engine: Engine, s: Session, ticket: WarmTicket) -> Generator[None, None, None]:
+def _warm(idle: IdleWork, s: Session, ticket: WarmTicket) -> Steps:
     """Prefill ``ticket.prompt`` and park the state at its end as a ready position, so the
     request that sends exactly this prompt is a ``ready_exact`` hit; no token is generated."""
-    book = engine.book
+    book = idle.book
     exact = any(rp.ids == ticket.prompt and book.valid(s, rp) for rp in s.ready.values())
     ticket.cached = min(common_prefix(ticket.prompt, s.kv_ids), len(ticket.prompt))
     if exact:
         s.warm_ticket = None
         ticket.resolve("covered", 0)
-        engine.stream_stats.add(warm_covered=1)
+        idle.stream_stats.add(warm_covered=1)
         return
-    steps = book.advance(s, ticket.prompt, background=True, chunk=engine.config.background_chunk)
-    try:
-        while True:
-            next(steps)
-            if s.warm_ticket is not ticket:
-                return  # cancelled (its client left, or a newer warm came): the rows computed stay
-            yield
-    except StopIteration as done:
-        logits = done.value
+    logits = yield from _unless(book.advance(s, ticket.prompt, background=True, chunk=idle.chunk),
+                                lambda: s.warm_ticket is not ticket)
+    if logits is None:
+        return  # cancelled (its client left, or a newer warm came): the rows computed stay
     base = len(ticket.prompt) - 1
-    token, gap = top_gap(logits)
-    rp = ReadyPosition(
-        key=WARM_KEY,
-        source="warm",
-        ids=list(ticket.prompt),
-        base=base,
-        logits=[logits],
-        forced=[],
-        token=token,
-        gap=gap,
-    )
-    book.park(s, rp)
+    book.park(s, WARM_KEY, "warm", ticket.prompt, base, [logits], [])
     computed = len(ticket.prompt) - min(ticket.cached, base)
     with s.upkeep_lock:
         if s.warm_ticket is ticket:
             s.warm_ticket = None
     ticket.resolve("warmed", computed)
-    engine.stream_stats.add(warmed=1, warmed_tokens=computed)
+    idle.stream_stats.add(warmed=1, warmed_tokens=computed)
 
 
-def _needs_prepos(engine: Engine, s: Session) -> bool:
+def _unless(steps: Steps, stop: Callable[[], bool]) -> Steps:
+    """Run ``steps`` (passing its needs through), checking ``stop`` after each one; its result,
+    or None when ``stop`` said so first (``steps`` is closed then)."""
+    rows = None
+    try:
+        while True:
+            need = steps.send(rows)
+            if stop():
+                return None
+            rows = yield need
+            if stop():
+                return None
+    except StopIteration as finished:
+        return finished.value
+    finally:
+        steps.close()
+
+
+def _needs_prepos(idle: IdleWork, s: Session) -> bool:
     """Pre-position unless it is off, a warm position is waiting, or the session's "next"
     position was built on the current context (and no one asked for a new one)."""
-    if not (engine.config.pre_position and s.settings.pre_position and s.messages):
+    if not (idle.pre_position and s.settings.pre_position and s.messages):
         return False
-    book = engine.book
+    book = idle.book
     warm = s.ready.get(WARM_KEY)
     if warm is not None and book.valid(s, warm):
         return False
@@ -246,24 +263,29 @@ def _needs_prepos(engine: Engine, s: Session) -> bool:
     nxt = s.ready.get("next")
     if nxt is None or not book.valid(s, nxt):
         return True
-    return s.positioned_entry != engine.template.entry(
+    return s.positioned_entry != idle.template.entry(
         s.messages, next_role(s.messages), tools=s.tools, cache=s.renders
     )
 
 
-def _pre_position(engine: Engine, s: Session) -> Generator[None, None, bool]:
+def _pre_position(idle: IdleWork, s: Session) -> Generator[None, None, bool]:
     """Run the pre-positioning job, giving way as soon as data, a question or a warm arrives.
     True when it ran to the end."""
     epoch = s.prepos_epoch
-    entry = engine.template.entry(s.messages, next_role(s.messages), tools=s.tools, cache=s.renders)
-    steps = pre_position(engine.book, engine.template, s, engine.prepos_config)
-    try:
-        for _ in steps:
-            if s.data.has_work() or s.warm_ticket is not None or queries.stale(s) or s.prepos_epoch != epoch:
-                return False
-            yield
-    finally:
-        steps.close()
+    entry = idle.template.entry(s.messages, next_role(s.messages), tools=s.tools, cache=s.renders)
+    steps = pre_position(idle.book, idle.template, s, idle.prepos, idle.stop)
+    interrupted = False
+
+    def newer() -> bool:
+        nonlocal interrupted
+        interrupted = s.data.has_work() or s.warm_ticket is not None or bool(queries.stale(s)) or (
+            s.prepos_epoch != epoch
+        )
+        return interrupted
+
+    yield from _unless(steps, newer)
+    if interrupted:
+        return False
     s.positioned_entry = entry
     s.positioned_epoch = epoch
     return True

@@ -10,23 +10,17 @@ own KV, which is left ending at the entry: the part any next request can reuse.
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Collection, Generator
 from dataclasses import dataclass
 
-from headstart.decode.sampling import top_gap
-from headstart.session.book import KVBook, NoRoom
+import torch
+
+from headstart.config import BACKGROUND_CHUNK, CONTINUATION_CAP, FORCED_CAP, PREDICTOR, SURE_GAP
+from headstart.session.book import KVBook, Need, NoRoom, Steps
 from headstart.session.session import ReadyPosition, Session
 from headstart.session.template import ChatTemplate, Message, common_prefix
 
 PREDICTORS = ("continuation", "empty", "repeat")
-# Measured on the benchmark's agent workload (README, "Which predicted delta"): all three
-# reach the same coverage at the target precision, and the empty message costs the least
-# background work, so it is the default.
-DEFAULT_PREDICTOR = "empty"
-# How sure the model must be (logit gap, top-1 minus top-2) for pre-positioning to decode a
-# token of the answer ahead. Always exact: each such token is a draft that the request
-# keeps only if it picks the same token, so this sets background work, not answers.
-SURE_GAP = 2.0
 
 
 @dataclass(frozen=True)
@@ -34,11 +28,10 @@ class PreposConfig:
     """Knobs of the background job; sizes are in tokens. ``threshold`` is the gate's (from
     EngineConfig), which bounds how far the sure tail is decoded."""
 
-    threshold: float
-    predictor: str = DEFAULT_PREDICTOR
-    chunk: int = 16
-    continuation_cap: int = 32
-    forced_cap: int = 16
+    predictor: str = PREDICTOR
+    chunk: int = BACKGROUND_CHUNK
+    continuation_cap: int = CONTINUATION_CAP
+    forced_cap: int = FORCED_CAP
     threshold: float = SURE_GAP
 
 
@@ -54,13 +47,9 @@ def next_role(messages: list[Message]) -> str:
 
 
 def predicted_prompt(
-    book: KVBook,
-    template: ChatTemplate,
-    s: Session,
-    role: str,
-    config: PreposConfig,
-    entry_logits,
-) -> Generator[None, None, tuple[str, str]]:
+    book: KVBook, template: ChatTemplate, s: Session, role: str, config: PreposConfig,
+    entry_logits: torch.Tensor, stop: Collection[int],
+) -> Generator[Need | None, torch.Tensor | None, tuple[str, str]]:
     """The predicted next message: the client's hint, else the configured predictor.
 
     ``continuation`` lets the model write the next message itself, greedily, on the
@@ -72,71 +61,29 @@ def predicted_prompt(
         return "", "empty"
     if config.predictor == "repeat":
         return s.last_delta or "", "repeat"
-    stop = {template.end_of_message, *book.backend.info.eos_token_ids}
-    tokens: list[int] = []
-    logits = entry_logits
-    while len(tokens) < config.continuation_cap:
-        token = int(logits.argmax())
-        if token in stop:
-            break
-        tokens.append(token)
-        logits = book.feed(s, [token], background=True)[-1]
-        yield
+    tokens, _ = yield from book.greedy(s, entry_logits, cap=config.continuation_cap, stop=stop)
     return template.tokenizer.decode(tokens, skip_special_tokens=True), "continuation"
 
 
-def forced_tail(
-    book: KVBook, s: Session, logits, config: PreposConfig
-) -> Generator[None, None, tuple[list[int], list]]:
-    """Decode the answer past the exit while the model is sure of it (gap over threshold)."""
-    eos = set(book.backend.info.eos_token_ids)
-    forced: list[int] = []
-    seq = [logits]
-    while len(forced) < config.forced_cap:
-        token, gap = top_gap(seq[-1])
-        if gap < config.threshold or token in eos:
-            break
-        forced.append(token)
-        seq.append(book.feed(s, [token], background=True)[-1])
-        yield
-    return forced, seq
-
-
 def ready_position(
-    book: KVBook,
-    s: Session,
-    key: str,
-    source: str,
-    prompt: list[int],
-    base: int,
-    config: PreposConfig,
-) -> Generator[None, None, ReadyPosition]:
-    """Prefill ``prompt`` on ``s``, decode its sure tail, and park it as a ready position
-    whose rows start at ``base`` (the session's KV is left at ``base``)."""
+    book: KVBook, s: Session, key: str, source: str, prompt: list[int], base: int, config: PreposConfig
+) -> Generator[Need | None, torch.Tensor | None, ReadyPosition]:
+    """Prefill ``prompt`` on ``s``, decode its sure tail (while the model is sure of the
+    answer: gap over the threshold, up to an eos), and park it as a ready position whose
+    rows start at ``base`` (the session's KV is left at ``base``)."""
     logits = yield from book.advance(s, prompt, background=True, chunk=config.chunk)
-    forced, seq = yield from forced_tail(book, s, logits, config)
-    token, gap = top_gap(seq[0])
-    rp = ReadyPosition(
-        key=key,
-        source=source,
-        ids=list(prompt),
-        base=base,
-        logits=seq,
-        forced=forced,
-        token=token,
-        gap=gap,
-    )
-    book.park(s, rp)
-    return rp
+    eos = set(book.backend.info.eos_token_ids)
+    forced, seq = yield from book.greedy(s, logits, cap=config.forced_cap, stop=eos, min_gap=config.threshold)
+    return book.park(s, key, source, prompt, base, seq, forced)
 
 
 def pre_position(
-    book: KVBook, template: ChatTemplate, s: Session, config: PreposConfig
-) -> Generator[None, None, None]:
+    book: KVBook, template: ChatTemplate, s: Session, config: PreposConfig, stop: Collection[int]
+) -> Steps:
     """The whole background job for one session, one chunk per step."""
     s.pre_positioning = True
     try:
-        yield from _pre_position(book, template, s, config)
+        yield from _pre_position(book, template, s, config, stop)
     except NoRoom:
         return  # idle work never evicts real state; it waits for the next turn
     finally:
@@ -144,15 +91,15 @@ def pre_position(
 
 
 def _pre_position(
-    book: KVBook, template: ChatTemplate, s: Session, config: PreposConfig
-) -> Generator[None, None, None]:
+    book: KVBook, template: ChatTemplate, s: Session, config: PreposConfig, stop: Collection[int]
+) -> Steps:
     """Entry, predicted message, ready position: see the module docstring."""
     role = next_role(s.messages)
     entry = template.entry(s.messages, role, tools=s.tools, cache=s.renders)
     entry_logits = yield from book.advance(s, entry, background=True, chunk=config.chunk)
     s.entry_len = len(entry)
     yield
-    content, source = yield from predicted_prompt(book, template, s, role, config, entry_logits)
+    content, source = yield from predicted_prompt(book, template, s, role, config, entry_logits, stop)
     prompt = template.render([*s.messages, {"role": role, "content": content}], tools=s.tools, cache=s.renders)
     # The predicted content can merge with the entry's last token; the ready position
     # then starts where the two renderings part, and the entry is prefilled again.

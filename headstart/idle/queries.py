@@ -15,19 +15,19 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from collections.abc import Generator
+from collections.abc import Collection, Generator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from headstart.config import QUERY_MAX_TOKENS
 from headstart.decode.sampling import candidate_gap, top_gap
-from headstart.errors import BadRequest, SessionExists, SessionNotFound
-from headstart.session.session import ReadyPosition
+from headstart.errors import BadRequest, ContextTooLong, SessionExists, SessionNotFound, check_context
 from headstart.session.template import ChatTemplate, common_prefix
 
 if TYPE_CHECKING:
-    from headstart.session.book import KVBook
+    from headstart.session.book import KVBook, Need
     from headstart.session.session import Session
 
 QUERY_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -64,7 +64,7 @@ class Query:
 
     id: str
     question: str
-    max_tokens: int = 8
+    max_tokens: int = QUERY_MAX_TOKENS
     fast_answer: list[str] | None = None
     created: float = field(default_factory=time.time)
     value: str | None = None
@@ -135,66 +135,38 @@ def stale(s: Session) -> list[Query]:
 
 
 def evaluate(
-    book: KVBook, template: ChatTemplate, s: Session, q: Query, *, chunk: int, context_length: int
-) -> Generator[None, None, bool]:
+    book: KVBook, template: ChatTemplate, s: Session, q: Query, *, chunk: int, context_length: int,
+    stop: Collection[int],
+) -> Generator[Need | None, torch.Tensor | None, bool]:
     """Answer ``q`` on ``s``'s current context and park the state; False if it cannot run."""
     version, turns = s.data.version, s.turns
     messages = [*s.messages, {"role": QUESTION_ROLE, "content": q.question}]
     prompt = template.render(messages, tools=s.tools, cache=s.renders)
-    if len(prompt) + q.max_tokens > context_length:
-        q.error = f"the question needs {len(prompt) + q.max_tokens} tokens; the context holds {context_length}"
+    try:
+        check_context(len(prompt), context_length, q.max_tokens, what="the question")
+    except ContextTooLong as exc:
+        q.error = str(exc)
         q.data_version, q.turns = version, turns
         return False
     own = template.entry(s.messages, QUESTION_ROLE, tools=s.tools, cache=s.renders) if s.messages else []
     base = common_prefix(own, prompt)
     logits = yield from book.advance(s, prompt, background=True, chunk=chunk)
-    seq = [logits]
-    forced: list[int] = []
-    tokens: list[int] = []
     candidate = None
     if q.fast_answer:
         encoded = [template.encode(c) for c in q.fast_answer]
         first = torch.tensor([ids[0] for ids in encoded], device=logits.device)
         candidate, gap = candidate_gap(logits, first)
         value = q.fast_answer[candidate]
+        tokens, seq = [], [logits]
     else:
         gap = top_gap(logits)[1]
-        tokens = yield from _greedy(book, template, s, seq, q.max_tokens)
-        # The last token of an answer cut at max_tokens was not fed: no logits after it.
-        forced = tokens[: len(seq) - 1]
+        # The last token of an answer cut at max_tokens is not fed: no logits after it.
+        tokens, seq = yield from book.greedy(s, logits, cap=q.max_tokens, stop=stop, feed_last=False)
         value = template.tokenizer.decode(tokens, skip_special_tokens=True)
-    rp = ReadyPosition(
-        key=ready_key(q.id),
-        source="query",
-        ids=list(prompt),
-        base=base,
-        logits=seq,
-        forced=forced,
-        token=top_gap(seq[0])[0],
-        gap=top_gap(seq[0])[1],
-    )
-    book.park(s, rp)
+    book.park(s, ready_key(q.id), "query", prompt, base, seq, tokens[: len(seq) - 1])
     q.value, q.token_ids, q.confidence, q.candidate = value.strip(), tokens, gap, candidate
     q.data_version, q.turns = version, turns
     q.answered_at = time.time()
     q.evaluations += 1
     q.error = None
     return True
-
-
-def _greedy(
-    book: KVBook, template: ChatTemplate, s: Session, seq: list[torch.Tensor], max_tokens: int
-) -> Generator[None, None, list[int]]:
-    """Greedy answer tokens after ``seq[-1]``; appends the logits after each fed token."""
-    stop = {template.end_of_message, *book.backend.info.eos_token_ids}
-    tokens: list[int] = []
-    while len(tokens) < max_tokens:
-        token = int(seq[-1].argmax())
-        if token in stop:
-            break
-        tokens.append(token)
-        if len(tokens) == max_tokens:
-            break
-        seq.append(book.feed(s, [token], background=True)[-1])
-        yield
-    return tokens

@@ -46,11 +46,6 @@ class Spill:
     def _path(self, session_id: str) -> Path:
         return self.folder / f"{session_id}.safetensors"
 
-    @property
-    def bytes(self) -> int:
-        with self._lock:
-            return sum(self._files.values())
-
     def save(self, session_id: str, seq: KVSeq) -> None:
         """Write a session's KV rows and the ids they cover (atomically: a crash leaves no half file)."""
         if not seq.ids:

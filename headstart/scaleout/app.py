@@ -14,6 +14,7 @@ HTTP service-discovery format.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import re
@@ -147,7 +148,11 @@ def flags(args: dict[str, Any]) -> list[str]:
 
 def build_app(args: dict[str, Any]) -> Any:
     """Serve's application builder: ``args`` are ``headstart serve`` flags without dashes."""
-    from headstart.cli.main import build_parser, server_config
+    from headstart.scaleout.options import add_replica_flags
+    from headstart.server.flags import add_serve_flags, server_config
 
-    parsed = build_parser().parse_args(["serve", *flags({"replicas": 1, **args})])
+    parser = argparse.ArgumentParser(prog="headstart serve")
+    add_serve_flags(parser)
+    add_replica_flags(parser)
+    parsed = parser.parse_args(flags({"replicas": 1, **args}))
     return replica_app(server_config(parsed), ReplicaOptions.from_args(parsed))

@@ -5,10 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-# Serve slots per replica: every open SSE stream (chat or /events) holds one for its whole
-# life, so the slots are many and the engine's own admission (one request per session,
-# the KV budget, the model thread's queue) bounds the compute.
-DEFAULT_MAX_ONGOING = 256
+from headstart.config import MAX_ONGOING, REPLICA_CPUS, REPLICA_GPUS
 
 
 def add_replica_flags(p: argparse.ArgumentParser) -> None:
@@ -16,9 +13,10 @@ def add_replica_flags(p: argparse.ArgumentParser) -> None:
                    help="run N replicas on Ray Serve behind its proxy, sessions pinned by id (needs --db postgresql://)")
     p.add_argument("--ray-address", default=None,
                    help="join this Ray cluster (e.g. 10.0.0.1:6379 or auto) instead of starting a local Ray")
-    p.add_argument("--replica-cpus", type=float, default=1.0, help="Ray CPUs each replica reserves (0: no reservation)")
-    p.add_argument("--replica-gpus", type=float, default=0.0, help="Ray GPUs each replica reserves")
-    p.add_argument("--max-ongoing", type=int, default=DEFAULT_MAX_ONGOING,
+    p.add_argument("--replica-cpus", type=float, default=REPLICA_CPUS,
+                   help="Ray CPUs each replica reserves (0: no reservation)")
+    p.add_argument("--replica-gpus", type=float, default=REPLICA_GPUS, help="Ray GPUs each replica reserves")
+    p.add_argument("--max-ongoing", type=int, default=MAX_ONGOING,
                    help="Serve slots per replica; each open stream holds one")
     p.add_argument("--no-affinity", action="store_true",
                    help="route every request to a random replica (a baseline: sessions then rebuild on each move)")
@@ -29,9 +27,9 @@ class ReplicaOptions:
     """How the Serve deployment places and routes its replicas."""
 
     replicas: int = 2
-    cpus: float = 1.0
-    gpus: float = 0.0
-    max_ongoing: int = DEFAULT_MAX_ONGOING
+    cpus: float = REPLICA_CPUS
+    gpus: float = REPLICA_GPUS
+    max_ongoing: int = MAX_ONGOING
     affinity: bool = True
 
     @classmethod

@@ -43,9 +43,9 @@ def deploy(app: Any, host: str, port: int) -> None:
 def serve_replicas(args: argparse.Namespace) -> int:
     from ray import serve
 
-    from headstart.cli.main import server_config
     from headstart.scaleout.app import APP_NAME, replica_app
     from headstart.scaleout.options import ReplicaOptions
+    from headstart.server.flags import server_config
 
     opts = ReplicaOptions.from_args(args)
     try:

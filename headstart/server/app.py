@@ -22,6 +22,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from headstart.config import HEARTBEAT_S, MAX_BODY_BYTES, TEMPERATURE
 from headstart.engine.engine import Engine, EngineConfig
 from headstart.server.errors import HTTPError, error_response, to_response
 
@@ -37,12 +38,12 @@ class ServerConfig:
     dtype: str | None = None
     cache_dir: str | None = None
     engine: EngineConfig = field(default_factory=EngineConfig)
-    default_temperature: float = 1.0
-    max_body_bytes: int = 4 * 1024 * 1024
+    default_temperature: float = TEMPERATURE
+    max_body_bytes: int = MAX_BODY_BYTES
     api_keys: frozenset[str] = frozenset()
     db: str | None = None  # SQLite file or postgresql:// URL; None: SQLite in the data folder; "" keeps nothing
     spill_dir: str | None = None  # None: in the data folder
-    heartbeat_seconds: float = 15.0  # between SSE heartbeats on a quiet event stream
+    heartbeat_seconds: float = HEARTBEAT_S  # between SSE heartbeats on a quiet event stream
     served_model_names: tuple[str, ...] = ()  # names the OpenAI door answers to; () for the model's own
     # This server's name among replicas (headstart/scaleout): it fences the server's writes
     # to the shared store and is named in every answer. None: a single server.
@@ -79,8 +80,9 @@ def default_factory(config: ServerConfig) -> Callable[[], Engine]:
     """The engine builder of ``headstart serve``. The database and the spill folder are
     claimed here, before the model loads, so a second server on the same data stops at
     once (:class:`~headstart.session.ownership.Claimed`, naming the holder) instead of serving."""
+    from headstart.session.open_store import open_store
     from headstart.session.ownership import Claim
-    from headstart.session.store import default_data_dir, open_store
+    from headstart.session.store import default_data_dir
 
     data = default_data_dir()
     db = config.db if config.db is not None else str(data / "headstart.db")
@@ -155,7 +157,7 @@ def create_app(config: ServerConfig | None = None, factory: Callable[[], Engine]
 
     config = config or ServerConfig()
     state = State(config)
-    observed = Metrics(state)
+    observed = Metrics(lambda: state.engine)
     build = factory or default_factory(config)
 
     def build_observed() -> Engine:

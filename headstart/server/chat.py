@@ -24,7 +24,7 @@ from headstart.decode.logits import TokenLogprob
 from headstart.engine.engine import Engine
 from headstart.engine.output import Completion, Delta, Handle
 from headstart.server.gone import unless_gone
-from headstart.server.schema import ChatCompletionRequest
+from headstart.server.schemas import ChatCompletionRequest
 
 SESSION_HEADER = "x-session-id"
 

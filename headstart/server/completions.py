@@ -25,7 +25,7 @@ from headstart.server.chat import (
     stream_response,
     token_text,
 )
-from headstart.server.schema import CompletionRequest
+from headstart.server.schemas import CompletionRequest
 
 
 class TextShape(ChatShape):

@@ -11,8 +11,7 @@ time by a collector, so it can never drift from what the engine reports elsewher
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -23,9 +22,6 @@ from starlette.responses import Response
 from headstart.engine.engine import Engine
 from headstart.engine.output import Completion
 
-if TYPE_CHECKING:
-    from headstart.server.app import State
-
 log = logging.getLogger("headstart.metrics")
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -34,11 +30,11 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 class EngineCollector(Collector):
     """Engine counters and gauges, read when scraped."""
 
-    def __init__(self, state: State) -> None:
-        self.state = state
+    def __init__(self, engine: Callable[[], Engine | None]) -> None:
+        self.engine = engine
 
     def collect(self) -> Iterator[Metric]:
-        engine = self.state.engine
+        engine = self.engine()
         up = GaugeMetricFamily("headstart_model_loaded", "1 once the model is loaded")
         up.add_metric([], 1.0 if engine is not None else 0.0)
         yield up
@@ -113,6 +109,31 @@ class EngineCollector(Collector):
             c.add_metric([], stats[name])
             yield c
 
+        steps = stats["steps"]
+        for name, value, doc in (
+            ("steps", steps["n"], "steps of the model loop (one forward each)"),
+            ("step_tokens", steps["tokens_total"], "tokens the steps' forwards computed"),
+            ("step_background_tokens", steps["background_tokens_total"],
+             "of those, tokens of idle-time work (riding in the budget requests left)"),
+        ):
+            c = CounterMetricFamily(f"headstart_{name}", doc)
+            c.add_metric([], value)
+            yield c
+        budget = GaugeMetricFamily("headstart_step_budget_tokens", "tokens one step may hold (--step-tokens)")
+        budget.add_metric([], engine.scheduler.step_tokens)
+        yield budget
+        for name, key, scale, doc in (
+            ("step_duration_seconds", "duration_ms", 1e-3, "duration of recent steps"),
+            ("step_tokens_per_step", "tokens", 1, "tokens per recent step"),
+            ("step_sequences", "sequences", 1, "sequences per recent step's forward"),
+            ("step_background_share", "background_budget_share", 1, "share of the step budget idle work used"),
+        ):
+            g = GaugeMetricFamily(f"headstart_{name}", doc, labels=["quantile"])
+            for q, label in (("p50", "0.5"), ("p99", "0.99")):
+                value = steps[key][q]
+                g.add_metric([label], float("nan") if value is None else value * scale)
+            yield g
+
         sessions = engine.sessions.all()  # all owners
         resident = GaugeMetricFamily("headstart_sessions", "sessions resident")
         resident.add_metric([], len(sessions))
@@ -160,7 +181,8 @@ class EngineCollector(Collector):
 class Metrics:
     """The registry of one app and the observers that feed it."""
 
-    def __init__(self, state: State) -> None:
+    def __init__(self, engine: Callable[[], Engine | None]) -> None:
+        """``engine`` gives the app's engine, or None while it loads."""
         self.registry = CollectorRegistry()
         r = self.registry
         self.ttft = Histogram(
@@ -189,10 +211,10 @@ class Metrics:
         )
         self.background_wait = Histogram(
             "headstart_foreground_wait_on_background_seconds",
-            "time a request waited behind chunks of idle-time work before it started",
+            "time a request's computation waited in steps that ran idle-time work (0 by the step order)",
             buckets=LATENCY_BUCKETS, registry=r,
         )
-        r.register(EngineCollector(state))
+        r.register(EngineCollector(engine))
 
     def attach(self, engine: Engine) -> None:
         engine.observers.append(self.observe)

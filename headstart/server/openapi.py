@@ -14,8 +14,7 @@ from starlette.responses import JSONResponse, Response
 from headstart import __version__
 from headstart.engine import sessions as sessionapi
 from headstart.server import sessions
-from headstart.server.schema import ChatCompletionRequest, CompletionRequest
-from headstart.server.session_schema import ErrorResponse, Health
+from headstart.server.schemas import ChatCompletionRequest, CompletionRequest, ErrorResponse, Health
 
 REF = "#/components/schemas/{model}"
 

@@ -31,8 +31,8 @@ from headstart.idle.ingest import PushResult
 from headstart.server.chat import SESSION_HEADER, arrival_of, collect, owner_of
 from headstart.server.errors import parse_json, read_body, read_json
 from headstart.server.gone import unless_gone
-from headstart.server.schema import ChatCompletionRequest
-from headstart.server.session_schema import (
+from headstart.server.schemas import (
+    ChatCompletionRequest,
     CreateSessionRequest,
     Deleted,
     GenerateRequest,
@@ -115,7 +115,7 @@ async def warm(request: Request) -> Response:
 
     ticket = await run_in_threadpool(queue_warm)
     result = await unless_gone(
-        request, asyncio.wrap_future(ticket.future), lambda: upkeep.cancel_warm(engine, s, ticket)
+        request, asyncio.wrap_future(ticket.future), lambda: upkeep.cancel_warm(engine.idle, s, ticket)
     )
     return respond(WarmResponse, {**result, "session_id": s.id})
 

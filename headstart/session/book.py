@@ -1,17 +1,22 @@
 """Bookkeeping for a session's KV: every change keeps ids, KV and accounting in step.
 
-All model calls of the engine go through here, so the session's ``kv_ids`` is always
+All model work of the engine is asked for here, so the session's ``kv_ids`` is always
 exactly what its KV holds, and background tokens are counted once as computed and then
-once as either reused by a request or wasted. Ready positions are forks of the session's
+once as either reused by a request or wasted. A job never calls the model: ``feed``
+*yields* a :class:`Need` and the step loop (engine/loop.py) computes it, together with every
+other job's, in one forward (``run``). Ready positions are forks of the session's
 sequence: parking, restoring and dropping one moves block references, never KV rows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Collection, Generator
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from headstart.decode.sampling import top_gap
 from headstart.model.backend import Backend
 from headstart.model.hf_runner import HFRunner
 from headstart.model.runner import Feed, Runner
@@ -24,7 +29,29 @@ class NoRoom(Exception):
     """Background work found no room in the KV budget without evicting real state."""
 
 
-RoomMaker = Callable[[Session, int, bool], bool]
+# (session to keep, blocks needed, background, sessions the current step uses) -> room made
+RoomMaker = Callable[[Session, int, bool, Collection[Session]], bool]
+
+
+@dataclass
+class Need:
+    """What a job needs computed: ``ids`` appended to ``session``'s KV, the logits of the
+    last ``keep`` rows back. The loop may compute it over several steps (chunked prefill);
+    ``done`` counts the ids already written."""
+
+    session: Session
+    ids: list[int]
+    keep: int = 1
+    background: bool = False
+    done: int = 0
+
+    @property
+    def left(self) -> int:
+        return len(self.ids) - self.done
+
+
+# What a job is: a generator yielding Needs (or None to give way for a step), sent the rows.
+Steps = Generator[Need | None, torch.Tensor | None, Any]
 
 
 class KVBook:
@@ -36,6 +63,93 @@ class KVBook:
         self.pool = runner.pool
         self.stats = stats
         self.make_room: RoomMaker | None = None  # set by the registry that owns the budget
+
+    # -- model work ------------------------------------------------------------------
+
+    def feed(self, s: Session, ids: list[int], *, background: bool, keep: int = 1) -> Steps:
+        """Have ``ids`` run over ``s``'s KV (``yield from`` it); the logits of the last ``keep``.
+
+        A generator driven by hand rather than by the step loop (a script, a test) gets
+        nothing sent back: then this one need is computed alone, by the same ``run``."""
+        need = Need(s, list(ids), keep, background)
+        rows = yield need
+        if rows is None:
+            if not self.fits(need, need.left, 0, ()):
+                raise NoRoom
+            rows = self.run([(need, need.left)])[0]
+        return rows
+
+    def fits(self, need: Need, n: int, claimed: int, stepping: Collection[Session]) -> bool:
+        """Whether ``n`` more rows of ``need`` fit beside ``claimed`` blocks the step's other
+        background pieces take; makes room by eviction when short, never evicting a session
+        in ``stepping``. A request draws on its reservation, so it always fits."""
+        s = need.session
+        blocks = s.kv.blocks_needed(n)
+        reservation = None if need.background else s.reserved
+        room = self.pool.available() - claimed + (reservation.left if reservation is not None else 0)
+        # O(1) while the budget has room; only a shortage walks the sessions.
+        return blocks <= room or (
+            self.make_room is not None and self.make_room(s, blocks + claimed, need.background, stepping)
+        )
+
+    def run(self, pieces: list[tuple[Need, int]]) -> list[torch.Tensor]:
+        """ONE forward over the next ``n`` ids of every need; for each, its kept rows once its
+        last id ran (a piece that leaves ids for a later step gets one row it ignores)."""
+        feeds = []
+        for need, n in pieces:
+            last = need.done + n == len(need.ids)
+            s = need.session
+            reservation = None if need.background else s.reserved
+            feeds.append(Feed(s.kv, need.ids[need.done : need.done + n], need.keep if last else 1, reservation))
+        out = self.runner.forward(feeds)
+        background = 0
+        for need, n in pieces:
+            need.session.kv_background.extend([need.background] * n)
+            need.done += n
+            background += n if need.background else 0
+        with self.stats.lock:
+            self.stats.forward_calls += 1
+            self.stats.background.computed += background
+        return out
+
+    def advance(self, s: Session, ids: list[int], *, background: bool, chunk: int) -> Steps:
+        """Bring ``s``'s KV to ``ids`` reusing the longest common prefix; return the last
+        position's logits. Background work asks for ``chunk`` tokens at a time, so its job
+        can give way between them; a request asks for all at once and the loop chunks it."""
+        lcp = common_prefix(ids, s.kv_ids)
+        if lcp == len(ids):
+            lcp -= 1  # the logits of the last position are not kept: recompute it
+        self.crop(s, lcp)
+        if not background:
+            self.take(s, lcp)
+        step = chunk if background else len(ids)
+        logits = None
+        for pos in range(lcp, len(ids), step):
+            logits = (yield from self.feed(s, ids[pos : pos + step], background=background))[-1]
+        assert logits is not None
+        return logits
+
+    def greedy(
+        self, s: Session, logits: torch.Tensor, *, cap: int, stop: Collection[int],
+        min_gap: float | None = None, feed_last: bool = True,
+    ) -> Generator[Need | None, torch.Tensor | None, tuple[list[int], list[torch.Tensor]]]:
+        """The one greedy decode loop of idle-time work: argmax tokens after ``logits`` until a
+        token in ``stop``, ``cap`` tokens, or (with ``min_gap``) a gap below it. Returns the
+        tokens and the logits before each and after the last fed one (``feed_last=False``
+        leaves the last token of a capped answer unfed: its logits are never needed)."""
+        tokens: list[int] = []
+        seq = [logits]
+        while len(tokens) < cap:
+            token, gap = top_gap(seq[-1])
+            if token in stop or (min_gap is not None and gap < min_gap):
+                break
+            tokens.append(token)
+            if len(tokens) == cap and not feed_last:
+                break
+            seq.append((yield from self.feed(s, [token], background=True))[-1])
+        return tokens, seq
+
+    # -- rows and their accounting -----------------------------------------------------
 
     def crop(self, s: Session, length: int, *, wasted: bool = True) -> None:
         """Shorten ``s``'s KV; background rows dropped unused count as wasted."""
@@ -51,28 +165,14 @@ class KVBook:
             s.entry_len = None
 
     def reset(self, s: Session) -> None:
-        """Drop ``s``'s whole KV (eviction, failure); its transcript stays."""
+        """Start ``s``'s cache over (eviction, a failure): its whole KV and every ready
+        position go; its transcript stays."""
+        self.drop_ready(s)
         with self.stats.lock:
             self.stats.background.wasted += sum(s.kv_background)
         s.kv.release()
         s.kv_background.clear()
         s.entry_len = None
-
-    def feed(self, s: Session, ids: list[int], *, background: bool, keep: int = 1) -> torch.Tensor:
-        """Run ``ids`` over ``s``'s KV; the logits of the last ``keep`` positions."""
-        need = s.kv.blocks_needed(len(ids))
-        reservation = None if background else s.reserved
-        room = self.pool.available() + (reservation.left if reservation is not None else 0)
-        # O(1) while the budget has room; only a shortage walks the sessions.
-        if need > room and self.make_room is not None and not self.make_room(s, need, background):
-            raise NoRoom
-        logits = self.runner.forward([Feed(s.kv, ids, keep, reservation)])[0]
-        s.kv_background.extend([background] * len(ids))
-        with self.stats.lock:
-            self.stats.forward_calls += 1
-            if background:
-                self.stats.background.computed += len(ids)
-        return logits
 
     def take(self, s: Session, upto: int) -> int:
         """A request uses the first ``upto`` rows: background rows among them are reused."""
@@ -83,36 +183,25 @@ class KVBook:
                 self.stats.background.reused += reused
         return reused
 
-    def advance(
-        self, s: Session, ids: list[int], *, background: bool, chunk: int
-    ) -> Generator[None, None, torch.Tensor]:
-        """Bring ``s``'s KV to ``ids`` reusing the longest common prefix; return the last
-        position's logits. Background work yields every ``chunk`` tokens."""
-        lcp = common_prefix(ids, s.kv_ids)
-        if lcp == len(ids):
-            lcp -= 1  # the logits of the last position are not kept: recompute it
-        self.crop(s, lcp)
-        if not background:
-            self.take(s, lcp)
-        logits = None
-        pos = lcp
-        while pos < len(ids):
-            step = ids[pos : pos + chunk] if background else ids[pos:]
-            logits = self.feed(s, step, background=background)[-1]
-            pos += len(step)
-            if background and pos < len(ids):
-                yield
-        assert logits is not None
-        return logits
+    # -- ready positions ---------------------------------------------------------------
 
-    def park(self, s: Session, rp: ReadyPosition) -> None:
-        """Keep ``s``'s KV as the ready position ``rp`` (a fork) and crop the session back
-        to ``rp.base``: the rows past it are now held by the position alone."""
+    def park(
+        self, s: Session, key: str, source: str, ids: list[int], base: int,
+        logits: list[torch.Tensor], forced: list[int],
+    ) -> ReadyPosition:
+        """Make and park the ready position at the end of ``ids + forced`` (what ``s``'s KV
+        holds now): a fork of the KV, with the logits before each forced token and after the
+        last; the session is cropped back to ``base``, the rows past it are the position's."""
+        token, gap = top_gap(logits[0])
+        rp = ReadyPosition(key=key, source=source, ids=list(ids), base=base, logits=logits, forced=forced,
+                           token=token, gap=gap)
         old = s.ready.pop(rp.key, None)
         if old is not None:
             self.discard(old)
         charge = -(-rp.logits_bytes() // self.pool.block_bytes)  # at most this many more blocks taken
-        if charge > self.pool.available() and (self.make_room is None or not self.make_room(s, charge, True)):
+        if charge > self.pool.available() and (
+            self.make_room is None or not self.make_room(s, charge, True, ())
+        ):
             raise NoRoom
         rp.seq = s.kv.fork()
         rp.charge = self.pool.charge(rp.logits_bytes())
@@ -120,6 +209,7 @@ class KVBook:
         rp.background = s.kv_background[rp.base :]
         s.kv.crop(rp.base)
         del s.kv_background[rp.base :]
+        return rp
 
     def valid(self, s: Session, rp: ReadyPosition) -> bool:
         """Whether ``rp``'s base is still what the session's KV holds."""
@@ -151,3 +241,16 @@ class KVBook:
         self.pool.uncharge(rp.charge)
         rp.charge = 0
         rp.background = []
+
+    def drop_ready(self, s: Session) -> None:
+        """Discard every ready position of ``s``."""
+        for rp in list(s.ready.values()):  # a copy: another thread may still be ending a step
+            self.discard(rp)
+        s.ready.clear()
+
+    def drop_invalid(self, s: Session) -> None:
+        """Discard the ready positions whose base the session's KV no longer holds."""
+        for key, rp in list(s.ready.items()):
+            if not self.valid(s, rp):
+                s.ready.pop(key)
+                self.discard(rp)

@@ -3,7 +3,7 @@
 Background work (ingestion, registered questions) happens on the model thread, while
 listeners are coroutines on an event loop (a door's Server-Sent Events stream). A
 listener owns a bounded asyncio queue; publishing hands each event to the listener's
-loop with ``call_soon_threadsafe`` (the pattern of handle.py), so the model thread never
+loop with ``call_soon_threadsafe`` (the pattern of engine/output.py), so the model thread never
 blocks on a slow listener: when a queue is full its oldest event is dropped and the drop
 is counted on the listener.
 """

@@ -19,10 +19,11 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from typing import Protocol
 
-from headstart.engine.loop import Scheduler
+from headstart.config import IDLE_EXPIRY_S, MAX_SESSIONS
 from headstart.errors import (
     BadRequest,
     SessionBusy,
@@ -45,10 +46,17 @@ SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 INVALID_ID = "a session id is 1-128 characters of A-Z a-z 0-9 _ -"
 
 
+class IdleWork(Protocol):
+    """What the registry asks of the model thread's loop: a request or an eviction takes a
+    session over from its idle-time work."""
+
+    def cancel_background(self, key: str) -> bool: ...
+
+
 @dataclass(frozen=True)
 class Limits:
-    max_sessions: int = 1000
-    idle_expiry_s: float = 3600.0
+    max_sessions: int = MAX_SESSIONS
+    idle_expiry_s: float = IDLE_EXPIRY_S
 
 
 @dataclass
@@ -67,7 +75,7 @@ class SessionRegistry:
         self,
         pool: BlockPool,
         book: KVBook,
-        scheduler: Scheduler,
+        scheduler: IdleWork,
         budget: Budget,
         limits: Limits,
         store: TranscriptStore | None = None,
@@ -287,9 +295,7 @@ class SessionRegistry:
         self.scheduler.cancel_background(s.id)
         if self.spill is not None:
             self.spill.drop(s.id)
-        for rp in list(s.ready.values()):  # a copy: the model thread may still be ending a chunk
-            self.book.discard(rp)
-        s.ready.clear()
+        self.book.drop_ready(s)
         s.kv.release()
         with s.data.lock:
             s.queries.clear()
@@ -344,10 +350,11 @@ class SessionRegistry:
         s.reserved = self.pool.reserve(need)
         return True
 
-    def make_room(self, keep: Session, need: int, background: bool) -> bool:
+    def make_room(self, keep: Session, need: int, background: bool, stepping: Collection[Session] = ()) -> bool:
         """Evict until ``need`` more blocks fit; background work gets room only from other
-        sessions' ready positions. Runs on the model thread, only when the pool is short."""
-        sessions = self._holding_kv()
+        sessions' ready positions, and nothing in ``stepping`` (the sessions the step being
+        planned computes on) is evicted. Runs on the model thread, only when the pool is short."""
+        sessions = [s for s in self._holding_kv() if s not in stepping]
         room = self.pool.available()
         if not background and keep.reserved is not None:
             room += keep.reserved.left
@@ -363,9 +370,7 @@ class SessionRegistry:
 
     def evict(self, ev: Eviction) -> None:
         s = ev.session
-        for rp in s.ready.values():
-            self.book.discard(rp)
-        s.ready.clear()
+        self.book.drop_ready(s)
         if ev.kind == "ready":
             self.evictions.ready += 1
             return

@@ -16,13 +16,12 @@ from typing import Any
 
 import torch
 
+from headstart.config import MAX_PENDING
 from headstart.idle.ingest import DataFeed
 from headstart.kv import BlockPool, KVSeq, Reservation
 from headstart.session.events import EventHub
 from headstart.session.store import StoredSession
 from headstart.session.template import Message, RenderCache
-
-DEFAULT_MAX_PENDING = 1024
 
 
 @dataclass
@@ -94,9 +93,9 @@ class Session:
         self.paths: Counter[str] = Counter()
         self.pre_positioning = False
         self.last_delta: str | None = None
-        # The sessions API (ingest.py, queries.py, upkeep.py): streamed data, registered
+        # The sessions API (idle/: ingest.py, queries.py, job.py): streamed data, registered
         # questions (id -> queries.Query), listeners, and the state of the idle-time job.
-        self.data = DataFeed(DEFAULT_MAX_PENDING)
+        self.data = DataFeed(MAX_PENDING)
         self.queries: dict[str, Any] = {}
         self.events = EventHub()
         self.upkeep_lock = threading.Lock()

@@ -110,23 +110,12 @@ class TranscriptStore(Protocol):
     def claim(self, session_id: str, held_epoch: int | None) -> Claim | None:
         """Take a session over (None: no such session); a no-op when already held at ``held_epoch``."""
 
-    def touch(self, session_id: str, last_used: float) -> None: ...
-
     def delete(self, session_id: str, epoch: int | None = None) -> bool:
         """Remove a session; with an epoch, only while that claim is the latest."""
 
     def load_all(self) -> list[StoredSession]: ...
 
     def close(self) -> None: ...
-
-
-def open_store(url: str, holder: str | None = None) -> TranscriptStore:
-    """``postgresql://...`` opens PostgreSQL; anything else is a SQLite file path."""
-    if url.startswith(("postgresql://", "postgres://")):
-        from headstart.session.store_pg import PostgresStore
-
-        return PostgresStore(url, holder)
-    return SessionStore(url, holder)
 
 
 Execute = Callable[[str, Sequence[Any]], list[tuple[Any, ...]]]
@@ -221,10 +210,6 @@ class FencedSQL:
         stored = decode(row)
         stored.epoch = epoch
         return Claim(epoch, stored)
-
-    def touch(self, session_id: str, last_used: float) -> None:
-        with self._transaction() as run:
-            run("UPDATE sessions SET last_used = ? WHERE id = ?", (last_used, session_id))
 
     def delete(self, session_id: str, epoch: int | None = None) -> bool:
         with self._transaction() as run:

@@ -21,6 +21,8 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from headstart.errors import BadRequest
+
 Message = dict[str, Any]
 
 _PLACEHOLDERS = ("\x01alpha placeholder", "\x02omega placeholder")
@@ -204,3 +206,15 @@ class ChatTemplate:
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+
+def encode_candidates(template: ChatTemplate, fast_answer: list[str]) -> list[list[int]]:
+    """A ``fast_answer`` list as token ids, refused the same way wherever one comes in (a
+    request, a registered question): each candidate is picked by its first token."""
+    if not fast_answer or any(not isinstance(c, str) or not c for c in fast_answer):
+        raise BadRequest("fast_answer must be a non-empty list of non-empty strings", param="fast_answer")
+    encoded = [template.encode(c) for c in fast_answer]
+    for i, ids in enumerate(encoded):
+        if not ids:
+            raise BadRequest(f"candidate {i} encodes to no tokens", param=f"fast_answer[{i}]")
+    return encoded

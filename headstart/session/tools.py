@@ -1,4 +1,4 @@
-"""Tool calls: what a request allows, how an answer is steered, and how it is read.
+"""Tool calls: what a request allows, how an answer is held to it, and how it is read.
 
 OpenAI clients declare functions in ``tools`` and expect the calls an answer makes in
 ``message.tool_calls``. The model's chat template tells it how to call (Qwen2.5's: a
@@ -7,17 +7,28 @@ Qwen2.5-Coder-0.5B writes the bare JSON object, often inside a json code fence. 
 parser accepts each of those forms; anything that does not read as calls of declared
 tools stays plain content, so a malformed answer is never an error.
 
+Where a call must be valid, a grammar holds the answer to it (grammar.py, xgrammar): the
+call envelope the template writes (found by rendering a call with placeholders), the
+function's name among those allowed, and its arguments under the function's JSON schema.
+
 ``tool_choice``:
 
-- ``auto`` (the default with tools): the model decides; its answer is parsed.
+- ``auto`` (the default with tools): the model decides; its answer is parsed. When a
+  function is declared ``strict``, a grammar with a trigger lets the answer be free text,
+  but once it opens the template's envelope the call must be complete and its arguments
+  valid; a call it writes in another form (bare JSON) is kept as a call only if the
+  arguments of each strict function validate against its schema, else it is content.
+  Without a strict function nothing is constrained (OpenAI's non-strict calls are best
+  effort too).
 - ``none``: the tools stay in the prompt (so a session's prompt, and its KV, is the same
   on every turn whatever the choice) and the answer is never parsed: no call is returned,
   even if the model writes one.
-- ``required`` / a named function: the answer is steered by forcing its first tokens to
-  the opening the template itself writes for a call (``<tool_call>\\n{"name": "`` for
-  Qwen2.5; through ``"arguments":`` for a named function), found by rendering a call
-  with placeholders. If the model still writes something that does not parse, the
-  request returns what it wrote as content (finish_reason ``stop``).
+- ``required`` / a named function: the grammar admits one or more calls (one call of the
+  named function) and nothing else, every function's arguments under its schema, strict
+  or not. A call cut by ``max_tokens`` comes back as content (finish_reason ``length``).
+
+Every declared schema must compile (a bad one is a 400 naming it); a strict one may use
+only keywords the grammar enforces (grammar.strict_problem).
 """
 
 from __future__ import annotations
@@ -29,6 +40,8 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from headstart.decode.grammar import GrammarError, json_grammar
+from headstart.decode.sampling import Constraint
 from headstart.session.template import ChatTemplate, Message
 
 TAG = "<tool_call>"
@@ -36,6 +49,7 @@ END_TAG = "</tool_call>"
 _FENCE = re.compile(r"^```(?:json)?[ \t]*\n?(.*?)\n?[ \t]*```$", re.DOTALL | re.IGNORECASE)
 _CALL_KEYS = frozenset({"name", "arguments", "parameters"})
 _PLACEHOLDER = "zqxplaceholderzqx"
+_OTHER = "zqxotherzqx"
 
 
 class ToolChoiceError(ValueError):
@@ -76,18 +90,53 @@ class ParsedAnswer:
 
 
 @dataclass(frozen=True)
+class Envelope:
+    """How the template writes a call: ``begin + name + middle + arguments + end``, calls
+    joined by ``separator``; ``trigger`` opens a call where free text may come first."""
+
+    begin: str
+    middle: str
+    end: str
+    separator: str
+
+    @property
+    def trigger(self) -> str:
+        word = re.match(r"\s*\S+", self.begin)
+        return word.group(0) if word else self.begin
+
+    def write(self, name: str, arguments: str) -> str:
+        return f"{self.begin}{name}{self.middle}{arguments}{self.end}"
+
+
+BARE = Envelope('{"name": "', '", "arguments": ', "}", "\n")  # for a template whose envelope is not found
+
+
+@dataclass(frozen=True)
 class ToolPlan:
-    """What the engine does about tools for one request."""
+    """What the engine does about tools for one request: which calls are read from the
+    answer, the grammar that holds it (None: unconstrained) and the schemas a call of a
+    strict function must validate against when the grammar did not make it."""
 
     names: frozenset[str] = frozenset()
     parse: bool = False
-    prefix: list[int] = field(default_factory=list)
     parallel: bool = True
+    constraint: Constraint | None = None
+    strict: tuple[tuple[str, str], ...] = ()  # (name, schema text) of the strict functions
 
     def read(self, text: str) -> ParsedAnswer:
         if not self.parse:
             return ParsedAnswer(text, [])
-        return parse(text, self.names, parallel=self.parallel)
+        answer = parse(text, self.names, parallel=self.parallel)
+        if self.strict and answer.calls:
+            import jsonschema
+
+            schemas = {name: json.loads(schema) for name, schema in self.strict}
+            for call in answer.calls:
+                if call.name in schemas and not jsonschema.Draft202012Validator(schemas[call.name]).is_valid(
+                    call.arguments
+                ):
+                    return ParsedAnswer(text, [])
+        return answer
 
 
 NO_TOOLS = ToolPlan()
@@ -120,13 +169,14 @@ def chosen_name(tool_choice: str | dict[str, Any] | None) -> str | None:
 
 def plan_tools(
     template: ChatTemplate,
-    messages: Sequence[Message],
     tools: Sequence[dict[str, Any]] | None,
     tool_choice: str | dict[str, Any] | None = None,
     *,
     parallel: bool = True,
+    strict: Collection[str] = (),
 ) -> ToolPlan:
-    """Validate ``tool_choice`` against ``tools`` and decide parsing and steering."""
+    """Validate ``tools`` (their schemas; ``strict``: the functions declared strict) and
+    ``tool_choice``, and decide parsing and the grammar."""
     names = tool_names(tools)
     if not names:
         if tool_choice not in (None, "none", "auto"):
@@ -137,60 +187,109 @@ def plan_tools(
         raise ToolChoiceError("tool_choice is 'none', 'auto', 'required' or a named function")
     if named is not None and named not in names:
         raise ToolChoiceError(f"tool_choice names {named!r}, which is not among the declared tools")
+    unknown = sorted(set(strict) - set(names))
+    if unknown:
+        raise ToolChoiceError(f"strict names undeclared functions: {', '.join(unknown)}", param="tools")
+    schemas = argument_schemas(tools or (), strict)
     if tool_choice == "none":
         return ToolPlan(frozenset(names), parse=False)
-    prefix: list[int] = []
+    strict_schemas = tuple((n, json.dumps(schemas[n][0])) for n in names if n in strict)
+    allowed = [named] if named is not None else names
     if tool_choice == "required" or named is not None:
-        prefix = call_opening(template, messages, tools, names[0] if named is None else named, named is not None)
-    allowed = frozenset([named]) if named is not None else frozenset(names)
-    return ToolPlan(allowed, parse=True, prefix=prefix, parallel=parallel)
-
-
-def call_opening(
-    template: ChatTemplate,
-    messages: Sequence[Message],
-    tools: Sequence[dict[str, Any]] | None,
-    name: str,
-    through_name: bool,
-) -> list[int]:
-    """Tokens the template writes at the start of an answer that calls a tool: up to the
-    name, or (``through_name``) through ``name`` up to its arguments. Empty when the
-    template does not write calls in a way this can find.
-
-    Found like the entry: render a call twice with different placeholders and keep what
-    comes before they differ, then cut at a token boundary of the natural rendering so
-    the forced tokens are the ones the model would have read there.
-    """
-
-    def answer(fn: str, args: object) -> str | None:
-        call = {"id": "call_0", "type": "function", "function": {"name": fn, "arguments": args}}
-        text = template.render_text([*messages, {"role": "assistant", "content": "", "tool_calls": [call]}],
-                                    generation_prompt=False, tools=tools)
-        return text[len(start):] if text.startswith(start) else None
-
-    start = template.render_text(messages, generation_prompt=True, tools=tools)
-    natural = answer(name, {})
-    if natural is None:
-        return []
-    if through_name:
-        other = answer(name, [])
-        if other is None:
-            return []
-        n = 0
-        while n < min(len(natural), len(other)) and natural[n] == other[n]:
-            n += 1
-        wanted = natural[:n]
+        constraint = call_grammar(envelope(template, tools), {n: schemas[n][1] for n in allowed},
+                                  "named" if named is not None else "required", parallel)
+    elif strict_schemas:
+        constraint = call_grammar(envelope(template, tools), {n: g for n, (_, g) in schemas.items()}, "auto",
+                                  parallel)
     else:
-        marked = answer(_PLACEHOLDER, {})
-        at = marked.find(_PLACEHOLDER) if marked is not None else -1
-        wanted = marked[:at] if marked is not None and at > 0 else ""
-    if not wanted.strip() or not natural.startswith(wanted):
-        return []
-    ids = template.encode(natural)
+        constraint = None
+    return ToolPlan(frozenset(allowed), parse=True, parallel=parallel, constraint=constraint,
+                    strict=strict_schemas)
+
+
+def argument_schemas(
+    tools: Sequence[dict[str, Any]], strict: Collection[str]
+) -> dict[str, tuple[dict[str, Any], str]]:
+    """Each function's arguments schema (an object; none declared: any object) and its
+    grammar: a schema that does not compile, or a strict one the grammar cannot fully
+    enforce, is refused naming its field."""
+    out = {}
+    for i, tool in enumerate(tools):
+        fn = tool["function"]
+        param = f"tools[{i}].function.parameters"
+        schema = fn.get("parameters")
+        if schema is None:
+            schema = {}
+        if not isinstance(schema, dict):
+            raise ToolChoiceError("parameters must be a JSON Schema object", param=param)
+        if schema.get("type", "object") != "object":
+            raise ToolChoiceError("parameters must describe an object (\"type\": \"object\")", param=param)
+        schema = {"type": "object", **schema}
+        try:
+            out[fn["name"]] = schema, json_grammar(schema, strict=fn["name"] in strict, param=param)
+        except GrammarError as exc:
+            raise ToolChoiceError(str(exc), param=exc.param) from exc
+    return out
+
+
+def call_grammar(env: Envelope, grammars: dict[str, str], mode: str, parallel: bool) -> Constraint:
+    """The structural tag for calls of ``grammars``' functions (their arguments' EBNF) in
+    ``env``: ``named``, one call;
+    ``required``, one or more calls and nothing else; ``auto``, free text in which a call,
+    once opened by the envelope's trigger, must be complete and valid."""
+    tags = [
+        {"type": "tag", "begin": f"{env.begin}{name}{env.middle}",
+         "content": {"type": "grammar", "grammar": grammar}, "end": env.end}
+        for name, grammar in grammars.items()
+    ]
+    if mode == "named":
+        fmt: dict[str, Any] = tags[0]
+    elif mode == "required":
+        fmt = {"type": "tags_with_separator", "tags": tags, "separator": env.separator, "at_least_one": True,
+               "stop_after_first": not parallel}
+    else:
+        fmt = {"type": "triggered_tags", "triggers": [env.trigger], "tags": tags, "stop_after_first": not parallel}
+    return Constraint("tool_calls", json.dumps({"type": "structural_tag", "format": fmt}))
+
+
+def envelope(template: ChatTemplate, tools: Sequence[dict[str, Any]] | None) -> Envelope:
+    """The call envelope the template writes, found like the entry: render an answer with
+    placeholder calls and keep what surrounds them. A template whose envelope this cannot
+    find, or whose calls the parser would not read back, gets the bare JSON object the
+    parser reads.
+    """
+    question: list[Message] = [{"role": "user", "content": "."}]
+    start = template.render_text(question, generation_prompt=True, tools=tools)
+
+    def answer(*calls: tuple[str, object]) -> str:
+        tool_calls = [{"id": f"call_{i}", "type": "function", "function": {"name": n, "arguments": a}}
+                      for i, (n, a) in enumerate(calls)]
+        text = template.render_text([*question, {"role": "assistant", "content": "", "tool_calls": tool_calls}],
+                                    generation_prompt=False, tools=tools)
+        return text[len(start):] if text.startswith(start) else ""
+
+    obj, arr = answer((_PLACEHOLDER, {})), answer((_PLACEHOLDER, []))
+    n = 0
+    while n < min(len(obj), len(arr)) and obj[n] == arr[n]:
+        n += 1
     k = 0
-    while k < len(ids) and wanted.startswith(template.decode(ids[: k + 1])):
+    while k < min(len(obj), len(arr)) - n and obj[-1 - k] == arr[-1 - k]:
         k += 1
-    return ids[:k]
+    head, tail = obj[:n], obj[len(obj) - k:]
+    end_text = template.decode([template.end_of_message])
+    if end_text and end_text in tail:
+        tail = tail[: tail.index(end_text)]
+    begin, _, middle = head.partition(_PLACEHOLDER)
+    env = Envelope(begin, middle, tail, "\n")
+    two = answer((_PLACEHOLDER, {}), (_OTHER, {}))
+    first = env.write(_PLACEHOLDER, "{}")
+    second = two.find(f"{begin}{_OTHER}", len(first))
+    if two.startswith(first) and second != -1:
+        env = Envelope(begin, middle, tail, two[len(first):second])
+    sample = [("f", {"a": 1}), ("g", {})]
+    text = env.separator.join(env.write(name, json.dumps(args)) for name, args in sample)
+    readable = [(c.name, c.arguments) for c in parse(text, {"f", "g"}).calls] == sample
+    return env if begin.strip() and _PLACEHOLDER in head and readable else BARE
 
 
 def _strip_fence(text: str) -> str:
