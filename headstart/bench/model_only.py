@@ -126,7 +126,8 @@ def engine_figures(backend: HFBackend, context: int = 1000, idle: int = 1000) ->
     words = "The committee met on Tuesday to review the budget, the roadmap and the hiring plan. "
     long = [{"role": "user", "content": words * (context // 18)}]
     one = SamplingParams(max_tokens=1)
-    engine = Engine(backend, config=EngineConfig(gate=True, gap_threshold=float("inf"))).start()
+    config = EngineConfig(gate=True, gap_threshold=float("inf"), max_sessions=idle + 8)  # + long, active*
+    engine = Engine(backend, config=config).start()
     try:
         first = engine.generate(Request(messages=long, params=one, session_id="long"))
         s = engine.get_session("long")
