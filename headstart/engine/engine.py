@@ -68,7 +68,7 @@ from headstart.session.prefix import PrefixCache
 from headstart.session.registry import Limits, SessionRegistry
 from headstart.session.session import ReadyPosition, Session
 from headstart.session.store import TranscriptStore
-from headstart.session.template import ChatTemplate, Message, common_prefix
+from headstart.session.template import ChatTemplate, Message, common_prefix, encode_candidates
 from headstart.session.tools import NO_TOOLS, HoldBack, ParsedAnswer, ToolChoiceError, ToolPlan, plan_tools
 from headstart.stats import EngineStats, StreamStats
 
@@ -556,9 +556,7 @@ class Engine:
     def _candidates(self, fast_answer: list[str] | None) -> tuple[list[list[int]], torch.Tensor] | None:
         if fast_answer is None:
             return None
-        if not fast_answer or any(not isinstance(c, str) or not c for c in fast_answer):
-            raise BadRequest("fast_answer must be a non-empty list of non-empty strings", param="fast_answer")
-        encoded = [self.template.encode(c) for c in fast_answer]
+        encoded = encode_candidates(self.template, fast_answer)
         first = torch.tensor([ids[0] for ids in encoded], device=self.backend.info.device)
         return encoded, first
 

@@ -23,7 +23,7 @@ import torch
 from headstart.decode.sampling import candidate_gap, top_gap
 from headstart.errors import BadRequest, ContextTooLong, SessionExists, SessionNotFound, check_context
 from headstart.session.session import Query
-from headstart.session.template import ChatTemplate, common_prefix
+from headstart.session.template import ChatTemplate, common_prefix, encode_candidates
 
 if TYPE_CHECKING:
     from headstart.session.book import KVBook, Need
@@ -105,7 +105,7 @@ def evaluate(
     logits = yield from book.advance(s, prompt, background=True, chunk=chunk)
     candidate = None
     if q.fast_answer:
-        encoded = [template.encode(c) for c in q.fast_answer]
+        encoded = encode_candidates(template, q.fast_answer)
         first = torch.tensor([ids[0] for ids in encoded], device=logits.device)
         candidate, gap = candidate_gap(logits, first)
         value = q.fast_answer[candidate]

@@ -63,9 +63,6 @@ class Backend(Protocol):
     def crop(self, state: KVState, length: int) -> None:
         """Shorten ``state`` to its first ``length`` positions."""
 
-    def clone(self, state: KVState) -> KVState:
-        """An independent copy of ``state``."""
-
     def suffix(self, state: KVState, start: int) -> KVSuffix:
         """A detached copy of the rows from ``start`` to the end."""
 

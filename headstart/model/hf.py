@@ -122,12 +122,6 @@ class HFBackend:
                 if layer.is_initialized and layer.keys is not None:
                     layer.keys, layer.values = layer.keys.clone(), layer.values.clone()
 
-    def clone(self, state: HFState) -> HFState:
-        copy = self.new_state()
-        if state.length:
-            self.extend(copy, self.suffix(state, 0))
-        return copy
-
     def suffix(self, state: HFState, start: int) -> HFSuffix:
         rows = [
             (layer.keys[..., start:, :].clone(), layer.values[..., start:, :].clone())
