@@ -162,13 +162,13 @@ def test_foreground_request_preempts_background_within_one_chunk(
     while scheduler.background_chunks < started + 3 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert scheduler.background_chunks >= started + 3, "the new background job should be under way"
-    assert session.pre_positioning, "and still running"
+    assert scheduler.has_background("long"), "and still running"
     scheduler.submit, book.feed = counted_submit, counted_feed  # type: ignore[method-assign]
     messages = [*other, {"role": "user", "content": QUESTIONS[1]}]
     c = engine.generate(Request(messages=messages, params=GREEDY, session_id="other"))
     del scheduler.submit, book.feed
     assert at["first_step"] - at["queued"] <= 1, at
-    assert session.pre_positioning, "the request went ahead of the background job, which is not done"
+    assert scheduler.has_background("long"), "the request went ahead of the background job, which is not done"
     assert c.token_ids == cold(engine, messages).token_ids
     # and a request on the session being pre-positioned takes it over and reuses its KV
     messages = [*history, {"role": "user", "content": QUESTIONS[1]}]

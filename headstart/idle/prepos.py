@@ -81,13 +81,10 @@ def pre_position(
     book: KVBook, template: ChatTemplate, s: Session, config: PreposConfig, stop: Collection[int]
 ) -> Steps:
     """The whole background job for one session, one chunk per step."""
-    s.pre_positioning = True
     try:
         yield from _pre_position(book, template, s, config, stop)
     except NoRoom:
         return  # idle work never evicts real state; it waits for the next turn
-    finally:
-        s.pre_positioning = False
 
 
 def _pre_position(

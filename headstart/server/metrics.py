@@ -104,6 +104,12 @@ class EngineCollector(Collector):
         for kind, value in stats["background_tokens"].items():
             bg.add_metric([kind], value)
         yield bg
+        # The engine's own count, the one the report and /health read: not counted again here.
+        requests = CounterMetricFamily("headstart_requests", "finished requests, by path", labels=["path"])
+        for path, n in stats["paths"].items():
+            if n:
+                requests.add_metric([path], n)
+        yield requests
         for name, doc in (("forward_calls", "model forward passes"), ("errors", "requests or jobs that failed")):
             c = CounterMetricFamily(f"headstart_{name}", doc)
             c.add_metric([], stats[name])
@@ -191,7 +197,6 @@ class Metrics:
         self.e2e = Histogram(
             "headstart_e2e_seconds", "time to the whole answer, by path", ["path"], buckets=LATENCY_BUCKETS, registry=r
         )
-        self.requests = Counter("headstart_requests", "finished requests, by path", ["path"], registry=r)
         self.tokens = Counter("headstart_tokens", "tokens of finished requests", ["kind"], registry=r)
         self.speculative = Counter("headstart_speculative_answers", "answers given from a cached distribution",
                                    registry=r)
@@ -224,7 +229,6 @@ class Metrics:
         """Called on the model thread as each request finishes."""
         self.ttft.labels(c.path).observe(c.ttft_ms / 1000)
         self.e2e.labels(c.path).observe(c.e2e_ms / 1000)
-        self.requests.labels(c.path).inc()
         self.tokens.labels("prompt").inc(c.prompt_tokens)
         self.tokens.labels("cached").inc(c.cached_tokens)
         self.tokens.labels("completion").inc(c.completion_tokens)

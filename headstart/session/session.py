@@ -138,7 +138,6 @@ class Session:
         self.reserved: Reservation | None = None
         self.turns = 0
         self.paths: Counter[str] = Counter()
-        self.pre_positioning = False
         self.last_delta: str | None = None
         # The sessions API (idle/: ingest.py, queries.py, job.py): streamed data, registered
         # questions (id -> Query), listeners, and the state of the idle-time job.
