@@ -7,8 +7,12 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
+from headstart.decode.grammar import Grammars
+from headstart.decode.logits import Chooser
+from headstart.decode.sampling import Constraint, SamplingParams
 from headstart.engine.engine import Request
 from headstart.errors import BadRequest
 from headstart.model import HFBackend
@@ -228,6 +232,48 @@ def test_plans_for_each_tool_choice(tool_template: ChatTemplate) -> None:
     assert [c.name for c in strict_auto.read(bare % "celsius").calls] == ["get_weather"]
     assert strict_auto.read(bare % "kelvin") == ParsedAnswer(bare % "kelvin", [])
     assert [c.name for c in strict_auto.read('{"name": "add", "arguments": {"a": "x"}}').calls] == ["add"]
+
+
+@pytest.mark.parametrize("pad", [0, 5])
+@pytest.mark.parametrize("choice", ["json_schema", "required", "auto"])
+def test_the_chooser_masks_exactly_what_xgrammar_forbids(tool_template: ChatTemplate, choice: str, pad: int) -> None:
+    """At every step of a random walk and of a valid answer, the chooser's reshaped logits
+    are xgrammar's own apply of the same grammar state (what the mask allowed before the
+    numpy unpack, and only that) and leave the logits they shaped raw, with a vocabulary that is (``pad`` 0) and one that is not
+    a multiple of the mask's 32-bit words; the valid answer ends the grammar."""
+    import xgrammar as xgr
+
+    tokenizer = tool_template.tokenizer
+    vocab, stop = len(tokenizer) + pad, tool_template.end_of_message
+    grammars = Grammars(tokenizer, vocab, {stop})
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    paris = _written(tool_template, messages, "get_weather", {"city": "Paris", "unit": "celsius"})
+    if choice == "json_schema":
+        constraint, answer = Constraint("json_schema", json.dumps(WEATHER_ARGS)), '{"city": "Paris", "unit": "celsius"}'
+    else:
+        constraint = plan_tools(tool_template, STRICT_TOOLS, choice, strict={"get_weather"}).constraint
+        answer = paris if choice == "required" else f"Let me look.\n{paris}"
+    assert constraint is not None
+    gen = torch.Generator().manual_seed(pad)
+    for script in (None, [*tokenizer.encode(answer, add_special_tokens=False), stop]):
+        chooser = Chooser(SamplingParams(constraint=constraint), [], vocab, "cpu", None, grammars.matcher(constraint))
+        reference, bitmask = xgr.GrammarMatcher(grammars.compile(constraint)), xgr.allocate_token_bitmask(1, vocab)
+        for i in range(len(script) if script else 40):
+            logits = torch.randn(vocab, generator=gen)
+            if script:
+                logits[script[i]] = 100.0  # the answer's token is the best, if allowed
+            reference.fill_next_token_bitmask(bitmask)
+            expected = logits.clone().unsqueeze(0)
+            xgr.apply_token_bitmask_inplace(expected, bitmask)
+            before = logits.clone()
+            assert torch.equal(chooser.step().apply(logits), expected[0])
+            assert torch.equal(logits, before)  # the rules shape a copy: the model's logits stay raw
+            token = chooser.choose(logits)
+            assert token == int(expected.argmax()) and (script is None or token == script[i])
+            assert reference.accept_token(token)
+            if reference.is_terminated():
+                break
+        assert chooser.matcher.terminated == reference.is_terminated() == (script is not None)  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ import json
 import threading
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 
 from headstart.decode.sampling import Constraint
@@ -146,15 +147,16 @@ class GrammarMatcher:
         self._xgr = xgr
         self._matcher = xgr.GrammarMatcher(compiled)  # type: ignore[attr-defined]
         self._bitmask = xgr.allocate_token_bitmask(1, vocab)  # type: ignore[attr-defined]
-        self._shifts = torch.arange(32, dtype=self._bitmask.dtype)  # bit j of word i: token 32 * i + j
         self._vocab = vocab
 
     def forbidden(self, vocab: int) -> torch.Tensor:
-        """The mask's bits unpacked with tensor ops: on a 152k vocabulary about 1 ms, against
-        2-3 ms for xgrammar's apply on a scratch tensor (one thread, side by side)."""
+        """The mask's bits (bit j of word i: token 32 * i + j) unpacked by numpy, on the
+        calling thread, for the reason logits.fresh gives (the torch unpack this replaced
+        took a median of 46 ms a token on the loaded 2-core machine)."""
         self._matcher.fill_next_token_bitmask(self._bitmask)
-        bits = (self._bitmask[0].unsqueeze(1) >> self._shifts) & 1
-        return bits.flatten()[: self._vocab] == 0
+        words = self._bitmask[0].numpy().astype("<i4", copy=False)  # little-endian: byte k holds bits 8k..8k+7
+        allowed = np.unpackbits(words.view(np.uint8), count=self._vocab, bitorder="little")
+        return torch.from_numpy(allowed == 0)
 
     @property
     def terminated(self) -> bool:
