@@ -239,8 +239,9 @@ def test_plans_for_each_tool_choice(tool_template: ChatTemplate) -> None:
 def test_the_chooser_masks_exactly_what_xgrammar_forbids(tool_template: ChatTemplate, choice: str, pad: int) -> None:
     """At every step of a random walk and of a valid answer, the chooser's reshaped logits
     are xgrammar's own apply of the same grammar state (what the mask allowed before the
-    numpy unpack, and only that) and leave the logits they shaped raw, with a vocabulary that is (``pad`` 0) and one that is not
-    a multiple of the mask's 32-bit words; the valid answer ends the grammar."""
+    numpy unpack, and only that) and leave the logits they shaped raw, with a vocabulary
+    that is (``pad`` 0) and one that is not a multiple of the mask's 32-bit words; the
+    valid answer ends the grammar."""
     import xgrammar as xgr
 
     tokenizer = tool_template.tokenizer

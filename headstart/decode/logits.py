@@ -75,8 +75,8 @@ class Step:
 def fresh(logits: torch.Tensor) -> torch.Tensor:
     """A float32 copy of ``logits`` to reshape. On the CPU numpy copies on the calling thread:
     a torch op over the vocabulary is split across the intra-op threads and waits for the last
-    of them, which a loaded CPU may not schedule for milliseconds (on the loaded 2-core
-    machine, a median of 15 ms for a 152k-token clone against 0.2 ms; bench/grammar.py)."""
+    of them, which a loaded CPU may not schedule for milliseconds (what that cost a grammar's
+    mask: README, "Structured outputs")."""
     if logits.device.type == "cpu" and logits.dtype == torch.float32:
         return torch.from_numpy(logits.detach().numpy().copy())
     return logits.float().clone()
