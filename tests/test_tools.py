@@ -377,3 +377,16 @@ def test_a_tool_grammar_holds_on_the_ready_position_and_the_gate(tiny_tools: HFB
     assert gate.path == "gate"
     assert template.decode(gate.token_ids).startswith("<tool_call>") and _admitted(plan, template.decode(
         gate.token_ids))
+
+
+def test_the_grammar_bench_times_the_choice_under_each_grammar(tiny_tools: HFBackend, make_engine, capsys) -> None:
+    """``python -m headstart.bench.grammar``'s side-by-side figure: a line for no rule, the JSON
+    schema and, where the template writes calls, each tool grammar."""
+    from headstart.bench.grammar import rules_per_token
+
+    rules_per_token(make_engine(tiny_tools, pre_position=False), tiny_tools.info.vocab_size, steps=4)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == [
+        "headstart, no rule", "headstart, JSON schema", "headstart, tool calls, required (2 strict functions)",
+        "headstart, tool calls, auto (2 strict functions)"]
+    assert all("ms/token to choose (median of 4)" in line for line in lines)
