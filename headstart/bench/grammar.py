@@ -149,16 +149,17 @@ def rules_per_token(engine: Engine, vocab: int, steps: int = 64) -> None:
             t0 = time.perf_counter()
             grammars.compile(constraint)
             compile_s[name] = time.perf_counter() - t0
+    device = engine.backend.info.device  # where the model's logits are
 
     def chooser(constraint: Constraint | None) -> Chooser:
         params = SamplingParams(constraint=constraint)
-        return Chooser(params, [], vocab, "cpu", None, grammars.matcher(constraint) if constraint else None)
+        return Chooser(params, [], vocab, device, None, grammars.matcher(constraint) if constraint else None)
 
     choosers = {name: chooser(c) for name, c in constraints.items()}
     times: dict[str, list[float]] = {name: [] for name in constraints}
     gen = torch.Generator().manual_seed(0)
     for _ in range(steps):
-        logits = torch.randn(vocab, generator=gen)
+        logits = torch.randn(vocab, generator=gen).to(device)
         for name, c in choosers.items():
             t0 = time.perf_counter()
             c.choose(logits)
