@@ -20,6 +20,7 @@ from typing import Any
 from headstart.kv import KVSeq
 from headstart.model.hf import HFBackend
 from headstart.model.runner import Feed, Runner, from_backend
+from headstart.session.template import Message
 
 
 def _median_ms(fn: Callable[[], object], reps: int) -> float:
@@ -117,34 +118,49 @@ def _decode_ms(engine: Any, sid: str, messages: list[dict[str, str]], tokens: in
     return (c.e2e_ms - c.ttft_ms) / max(1, len(c.token_ids) - 1)
 
 
+def warmed_turns(engine: Any, context: int, rounds: int = 3, tokens: int = 1) -> list[tuple[list[Message], Any]]:
+    """The engine figures' setup, ``rounds`` times over one ``context``-token session: the
+    client names its next message (the session's hint), waits for the idle-time work, and
+    sends it (a ``ready_exact`` hit), then streams another message (the gate answers it
+    from the position's cached distribution: only a streaming client gets a gate answer).
+    Both are ephemeral, so every round finds the session as the first turn left it.
+    Returns each turn's messages and completion, in order."""
+    from headstart.decode.sampling import SamplingParams
+    from headstart.engine.engine import Request
+
+    words = "The committee met on Tuesday to review the budget, the roadmap and the hiring plan. "
+    long: list[Message] = [{"role": "user", "content": words * max(1, context // 18)}]
+    params = SamplingParams(max_tokens=tokens)
+    first = engine.generate(Request(messages=long, params=params, session_id="long"))
+    s = engine.get_session("long")
+    said = [*long, {"role": "assistant", "content": first.text}]
+    follow = [*said, {"role": "user", "content": "Thanks."}]  # what the hint predicts: ready_exact
+    other = [*said, {"role": "user", "content": "Thank you."}]  # not predicted: the gate answers
+    turns: list[tuple[list[Message], Any]] = []
+    for _ in range(rounds):
+        s.settings.hint = "Thanks."
+        engine.schedule_pre_position(s)
+        engine.wait_idle(600)
+        turns.append((follow, engine.generate(Request(messages=follow, params=params, session_id="long",
+                                                      ephemeral=True))))
+        turns.append((other, engine.generate(Request(messages=other, params=params, session_id="long",
+                                                     ephemeral=True, stream=True, gap_threshold=0.0))))
+    s.settings.hint = None
+    return turns
+
+
 def engine_figures(backend: HFBackend, context: int = 1000, idle: int = 1000) -> dict[str, Any]:
     """In the engine: ready_exact and gate TTFT at a ``context``-token session, and one
     session's decode ms/token with ``idle`` other sessions resident against with none."""
-    from headstart.decode.sampling import SamplingParams
-    from headstart.engine.engine import Engine, EngineConfig, Request
+    from headstart.engine.engine import Engine, EngineConfig
 
-    words = "The committee met on Tuesday to review the budget, the roadmap and the hiring plan. "
-    long = [{"role": "user", "content": words * (context // 18)}]
-    one = SamplingParams(max_tokens=1)
     config = EngineConfig(gate=True, gap_threshold=float("inf"), max_sessions=idle + 8)  # + long, active*
     engine = Engine(backend, config=config).start()
     try:
-        first = engine.generate(Request(messages=long, params=one, session_id="long"))
-        s = engine.get_session("long")
-        said = [*long, {"role": "assistant", "content": first.text}]
-        follow = [*said, {"role": "user", "content": "Thanks."}]  # what the hint predicts: ready_exact
-        other = [*said, {"role": "user", "content": "Thank you."}]  # not predicted: the gate answers
+        turns = warmed_turns(engine, context)
         ttft: dict[str, list[float]] = {}
-        for _ in range(3):
-            s.settings.hint = "Thanks."
-            engine.schedule_pre_position(s)
-            engine.wait_idle(600)
-            c = engine.generate(Request(messages=follow, params=one, session_id="long", ephemeral=True))
+        for _, c in turns:
             ttft.setdefault(c.path, []).append(c.ttft_ms)
-            g = engine.generate(Request(messages=other, params=one, session_id="long", ephemeral=True,
-                                        gap_threshold=0.0))
-            ttft.setdefault(g.path, []).append(g.ttft_ms)
-            s.settings.hint = None
         prompt = [{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}]
         alone = _decode_ms(engine, "active", prompt, 32)
         engine.wait_idle(600)
@@ -159,7 +175,7 @@ def engine_figures(backend: HFBackend, context: int = 1000, idle: int = 1000) ->
     finally:
         engine.stop()
     return {
-        "context_tokens": first.prompt_tokens,
+        "context_tokens": turns[0][1].prompt_tokens,
         "ttft_ms": {k: statistics.median(v) for k, v in ttft.items()},
         "decode_ms_alone": alone,
         "decode_ms_with_idle": crowded,
