@@ -25,7 +25,7 @@ from headstart.model import HFBackend
 from headstart.model.loader import local_folder, resolve
 from headstart.server import errors
 from headstart.session.store import SessionStore
-from headstart.session.template import ChatTemplate, RenderCache
+from headstart.session.template import ChatTemplate, RenderCache, common_prefix
 from tests.apiutil import Blocker, serve, settle, wait_until
 from tests.conftest import require_qwen
 from tests.helpers import GREEDY, QUESTIONS
@@ -151,6 +151,36 @@ def test_entry_is_rendered_once_per_context(tokenizer: PreTrainedTokenizerBase) 
     assert len(calls) == 2
     template.entry([*messages, {"role": "user", "content": "x"}], "user", cache=cache)
     assert len(calls) == 4  # another context renders again
+
+
+def test_encode_chat_equals_the_tokenizer_call(tokenizer: PreTrainedTokenizerBase) -> None:
+    """encode_chat asks a fast tokenizer's backend directly: the ids are the tokenizer call's
+    on whole renderings and their pieces, and a backend set to truncate is not asked."""
+    template = ChatTemplate(tokenizer)
+    tools = TOOLS if template.supports_tools else None
+    text = template.render_text(_turns(template.supports_tools), tools=tools)
+    pieces = [text, text[len(text) // 3:], text[-40:], " leading", "<|im_start|>user\n", "🐈‍⬛ 中文 한국어", ""]
+    for piece in pieces:
+        assert template.encode_chat(piece) == list(tokenizer(piece, add_special_tokens=False)["input_ids"])
+    backend = tokenizer.backend_tokenizer
+    backend.enable_truncation(max_length=3)
+    try:
+        # The call turns truncation off before it encodes, so the ids are whole; the backend would cut them.
+        assert len(template.encode_chat(text)) > 3
+    finally:
+        backend.no_truncation()
+
+
+def test_common_prefix_equals_a_plain_scan() -> None:
+    import random
+
+    rng = random.Random(7)
+    for _ in range(500):
+        n = rng.randrange(0, 300)
+        a = [rng.randrange(4) for _ in range(n)]
+        b = a[: rng.randrange(0, n + 1)] + [rng.randrange(4) for _ in range(rng.randrange(0, 50))]
+        expect = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+        assert common_prefix(a, b) == common_prefix(tuple(b), a) == expect
 
 
 # -- incremental detokenisation ------------------------------------------------------------
