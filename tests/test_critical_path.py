@@ -183,6 +183,21 @@ def test_common_prefix_equals_a_plain_scan() -> None:
         assert common_prefix(a, b) == common_prefix(tuple(b), a) == expect
 
 
+@pytest.mark.parametrize("body", [b'{"a": "\\ud800"}', b'{"a": ["x", "\\uDFFF"]}', b'{"a": "\xed\xa0\x80"}',
+                                  '{"a": "\\ud800"}'.encode("utf-16-le"), '{"a": "\ud800"}'.encode("utf-16-le", "surrogatepass")],
+                         ids=["escape", "escape-upper", "utf8-bytes", "utf16-escape", "utf16-bytes"])
+def test_a_body_that_spells_a_surrogate_is_refused(body: bytes) -> None:
+    """parse_json skips re-encoding a body that cannot spell a surrogate: every way one can is still refused."""
+    with pytest.raises(errors.HTTPError) as refused:
+        errors.parse_json(body)
+    assert refused.value.status == 400 and refused.value.code == "invalid_json"
+
+
+def test_a_body_without_surrogates_parses() -> None:
+    body = '{"a": "\\\\ud800 is text", "b": "\\ud83d\\ude00", "c": "😀 中文"}'.encode()
+    assert errors.parse_json(body) == {"a": "\\ud800 is text", "b": "😀", "c": "😀 中文"}
+
+
 # -- incremental detokenisation ------------------------------------------------------------
 
 TEXTS = [
