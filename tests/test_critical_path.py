@@ -4,6 +4,7 @@ equal full ones, incremental detokenisation, prompt final chunks, and honest cou
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import threading
 import time
@@ -184,7 +185,8 @@ def test_common_prefix_equals_a_plain_scan() -> None:
 
 
 @pytest.mark.parametrize("body", [b'{"a": "\\ud800"}', b'{"a": ["x", "\\uDFFF"]}', b'{"a": "\xed\xa0\x80"}',
-                                  '{"a": "\\ud800"}'.encode("utf-16-le"), '{"a": "\ud800"}'.encode("utf-16-le", "surrogatepass")],
+                                  '{"a": "\\ud800"}'.encode("utf-16-le"),
+                                  '{"a": "\ud800"}'.encode("utf-16-le", "surrogatepass")],
                          ids=["escape", "escape-upper", "utf8-bytes", "utf16-escape", "utf16-bytes"])
 def test_a_body_that_spells_a_surrogate_is_refused(body: bytes) -> None:
     """parse_json skips re-encoding a body that cannot spell a surrogate: every way one can is still refused."""
@@ -409,6 +411,27 @@ def test_times_count_from_arrival_and_door_work_runs_off_the_loop(
         settle(served)
         text = served.client.get("/metrics").text
         assert "headstart_door_seconds_count 2.0" in text and "headstart_queue_seconds_count 2.0" in text
+
+
+def test_first_chunk_time_lies_between_the_token_and_the_client(tiny: HFBackend) -> None:
+    """A streamed answer's first_chunk_ms is the door's: after the engine chose the first
+    token (ttft_ms) and before the client read the chunk (the server's span lies inside the
+    client's, on the same clock). An answer that is not streamed has none."""
+    with serve(tiny, engine={"pre_position": False}) as served:
+        body = {"messages": [{"role": "user", "content": "Count to five."}], "max_tokens": 6, "temperature": 0,
+                "stream": True}
+        for _ in range(2):
+            start, first, ext = time.perf_counter(), None, None
+            with served.client.stream("POST", "/v1/chat/completions", json=body) as r:
+                for line in r.iter_lines():
+                    if first is None and '"content":"' in line and '"content":""' not in line:
+                        first = time.perf_counter()
+                    if '"headstart"' in line:
+                        ext = json.loads(line[6:])["headstart"]
+            assert first is not None and ext is not None
+            assert ext["ttft_ms"] <= ext["first_chunk_ms"] <= (first - start) * 1000
+        whole = served.client.post("/v1/chat/completions", json={**body, "stream": False}).json()
+        assert whole["headstart"]["first_chunk_ms"] is None
 
 
 def test_event_loop_is_not_held_by_long_conversations(tiny: HFBackend, capsys: pytest.CaptureFixture[str]) -> None:
