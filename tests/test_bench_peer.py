@@ -159,5 +159,5 @@ def test_the_model_only_bench_skips_llamacpp_with_the_reason() -> None:
 
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is not None, reason="llama-cpp-python is installed here")
 def test_a_failed_llamacpp_measurement_says_what_the_child_said(tmp_path: Path) -> None:
-    with pytest.raises(RuntimeError, match="(?s)measurement failed .*No module named 'llama_cpp'"):
+    with pytest.raises(RuntimeError, match=r"(?s)measurement failed .*No module named 'llama_cpp'"):
         peer_model.measure(sys.executable, tmp_path / "none.gguf", [1, 2, 3], [2], [1], 2, 2, 1)
