@@ -235,21 +235,22 @@ def ray_process_groups(exclude: set[int]) -> dict[str, list[int]]:
     return groups
 
 
-def _idle_rates(cpu_groups: dict[str, list[int]], seconds: float = 8.0) -> dict[str, float]:
+def _idle_rates(cpu_groups: dict[str, list[int]], seconds: float) -> dict[str, float]:
     """The CPU each group spends per second with no request (Ray's own timers, polls)."""
     began, cpu = time.perf_counter(), {g: _cpu_seconds(p) for g, p in cpu_groups.items()}
     time.sleep(seconds)
     return {g: (_cpu_seconds(p) - cpu[g]) / (time.perf_counter() - began) for g, p in cpu_groups.items()}
 
 
-def overhead(probes: list[Probe], n: int, cpu_groups: dict[str, list[int]]) -> list[dict[str, Any]]:
+def overhead(probes: list[Probe], n: int, cpu_groups: dict[str, list[int]], idle_s: float = 8.0,
+             ) -> list[dict[str, Any]]:
     """Each probe ``n`` times per side (after a few warm-up requests), alternating between
     the sides so that a busy spell of the machine hits both alike: the client's time, and
     for chat also the client's time minus the server's own (``headstart.e2e_ms``)."""
     results = []
     with httpx.Client(timeout=120) as http:
         for probe in probes:
-            idle_rate = _idle_rates(cpu_groups)
+            idle_rate = _idle_rates(cpu_groups, idle_s)
             times: dict[str, list[float]] = {"direct": [], "proxied": []}
             gaps: dict[str, list[float]] = {"direct": [], "proxied": []}
             conversations: dict[str, list[dict[str, str]]] = {"direct": [], "proxied": []}
