@@ -3,13 +3,13 @@
 Both run in one process on the same weights (the runner shares the transformers model's
 tensors), one measurement after the other at each size, so the machine's noise hits both
 alike: decode ms/token at several context lengths, prefill tokens/s, and the aggregate
-decode tokens/s of B sequences in one forward. llama.cpp is reported when installed.
+decode tokens/s of B sequences in one forward. llama.cpp on the same GGUF follows in a child
+process of ``--peer-python`` (bench/peer_model.py), or the table says why it is skipped.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 import sys
 import time
@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from headstart.bench import peer_model
 from headstart.kv import KVSeq
 from headstart.model.hf import HFBackend
 from headstart.model.runner import Feed, Runner, from_backend
@@ -33,21 +34,28 @@ def _median_ms(fn: Callable[[], object], reps: int) -> float:
 
 
 
+PREFILL_TOKENS = 256  # the prompt of the prefill figure
+
+
+def bench_ids(backend: HFBackend, contexts: list[int], reps: int) -> list[int]:
+    """The token ids every contender decodes: enough for the longest context and its reps."""
+    ids = (backend.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 400))
+    need = max(contexts) + reps + 8
+    return (ids * (need // len(ids) + 1))[:need]
+
 
 def run_model_only(
     backend: HFBackend,
     contexts: list[int],
     batches: list[int],
     reps: int = 5,
-    prefill_tokens: int = 256,
+    prefill_tokens: int = PREFILL_TOKENS,
     progress: bool = True,
     block_size: int = 16,
 ) -> dict[str, Any]:
     from tqdm import tqdm
 
-    ids = (backend.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 400))
-    need = max(contexts) + reps + 8
-    ids = (ids * (need // len(ids) + 1))[:need]
+    ids = bench_ids(backend, contexts, reps)
     budget = 2 * (max(contexts) + 64) * max(batches) * backend.info.kv_bytes_per_token
     runners: dict[str, Runner] = {  # the default first, then the other modes (runner.py)
         "runner": from_backend(backend, kv_budget=budget, block_size=block_size),
@@ -104,8 +112,7 @@ def run_model_only(
         "prefill_tok_s": {k: prefill_tokens * 1000 / ms for k, ms in prefill.items()},
         "batched_decode_tok_s": batched,
         "batched_context": ctx,
-        "llama_cpp": "installed, not measured here (see bench --peer)" if importlib.util.find_spec("llama_cpp")
-        else "llama-cpp-python not installed: skipped",
+        "llama_cpp": "not run (headstart bench --model-only runs it, bench/peer_model.py)",
     }
 
 
@@ -232,7 +239,7 @@ def plot(r: dict[str, Any], path: Path) -> Path:
     b.legend()
     b.set_xlabel("sequences in one forward")
     b.set_ylabel("aggregate decode tokens/s")
-    fig.suptitle(f"{r['model']}: transformers backend vs own runner")
+    fig.suptitle(f"{r['model']}: " + ", ".join(r["decode_ms"]))
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -252,6 +259,7 @@ def main(args: argparse.Namespace) -> int:
     batches = [int(x) for x in args.batches.split(",")]
     backend = load(args.model, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir)
     r = run_model_only(backend, contexts, batches, reps=args.reps, progress=not args.no_progress)
+    peer_model.run(args, r, bench_ids(backend, contexts, args.reps), contexts, batches, PREFILL_TOKENS)
     if not args.no_engine:
         r["engine"] = engine_figures(backend)
     print(format_table(r))
