@@ -150,6 +150,7 @@ def warmed_turns(engine: Any, context: int, rounds: int = 3, tokens: int = 1) ->
         engine.wait_idle(600)
         turns.append((follow, engine.generate(Request(messages=follow, params=params, session_id="long",
                                                       ephemeral=True))))
+        engine.wait_idle(600)  # the upkeep the ask queued: the gate's turn finds the loop idle too
         turns.append((other, engine.generate(Request(messages=other, params=params, session_id="long",
                                                      ephemeral=True, stream=True, gap_threshold=0.0))))
     s.settings.hint = None

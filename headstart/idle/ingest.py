@@ -6,8 +6,9 @@ block or the server grow without bound). The session's idle-time job (job.py) ta
 waiting entries as one *batch*, renders them as one user message after the session's
 messages, and prefills up to the entry of the next message. Only when that prefill is done
 is the batch committed: the message joins the session, ``data_version`` goes up, and the
-entries count as ingested. A batch interrupted by a foreground request stays in flight and
-is taken up again afterwards, so entries are ingested exactly once and in order.
+entries count as ingested. A batch interrupted by a foreground request, or by a failure (a
+forward or the tokenizer raising: job.py's ``_failed``), stays in flight and is taken up
+again afterwards, so acknowledged entries are ingested exactly once and in order.
 
 Everything still goes through the engine's one rule: render in full, compare ids, keep the
 longest common prefix. A sliding ``window`` (and, always, the model's context) is kept by

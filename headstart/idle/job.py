@@ -32,6 +32,7 @@ from headstart.stats import EngineStats, StreamStats
 log = logging.getLogger("headstart.upkeep")
 
 WARM_KEY = "warm"
+INGEST_RETRIES = 2  # immediate retries of a failed ingest batch
 
 
 @dataclass
@@ -129,14 +130,21 @@ def _interrupted(idle: IdleWork, s: Session) -> None:
 
 
 def _failed(idle: IdleWork, s: Session, exc: BaseException) -> None:
-    """A stage raised: start the KV over (the transcript stays) and drop the batch in flight,
-    so a bad batch cannot fail forever."""
+    """A stage raised (a forward, the tokenizer): start the KV over (the transcript stays, and
+    a batch joins it only once its prefill is done, so the two agree). The batch in flight
+    stays in flight: its entries were acknowledged to the client that pushed them, so they
+    are never dropped. The job is queued again at once ``INGEST_RETRIES`` times; a batch
+    that keeps failing waits for the next push or turn to try again."""
     log.error("upkeep of session %s failed", s.id, exc_info=exc)
     with idle.stats.lock:
         idle.stats.errors += 1
     idle.book.reset(s)
-    s.data.abandon()
+    with s.data.lock:
+        retry = bool(s.data.inflight) and s.data.failures < INGEST_RETRIES
+        s.data.failures += bool(s.data.inflight)
     _interrupted(idle, s)
+    if retry and not s.deleted:
+        schedule(idle, s)
 
 
 def _has_work(idle: IdleWork, s: Session) -> bool:

@@ -41,6 +41,7 @@ class DataFeed:
         self.ingested = 0
         self.dropped = 0
         self.trimmed_messages = 0
+        self.failures = 0  # failed attempts at the batch in flight (a push was acknowledged: never dropped)
 
     def push(self, entries: list[Entry]) -> PushResult:
         """Queue ``entries``; drop the oldest waiting ones past ``max_pending`` (the batch in
@@ -93,6 +94,7 @@ class DataFeed:
         with self.lock:
             self.ingested += len(self.inflight)
             self.inflight = []
+            self.failures = 0
             self.version += 1
             return self.version
 
