@@ -6,6 +6,12 @@ never tensor copies. The KV budget is the number of blocks that may be in use: c
 it is O(1), and ``used * block_bytes`` is the physical truth (no cropped views or clones
 hide memory). Block 0 is scratch: rows a forward pads with are written there and never read.
 
+The layout of a layer's tensor is the attention kernel's: *head-major* by default,
+``(kv_heads, blocks, block_size, dim)``, so a sequence whose blocks are consecutive is one
+strided view per KV head with contiguous rows (the CPU kernels read it in place, no
+gather); ``paged=True`` is ``(blocks, block_size, kv_heads, dim)``, what the paged flash
+kernel on CUDA takes. Only this class and the kernels index the tensors.
+
 Ready positions' logits live beside the tensors; their bytes are *charged* to the same
 budget, so the one count covers everything the KV budget promises to bound.
 
@@ -54,6 +60,7 @@ class BlockPool:
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         physical_bytes: int | None = None,
+        paged: bool = False,
     ) -> None:
         if block_size < 1:
             raise ValueError("block_size must be positive")
@@ -66,7 +73,8 @@ class BlockPool:
         # set far above it; on the CPU untouched pages cost nothing).
         cap = budget_bytes if physical_bytes is None else min(budget_bytes, physical_bytes)
         blocks = max(2, cap // self.block_bytes + 1)  # +1: the scratch block
-        shape = (blocks, block_size, kv_heads, head_dim)
+        self.paged = paged
+        shape = (blocks, block_size, kv_heads, head_dim) if paged else (kv_heads, blocks, block_size, head_dim)
         self.k = [torch.empty(shape, dtype=dtype, device=self.device) for _ in range(layers)]
         self.v = [torch.empty(shape, dtype=dtype, device=self.device) for _ in range(layers)]
         self.num_blocks = blocks
@@ -147,7 +155,36 @@ class BlockPool:
     def _zero(self, b: int) -> None:
         self._never_used.discard(b)
         for t in (*self.k, *self.v):
-            t[b].zero_()
+            self._block(t, b).zero_()
+
+    def _block(self, t: torch.Tensor, b: int) -> torch.Tensor:
+        """Block ``b`` of a layer's tensor as (block_size, kv_heads, dim), in either layout."""
+        return t[b] if self.paged else t[:, b].transpose(0, 1)
+
+    # -- rows -------------------------------------------------------------------------
+
+    def put(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write (T, kv_heads, dim) rows of keys and values into pool rows ``slots``
+        (block * block_size + offset) of ``layer``."""
+        for t, x in ((self.k[layer], k), (self.v[layer], v)):
+            x = x.to(self.dtype)
+            if self.paged:
+                t.view(-1, self.kv_heads, self.head_dim).index_copy_(0, slots, x)
+            else:
+                t.view(self.kv_heads, -1, self.head_dim).index_copy_(1, slots, x.transpose(0, 1))
+
+    def heads(self, t: torch.Tensor, blocks: tuple[int, int] | torch.Tensor, length: int) -> torch.Tensor:
+        """The first ``length`` rows of a table as (kv_heads, length, dim): a view when
+        ``blocks`` is a run (first, count) of consecutive blocks in the head-major layout,
+        else a gather (``blocks`` a tensor of block numbers)."""
+        if isinstance(blocks, tuple):
+            first, n = blocks
+            part = t[first : first + n] if self.paged else t[:, first : first + n]
+        else:
+            part = t.index_select(0 if self.paged else 1, blocks)
+        if self.paged:
+            return part.flatten(0, 1)[:length].transpose(0, 1)
+        return part.flatten(1, 2)[:, :length]
 
     def incref(self, blocks: list[int]) -> None:
         with self.lock:
@@ -165,7 +202,7 @@ class BlockPool:
     def copy_rows(self, src: int, dst: int, rows: int) -> None:
         """Copy the first ``rows`` rows of block ``src`` into ``dst`` in every layer."""
         for t in (*self.k, *self.v):
-            t[dst, :rows].copy_(t[src, :rows])
+            self._block(t, dst)[:rows].copy_(self._block(t, src)[:rows])
 
     # -- rows for spilling ----------------------------------------------------------
 
@@ -173,7 +210,8 @@ class BlockPool:
         """Per layer, the first ``length`` rows of the table ``blocks`` as (rows, heads, dim) copies."""
         index = torch.tensor(blocks, device=self.device)
         return [
-            (k.index_select(0, index).flatten(0, 1)[:length], v.index_select(0, index).flatten(0, 1)[:length])
+            (self.heads(k, index, length).transpose(0, 1).contiguous(),
+             self.heads(v, index, length).transpose(0, 1).contiguous())
             for k, v in zip(self.k, self.v, strict=True)
         ]
 
@@ -184,6 +222,5 @@ class BlockPool:
             [blocks[i // self.block_size] * self.block_size + i % self.block_size for i in range(length)],
             device=self.device,
         )
-        for (k, v), pk, pv in zip(rows, self.k, self.v, strict=True):
-            pk.view(-1, self.kv_heads, self.head_dim).index_copy_(0, slots, k.to(self.device, self.dtype))
-            pv.view(-1, self.kv_heads, self.head_dim).index_copy_(0, slots, v.to(self.device, self.dtype))
+        for layer, (k, v) in enumerate(rows):
+            self.put(layer, slots, k.to(self.device), v.to(self.device))

@@ -43,8 +43,7 @@ class SeqView:
     q_start: int
     q_len: int
     kv_len: int
-    run: tuple[int, int] | None  # (first, count) when its blocks are consecutive: a view
-    table: torch.Tensor | None  # else the blocks to gather
+    blocks: tuple[int, int] | torch.Tensor  # (first, count) when consecutive (a view), else a gather
     mask: torch.Tensor | None  # (q_len, kv_len) lower-right causal; None for one query
 
 
@@ -130,25 +129,15 @@ def _sdpa_meta(spans: list[tuple[int, int, list[int], int]], block_size: int, de
     for start, q, blocks, kv in spans:
         n = -(-kv // block_size)
         used = blocks[:n]
-        run = (used[0], n) if used == list(range(used[0], used[0] + n)) else None
-        table = None if run is not None else torch.tensor(used, device=device)
+        run = used == list(range(used[0], used[0] + n))
+        blocks = (used[0], n) if run else torch.tensor(used, device=device)
         mask = None
         if q > 1:
             rows = torch.arange(kv - q, kv, device=device)
             mask = torch.arange(kv, device=device)[None, :] <= rows[:, None]
-        seqs.append(SeqView(start, q, kv, run, table, mask))
+        seqs.append(SeqView(start, q, kv, blocks, mask))
     empty = torch.empty(0, dtype=torch.long, device=device)
     return AttnMeta(empty, empty, empty, empty, empty, seqs=seqs)
-
-
-def _keys(t: torch.Tensor, s: SeqView) -> torch.Tensor:
-    """``s``'s first ``kv_len`` rows of one layer's pool tensor, as (kv_heads, kv_len, dim)."""
-    if s.run is not None:
-        first, n = s.run
-        blocks = t[first : first + n]
-    else:
-        blocks = t.index_select(0, s.table)  # type: ignore[arg-type]
-    return blocks.flatten(0, 1)[: s.kv_len].transpose(0, 1)
 
 
 def _sdpa(q: torch.Tensor, pool: BlockPool, layer: int, seqs: list[SeqView], out: torch.Tensor) -> None:
@@ -156,7 +145,12 @@ def _sdpa(q: torch.Tensor, pool: BlockPool, layer: int, seqs: list[SeqView], out
     for s in seqs:
         qs = q[s.q_start : s.q_start + s.q_len].transpose(0, 1)[None]
         o = F.scaled_dot_product_attention(
-            qs, _keys(k_pool, s)[None], _keys(v_pool, s)[None], attn_mask=s.mask, scale=1.0, enable_gqa=True
+            qs,
+            pool.heads(k_pool, s.blocks, s.kv_len)[None],
+            pool.heads(v_pool, s.blocks, s.kv_len)[None],
+            attn_mask=s.mask,
+            scale=1.0,
+            enable_gqa=True,
         )
         out[s.q_start : s.q_start + s.q_len] = o[0].transpose(0, 1).flatten(1)
 
@@ -204,13 +198,13 @@ def paged_attention(q: torch.Tensor, pool: BlockPool, layer: int, meta: AttnMeta
     qs = qs.permute(0, 2, 3, 1, 4).reshape(bsz, kvh, 1, g * qmax, dim)
     shape = (bsz, tiles, tile, kvh, dim)
     index = meta.tables.flatten()
-    k = pool.k[layer].index_select(0, index).view(shape).permute(0, 3, 1, 4, 2)  # (B, kvh, tiles, dim, tile)
+    k = _tiles(pool, pool.k[layer], index).view(shape).permute(0, 3, 1, 4, 2)  # (B, kvh, tiles, dim, tile)
     # Values with a column of ones: one product gives each tile's weighted rows and its
     # softmax sum, so both are summed over tiles in the same order (a separate sum of a
     # narrow tensor was reduced in another order for another tile count).
     v = torch.empty(bsz, kvh, tiles, tile, dim + 1, dtype=q.dtype, device=q.device)
     v[..., dim] = 1.0
-    v[..., :dim] = pool.v[layer].index_select(0, index).view(shape).permute(0, 3, 1, 2, 4)
+    v[..., :dim] = _tiles(pool, pool.v[layer], index).view(shape).permute(0, 3, 1, 2, 4)
     s = torch.matmul(qs, k).view(bsz, kvh, tiles, g, qmax, tile).masked_fill_(meta.blocked, float("-inf"))
     tmax = s.amax(-1, keepdim=True)
     p = torch.exp(s - tmax.clamp(min=torch.finfo(s.dtype).min))
@@ -220,6 +214,13 @@ def paged_attention(q: torch.Tensor, pool: BlockPool, layer: int, meta: AttnMeta
     o = acc[..., :dim] / acc[..., dim:]
     o = o.permute(0, 3, 1, 2, 4).reshape(bsz * qmax, heads * dim)
     out.index_copy_(0, meta.scatter_to, o.index_select(0, meta.scatter_from))
+
+
+def _tiles(pool: BlockPool, t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The blocks ``index`` of a layer's tensor as (N, block_size, kv_heads, dim)."""
+    if pool.paged:
+        return t.index_select(0, index)
+    return t.index_select(1, index).permute(1, 2, 0, 3)
 
 
 def _varlen(q: torch.Tensor, pool: BlockPool, layer: int, m: VarlenMeta, out: torch.Tensor) -> None:

@@ -48,8 +48,6 @@ class HFRunner:
         rows = [(layer.keys[0, :, start:].transpose(0, 1), layer.values[0, :, start:].transpose(0, 1))
                 for layer in state.cache.layers]
         slots = torch.tensor(seq.slots(start, len(ids)), device=self.pool.device)
-        pool = self.pool
-        for (k, v), pk, pv in zip(rows, pool.k, pool.v, strict=True):
-            pk.view(-1, pool.kv_heads, pool.head_dim).index_copy_(0, slots, k.to(pool.dtype))
-            pv.view(-1, pool.kv_heads, pool.head_dim).index_copy_(0, slots, v.to(pool.dtype))
+        for layer, (k, v) in enumerate(rows):
+            self.pool.put(layer, slots, k, v)
         return logits

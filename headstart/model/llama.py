@@ -124,8 +124,7 @@ class Llama:
             qk, v = qkv.split(self._split, -1)
             qk = qk.view(t, h + kvh, d)
             qk = qk * cos + qk.roll(half, -1) * sin
-            pool.k[layer].view(-1, kvh, d).index_copy_(0, slots, qk[:, h:])
-            pool.v[layer].view(-1, kvh, d).index_copy_(0, slots, v.view(t, kvh, d))
+            pool.put(layer, slots, qk[:, h:], v.view(t, kvh, d))
             paged_attention(qk[:, :h] * self.scale, pool, layer, meta, attn)
             x = x + lw.wo(attn, onednn)
             gate, up = lw.w13(F.rms_norm(x, (a.dim,), lw.mlp_norm, a.rms_eps), onednn).chunk(2, -1)

@@ -148,6 +148,7 @@ def from_backend(
         dtype=param.dtype,
         device=param.device,
         physical_bytes=physical_bytes,
+        paged=varlen_usable(param.device, param.dtype),
     )
     model = _models.get(backend)
     if model is None:
