@@ -26,6 +26,9 @@ from headstart.server.gone import unless_gone
 from headstart.server.schemas import ChatCompletionRequest
 
 SESSION_HEADER = "x-session-id"
+# How long a streamed answer's headers wait for its first output (stream_response): longer
+# than a gate or ready_exact hit takes, short beside a prefill.
+HEADERS_WAIT_S = 0.05
 
 
 def owner_of(request: Request) -> str | None:
@@ -293,10 +296,11 @@ def _sse_line(payload: dict[str, Any]) -> str:
 async def stream_response(
     request: Request, handle: Handle, shape: Any, include_usage: bool, ignored: list[str]
 ) -> StreamingResponse:
-    """The SSE answer, started once the first output is there: the response's headers and
-    opening chunk go out with the first token instead of while the model thread chooses it,
-    which they would slow down (both want the interpreter lock). A client that leaves
-    before then stops the work, as for a JSON answer."""
+    """The SSE answer. Its headers and opening chunk wait (up to ``HEADERS_WAIT_S``) for the
+    first output and go out with it: sent while the model thread chooses a token already in
+    reach (a gate or ``ready_exact`` hit), they slow that choice down (both want the
+    interpreter lock). A longer computation gets its headers then, so its client holds a
+    stream it can close; one that leaves before either stops the work, as for a JSON answer."""
     items = aiter(handle.choices[0])
 
     async def first_item() -> Delta | Completion | BaseException:
@@ -306,21 +310,25 @@ async def stream_response(
             return exc
 
     def cancel() -> None:
+        first.cancel()
         for h in handle.choices:
             h.cancel()
 
-    first = await unless_gone(request, first_item(), cancel)
+    first = asyncio.ensure_future(first_item())
+    await unless_gone(request, asyncio.wait({first}, timeout=HEADERS_WAIT_S), cancel)
     return StreamingResponse(_sse(handle, shape, include_usage, ignored, (first, items)),
                              media_type="text/event-stream", headers={"cache-control": "no-cache"})
 
 
 async def _choice_items(h: Handle, started: Any) -> AsyncIterator[Delta | Completion]:
-    """A choice's output; the first choice's first item (or failure) was already read."""
+    """A choice's output; for the first choice, the task reading its first item (or failure)
+    and the rest of its stream."""
     if started is None:
         async for item in h:
             yield item
         return
-    first, rest = started
+    task, rest = started
+    first = await task
     if isinstance(first, BaseException):
         raise first
     yield first
