@@ -338,8 +338,9 @@ async def _choice_items(h: Handle, started: Any) -> AsyncIterator[Delta | Comple
 
 
 async def _sse(handle: Handle, shape: Any, include_usage: bool, ignored: list[str],
-               started: Any = None) -> AsyncIterator[str]:
-    """Chunks of every choice in turn; a client that goes away cancels the generation."""
+               started: Any) -> AsyncIterator[str]:
+    """Chunks of every choice in turn (``started``: the first choice's, see _choice_items);
+    a client that goes away cancels the generation."""
     try:
         completions: list[Completion] = []
         first_chunk_at: float | None = None  # the first chunk with answer text, handed to the server
