@@ -1,20 +1,26 @@
 """``headstart bench --http``: time to first token as a client sees it, beside the server's.
 
-The engine's ``ttft_ms`` counts from the moment the app received a request; a client also
-waits for its own request building, the connection, the HTTP parsing and the SSE flush.
-This runs a real ``headstart serve`` in a child process (so the client shares no
-interpreter lock with it) and drives one ~1,500-token session through it with the
-official ``openai`` client and with plain httpx (two turns each in turn), streaming: every
-other turn is a ``gate`` hit (the server's threshold is 0, so a pre-positioned session
-always answers from its cached distribution), and every other turn a ``ready_exact`` hit
-(the turn is sent to ``/warm`` first). For each request it records the time to the first
-content chunk at the client, how much of it the openai client spent building the request
-before httpx sent it, and the ``headstart`` object's ``ttft_ms`` of the same request.
+The engine's ``ttft_ms`` counts from the moment the app received a request to the moment
+the model chose the first token; ``first_chunk_ms`` (same start) to the moment the door
+wrote the chunk carrying it to the socket. A client also waits for its own request
+building, the connection, the HTTP parsing and its reading of the chunk. This runs a real
+``headstart serve`` in a child process (so the client shares no interpreter lock with it)
+and drives one ~1,500-token session through it with the official ``openai`` client and
+with plain httpx (two turns each in turn), streaming: every other turn is a ``gate`` hit
+(the server's threshold is 0, so a pre-positioned session always answers from its cached
+distribution), and every other turn a ``ready_exact`` hit (the turn is sent to ``/warm``
+first). Both clients are made once and reused, so every timed request is a warm client's.
+For each request it records the time to the first content chunk at the client, how much of
+it the openai client spent building the request before httpx sent it (an httpx request
+hook), and the server's figures for the same request. It also times the openai client's
+request building alone, over repeated calls of a warm client (the hook stops each request
+before anything is sent).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import sys
@@ -66,7 +72,7 @@ def _timed(client: Any, sid: str, messages: list[dict[str, str]], max_tokens: in
         if chunk.model_extra and "headstart" in chunk.model_extra:
             extension = chunk.model_extra["headstart"]
     assert extension is not None, "the final chunk carries the headstart object"
-    return _record("openai", start, sent[0], first, extension, text)
+    return {**_record("openai", start, sent[0], first, extension, text), "model": model}
 
 
 def _timed_raw(http: Any, sid: str, messages: list[dict[str, str]], max_tokens: int) -> dict[str, Any]:
@@ -90,7 +96,7 @@ def _timed_raw(http: Any, sid: str, messages: list[dict[str, str]], max_tokens: 
                 text += chunk["choices"][0]["delta"].get("content") or ""
             extension = chunk.get("headstart", extension)
     assert extension is not None, "the final chunk carries the headstart object"
-    return _record("httpx", start, start, first, extension, text)
+    return {**_record("httpx", start, start, first, extension, text), "model": model}
 
 
 def _record(kind: str, start: float, sent: float, first: float | None, extension: dict[str, Any],
@@ -98,7 +104,36 @@ def _record(kind: str, start: float, sent: float, first: float | None, extension
     client_ms = ((first or time.perf_counter()) - start) * 1000
     return {"client": kind, "path": extension["path"], "client_ttft_ms": client_ms,
             "build_ms": (sent - start) * 1000, "server_ttft_ms": extension["ttft_ms"],
-            "door_ms": extension.get("door_ms"), "queue_ms": extension.get("queue_ms"), "text": text}
+            "first_chunk_ms": extension["first_chunk_ms"], "door_ms": extension["door_ms"],
+            "queue_ms": extension["queue_ms"], "text": text}
+
+
+class _Stop(Exception):
+    """Raised by the request hook: the request was built, nothing is sent."""
+
+
+def _build_cost(url: str, model: str, messages: list[dict[str, str]], repeat: int = 20) -> dict[str, Any]:
+    """The openai client's own request building, per call of one warm client: from
+    ``create()`` to the moment httpx would send (the hook stops it there)."""
+    import httpx
+    from openai import APIConnectionError, OpenAI
+
+    marks: list[float] = []
+
+    def stop(_: Any) -> None:
+        marks.append(time.perf_counter())
+        raise _Stop
+
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0,
+                    http_client=httpx.Client(event_hooks={"request": [stop]}))
+    took = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        with contextlib.suppress(_Stop, APIConnectionError):
+            client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0, stream=True,
+                                           extra_headers={"x-session-id": "unused"})
+        took.append((marks[-1] - start) * 1000)
+    return {"first_ms": took[0], "warm": summary(took[1:]), "messages": len(messages)}
 
 
 def run_http(args: argparse.Namespace) -> int:
@@ -148,6 +183,7 @@ def run_http(args: argparse.Namespace) -> int:
             info = http.get(f"/v1/sessions/{sid}").json()
             report = _report(records, info["tokens"])
             report["render_ms"] = _render_cost(args.model, messages)
+            report["openai_build_ms"] = _build_cost(url, records[0]["model"], messages)
         finally:
             server.stop()
     print(_markdown(report))
@@ -192,28 +228,35 @@ def _report(records: list[dict[str, Any]], tokens: int) -> dict[str, Any]:
                 "path": path, "client": kind, "n": len(rs),
                 "client_ttft_ms": summary([r["client_ttft_ms"] for r in rs]),
                 "build_ms": summary([r["build_ms"] for r in rs]),
+                # The client's figure less its own request building: from the moment httpx
+                # sends the request (its hook) to the first content chunk read.
+                "from_send_ms": summary([r["client_ttft_ms"] - r["build_ms"] for r in rs]),
+                "first_chunk_ms": summary([r["first_chunk_ms"] for r in rs]),
                 "server_ttft_ms": summary([r["server_ttft_ms"] for r in rs]),
+                "client_minus_first_chunk_ms": summary([r["client_ttft_ms"] - r["first_chunk_ms"] for r in rs]),
                 "client_minus_server_ms": summary([r["client_ttft_ms"] - r["server_ttft_ms"] for r in rs]),
-                # What is left of the gap once the client's own request building is taken out:
-                # the connection, the server's HTTP parsing before its clock starts, the
-                # hand-off of the first chunk to the socket, and the client's reading of it.
-                "transport_ms": summary([r["client_ttft_ms"] - r["server_ttft_ms"] - r["build_ms"] for r in rs]),
-                "door_ms": summary([r["door_ms"] for r in rs if r["door_ms"] is not None]),
+                "door_ms": summary([r["door_ms"] for r in rs]),
+                "queue_ms": summary([r["queue_ms"] for r in rs]),
             })
     return out
 
 
 def _markdown(report: dict[str, Any]) -> str:
     lines = [f"session of {report['session_tokens']} tokens; streaming over loopback (p50s, ms)", "",
-             "| path | client | n | client TTFT | server ttft_ms | client - server | of it, client builds request | "
-             "rest (transport, reading) | door_ms |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| path | client | n | client TTFT | of it, client builds request | from send (client TTFT - building) | "
+             "server first_chunk_ms | server ttft_ms | client - first_chunk_ms | client - ttft_ms | door_ms | "
+             "queue_ms |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    cols = ("client_ttft_ms", "build_ms", "from_send_ms", "first_chunk_ms", "server_ttft_ms",
+            "client_minus_first_chunk_ms", "client_minus_server_ms", "door_ms", "queue_ms")
     for row in report["rows"]:
-        lines.append(f"| {row['path']} | {row['client']} | {row['n']} | {row['client_ttft_ms']['p50']:.2f} | "
-                     f"{row['server_ttft_ms']['p50']:.2f} | {row['client_minus_server_ms']['p50']:.2f} | "
-                     f"{row['build_ms']['p50']:.2f} | {row['transport_ms']['p50']:.2f} | "
-                     f"{row['door_ms']['p50']:.2f} |")
+        lines.append(f"| {row['path']} | {row['client']} | {row['n']} | "
+                     + " | ".join(f"{row[c]['p50']:.2f}" for c in cols) + " |")
     r = report.get("render_ms")
     if r:
         lines += ["", f"rendering + tokenising the last request: full {r['full_p50']:.2f} ms, with the session's "
                       f"cached rendering {r['cached_p50']:.2f} ms ({r['cached_p50'] / r['full_p50']:.2f} of full)"]
+    b = report.get("openai_build_ms")
+    if b:
+        lines += [f"openai client building one request of {b['messages']} messages (nothing sent): first call "
+                  f"{b['first_ms']:.2f} ms, later calls of the same client p50 {b['warm']['p50']:.2f} ms"]
     return "\n".join(lines)

@@ -26,6 +26,9 @@ from headstart.server.gone import unless_gone
 from headstart.server.schemas import ChatCompletionRequest
 
 SESSION_HEADER = "x-session-id"
+# How long a streamed answer's headers wait for its first output (stream_response): longer
+# than a gate or ready_exact hit takes, short beside a prefill.
+HEADERS_WAIT_S = 0.05
 
 
 def owner_of(request: Request) -> str | None:
@@ -170,7 +173,7 @@ async def create_chat_completion(request: Request) -> Response:
                       state.config.replica)
     if req.stream:
         include_usage = bool((req.stream_options or {}).get("include_usage"))
-        return stream_response(handle, shape, include_usage, ignored)
+        return await stream_response(request, handle, shape, include_usage, ignored)
     return JSONResponse(await answer(request, handle, shape, ignored))
 
 
@@ -290,16 +293,58 @@ def _sse_line(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
 
-def stream_response(handle: Handle, shape: Any, include_usage: bool, ignored: list[str]) -> StreamingResponse:
-    return StreamingResponse(_sse(handle, shape, include_usage, ignored), media_type="text/event-stream",
-                             headers={"cache-control": "no-cache"})
+async def stream_response(
+    request: Request, handle: Handle, shape: Any, include_usage: bool, ignored: list[str]
+) -> StreamingResponse:
+    """The SSE answer. Its headers and opening chunk wait (up to ``HEADERS_WAIT_S``) for the
+    first output and go out with it: sent while the model thread chooses a token already in
+    reach (a gate or ``ready_exact`` hit), they slow that choice down (both want the
+    interpreter lock). A longer computation gets its headers then, so its client holds a
+    stream it can close; one that leaves before either stops the work, as for a JSON answer."""
+    items = aiter(handle.choices[0])
+
+    async def first_item() -> Delta | Completion | BaseException:
+        try:
+            return await anext(items)
+        except Exception as exc:  # reported in-band, as every failure after the headers is
+            return exc
+
+    def cancel() -> None:
+        first.cancel()
+        for h in handle.choices:
+            h.cancel()
+
+    first = asyncio.ensure_future(first_item())
+    await unless_gone(request, asyncio.wait({first}, timeout=HEADERS_WAIT_S), cancel)
+    return StreamingResponse(_sse(handle, shape, include_usage, ignored, (first, items)),
+                             media_type="text/event-stream", headers={"cache-control": "no-cache"})
 
 
-async def _sse(handle: Handle, shape: Any, include_usage: bool, ignored: list[str]) -> AsyncIterator[str]:
-    """Chunks of every choice in turn; a client that goes away cancels the generation."""
+async def _choice_items(h: Handle, started: Any) -> AsyncIterator[Delta | Completion]:
+    """A choice's output; for the first choice, the task reading its first item (or failure)
+    and the rest of its stream."""
+    if started is None:
+        async for item in h:
+            yield item
+        return
+    task, rest = started
+    first = await task
+    if isinstance(first, BaseException):
+        raise first
+    yield first
+    if isinstance(first, Delta):
+        async for item in rest:
+            yield item
+
+
+async def _sse(handle: Handle, shape: Any, include_usage: bool, ignored: list[str],
+               started: Any) -> AsyncIterator[str]:
+    """Chunks of every choice in turn (``started``: the first choice's, see _choice_items);
+    a client that goes away cancels the generation."""
     try:
         completions: list[Completion] = []
         first_chunk_at: float | None = None  # the first chunk with answer text, handed to the server
+        pending = ""  # a choice's opening chunk, not yet written
 
         def ext() -> dict[str, Any]:
             return extension(completions[0], shape.replica, ignored, first_chunk_at or time.perf_counter(),
@@ -308,11 +353,12 @@ async def _sse(handle: Handle, shape: Any, include_usage: bool, ignored: list[st
         try:
             for index, h in enumerate(handle.choices):
                 opening = shape.opening(index)
-                if opening is not None:
-                    yield _sse_line(opening)
-                async for item in h:
+                pending = _sse_line(opening) if opening is not None else ""
+                async for item in _choice_items(h, started if index == 0 else None):
                     if isinstance(item, Delta):
-                        yield _sse_line(shape.delta(index, item))
+                        # The opening rides with the first delta: one write to the socket.
+                        yield pending + _sse_line(shape.delta(index, item))
+                        pending = ""
                         # Resumed once the server has written the chunk to the socket.
                         if first_chunk_at is None and item.text:
                             first_chunk_at = time.perf_counter()
@@ -320,18 +366,20 @@ async def _sse(handle: Handle, shape: Any, include_usage: bool, ignored: list[st
                         completions.append(item)
                         *calls, final = shape.closing(index, item)
                         for payload in calls:  # a call is answer text too
-                            yield _sse_line(payload)
+                            yield pending + _sse_line(payload)
+                            pending = ""
                             first_chunk_at = first_chunk_at or time.perf_counter()
                         if index == len(handle.choices) - 1 and not include_usage:
                             final["headstart"] = ext()
-                        yield _sse_line(final)
+                        yield pending + _sse_line(final)
+                        pending = ""
             if include_usage:
                 yield _sse_line({**shape.envelope(shape.chunk(0, {}, None)["object"]), "choices": [],
                                  "usage": total_usage(completions), "headstart": ext()})
         except Exception as exc:  # the headers are gone: report in-band, as OpenAI does
             from headstart.server.errors import to_response
 
-            yield f"data: {to_response(exc).body.decode()}\n\n"
+            yield f"{pending}data: {to_response(exc).body.decode()}\n\n"
         yield "data: [DONE]\n\n"
     finally:
         for h in handle.choices:

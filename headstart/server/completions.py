@@ -95,7 +95,7 @@ async def create_completion(request: Request) -> Response:
                       state.config.replica, echo)
     if req.stream:
         include_usage = bool((req.stream_options or {}).get("include_usage"))
-        return stream_response(handle, shape, include_usage, ignored)
+        return await stream_response(request, handle, shape, include_usage, ignored)
     return JSONResponse(await answer(request, handle, shape, ignored))
 
 

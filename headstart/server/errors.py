@@ -28,7 +28,7 @@ from headstart.session.template import TemplateError
 
 log = logging.getLogger("headstart.server")
 
-# Where a UTF-8 body can spell a UTF-16 surrogate: a JSON escape (\\ud800-\\udfff) or the
+# Where a UTF-8 body can spell a UTF-16 surrogate: a JSON escape (\ud800-\udfff) or the
 # bytes of one encoded as UTF-8 (json.loads decodes a body with "surrogatepass").
 _SURROGATE = re.compile(rb"\\u[dD][89abcdefABCDEF]|\xed[\xa0-\xbf]")
 
