@@ -235,21 +235,26 @@ def ray_process_groups(exclude: set[int]) -> dict[str, list[int]]:
     return groups
 
 
-def overhead(probes: list[Probe], n: int, cpu_groups: dict[str, list[int]]) -> list[dict[str, Any]]:
+def _idle_rates(cpu_groups: dict[str, list[int]], seconds: float) -> dict[str, float]:
+    """The CPU each group spends per second with no request (Ray's own timers, polls)."""
+    began, cpu = time.perf_counter(), {g: _cpu_seconds(p) for g, p in cpu_groups.items()}
+    time.sleep(seconds)
+    return {g: (_cpu_seconds(p) - cpu[g]) / (time.perf_counter() - began) for g, p in cpu_groups.items()}
+
+
+def overhead(probes: list[Probe], n: int, cpu_groups: dict[str, list[int]], idle_s: float = 8.0,
+             ) -> list[dict[str, Any]]:
     """Each probe ``n`` times per side (after a few warm-up requests), alternating between
     the sides so that a busy spell of the machine hits both alike: the client's time, and
     for chat also the client's time minus the server's own (``headstart.e2e_ms``)."""
-    idle_from, idle_cpu = time.perf_counter(), {g: _cpu_seconds(p) for g, p in cpu_groups.items()}
-    time.sleep(5)
-    idle_rate = {g: (_cpu_seconds(p) - idle_cpu[g]) / (time.perf_counter() - idle_from)
-                 for g, p in cpu_groups.items()}
     results = []
     with httpx.Client(timeout=120) as http:
         for probe in probes:
+            idle_rate = _idle_rates(cpu_groups, idle_s)
             times: dict[str, list[float]] = {"direct": [], "proxied": []}
             gaps: dict[str, list[float]] = {"direct": [], "proxied": []}
             conversations: dict[str, list[dict[str, str]]] = {"direct": [], "proxied": []}
-            sid = f"overhead-{probe.name.replace(' ', '-')}-{time.time_ns()}"
+            sid = f"overhead-{time.time_ns()}"
             warm = 3
             for i in range(warm + n):
                 if i == warm:
@@ -315,11 +320,12 @@ def run_replica_bench(args: argparse.Namespace) -> int:
              "no_gate": True, "spill": "off", **({"model": args.model} if args.model else {})}
 
     # The baselines the proxy's cost is measured against: one server on its own (with the
-    # same store as the replicas, so that a turn's write costs the same on both sides),
-    # and the floor app under uvicorn.
+    # same store as the replicas, so that a turn's write costs the same on both sides, and
+    # one torch thread, as Ray gives a replica that reserves no CPU), and the floor app
+    # under uvicorn.
     data = tempfile.TemporaryDirectory()
     single = ServeProcess(Path(data.name), "--no-pre-position", "--no-gate", "--spill", "off", *model, db=args.db,
-                          threads=None, timeout=300)
+                          threads=1, timeout=300)
     floor_port = free_port()
     floor = subprocess.Popen([sys.executable, "-m", "uvicorn", "headstart.bench.replicas:floor_app", "--host",
                               "127.0.0.1", "--port", str(floor_port), "--log-level", "warning"])
@@ -401,7 +407,8 @@ def markdown(report: dict[str, Any]) -> str:
     groups = list(rows[0]["cpu_ms_per_request"])
     lines += [
         "",
-        "CPU per request (ms, each process group's CPU over the probe minus its idle rate):",
+        "CPU per request (ms, each process group's CPU over the probe minus its idle rate, measured just "
+        "before; a small negative number is that rate's noise):",
         "",
         "| probe | " + " | ".join(groups) + " |",
         "|---|" + "---|" * len(groups),
