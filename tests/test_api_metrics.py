@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
+from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -102,3 +104,8 @@ def test_metrics_count_the_requests_made_by_path(tiny: HFBackend) -> None:
         assert after["headstart_query_evaluations_total"][()] >= 1
         c.delete("/v1/sessions/d")
         assert scrape(c.get("/metrics").text)["headstart_sessions"][()] == 1
+        # every metric the sessions-API document lists is served (the fixed threshold's only with one)
+        docs = (Path(__file__).parent.parent / "docs" / "sessions-api.md").read_text().split("## Metrics")[1]
+        named = set(re.findall(r"`(headstart_\w+)", docs)) - {"headstart_gate_fixed_threshold"}
+        served = {re.sub(r"_(count|sum|bucket|created)$", "", name) for name in after}
+        assert named and not named - served, sorted(named - served)

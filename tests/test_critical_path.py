@@ -4,6 +4,7 @@ equal full ones, incremental detokenisation, prompt final chunks, and honest cou
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import threading
 import time
@@ -25,7 +26,7 @@ from headstart.model import HFBackend
 from headstart.model.loader import local_folder, resolve
 from headstart.server import errors
 from headstart.session.store import SessionStore
-from headstart.session.template import ChatTemplate, RenderCache
+from headstart.session.template import ChatTemplate, RenderCache, common_prefix
 from tests.apiutil import Blocker, serve, settle, wait_until
 from tests.conftest import require_qwen
 from tests.helpers import GREEDY, QUESTIONS
@@ -151,6 +152,52 @@ def test_entry_is_rendered_once_per_context(tokenizer: PreTrainedTokenizerBase) 
     assert len(calls) == 2
     template.entry([*messages, {"role": "user", "content": "x"}], "user", cache=cache)
     assert len(calls) == 4  # another context renders again
+
+
+def test_encode_chat_equals_the_tokenizer_call(tokenizer: PreTrainedTokenizerBase) -> None:
+    """encode_chat asks a fast tokenizer's backend directly: the ids are the tokenizer call's
+    on whole renderings and their pieces, and a backend set to truncate is not asked."""
+    template = ChatTemplate(tokenizer)
+    tools = TOOLS if template.supports_tools else None
+    text = template.render_text(_turns(template.supports_tools), tools=tools)
+    pieces = [text, text[len(text) // 3:], text[-40:], " leading", "<|im_start|>user\n", "🐈‍⬛ 中文 한국어", ""]
+    for piece in pieces:
+        assert template.encode_chat(piece) == list(tokenizer(piece, add_special_tokens=False)["input_ids"])
+    backend = tokenizer.backend_tokenizer
+    backend.enable_truncation(max_length=3)
+    try:
+        # The call turns truncation off before it encodes, so the ids are whole; the backend would cut them.
+        assert len(template.encode_chat(text)) > 3
+    finally:
+        backend.no_truncation()
+
+
+def test_common_prefix_equals_a_plain_scan() -> None:
+    import random
+
+    rng = random.Random(7)
+    for _ in range(500):
+        n = rng.randrange(0, 300)
+        a = [rng.randrange(4) for _ in range(n)]
+        b = a[: rng.randrange(0, n + 1)] + [rng.randrange(4) for _ in range(rng.randrange(0, 50))]
+        expect = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+        assert common_prefix(a, b) == common_prefix(tuple(b), a) == expect
+
+
+@pytest.mark.parametrize("body", [b'{"a": "\\ud800"}', b'{"a": ["x", "\\uDFFF"]}', b'{"a": "\xed\xa0\x80"}',
+                                  '{"a": "\\ud800"}'.encode("utf-16-le"),
+                                  '{"a": "\ud800"}'.encode("utf-16-le", "surrogatepass")],
+                         ids=["escape", "escape-upper", "utf8-bytes", "utf16-escape", "utf16-bytes"])
+def test_a_body_that_spells_a_surrogate_is_refused(body: bytes) -> None:
+    """parse_json skips re-encoding a body that cannot spell a surrogate: every way one can is still refused."""
+    with pytest.raises(errors.HTTPError) as refused:
+        errors.parse_json(body)
+    assert refused.value.status == 400 and refused.value.code == "invalid_json"
+
+
+def test_a_body_without_surrogates_parses() -> None:
+    body = '{"a": "\\\\ud800 is text", "b": "\\ud83d\\ude00", "c": "😀 中文"}'.encode()
+    assert errors.parse_json(body) == {"a": "\\ud800 is text", "b": "😀", "c": "😀 中文"}
 
 
 # -- incremental detokenisation ------------------------------------------------------------
@@ -364,6 +411,27 @@ def test_times_count_from_arrival_and_door_work_runs_off_the_loop(
         settle(served)
         text = served.client.get("/metrics").text
         assert "headstart_door_seconds_count 2.0" in text and "headstart_queue_seconds_count 2.0" in text
+
+
+def test_first_chunk_time_lies_between_the_token_and_the_client(tiny: HFBackend) -> None:
+    """A streamed answer's first_chunk_ms is the door's: after the engine chose the first
+    token (ttft_ms) and before the client read the chunk (the server's span lies inside the
+    client's, on the same clock). An answer that is not streamed has none."""
+    with serve(tiny, engine={"pre_position": False}) as served:
+        body = {"messages": [{"role": "user", "content": "Count to five."}], "max_tokens": 6, "temperature": 0,
+                "stream": True}
+        for _ in range(2):
+            start, first, ext = time.perf_counter(), None, None
+            with served.client.stream("POST", "/v1/chat/completions", json=body) as r:
+                for line in r.iter_lines():
+                    if first is None and '"content":"' in line and '"content":""' not in line:
+                        first = time.perf_counter()
+                    if '"headstart"' in line:
+                        ext = json.loads(line[6:])["headstart"]
+            assert first is not None and ext is not None
+            assert ext["ttft_ms"] <= ext["first_chunk_ms"] <= (first - start) * 1000
+        whole = served.client.post("/v1/chat/completions", json={**body, "stream": False}).json()
+        assert whole["headstart"]["first_chunk_ms"] is None
 
 
 def test_event_loop_is_not_held_by_long_conversations(tiny: HFBackend, capsys: pytest.CaptureFixture[str]) -> None:

@@ -85,3 +85,49 @@ def test_an_evicted_position_frees_its_blocks_and_the_answer_is_exact(real: HFBa
     assert engine.wait_idle(300)
     _references_add_up(engine)
 
+
+
+def test_the_engine_figures_warmed_turn_is_a_ready_exact_hit_equal_to_cold(
+    real: HFBackend, make_engine: Callable[..., Engine]
+) -> None:
+    """bench --model-only's setup (a 1,000-token session, the hint named right after the
+    turn, ephemeral asks): the hinted turn is a ready_exact hit with no forward before its
+    first token and the cold answer; the other, streamed, is the gate's."""
+    from headstart.bench.model_only import warmed_turns
+    from headstart.decode.sampling import SamplingParams
+
+    engine = make_engine(real, gate=True, gap_threshold=float("inf"))
+    turns = warmed_turns(engine, 1000, rounds=1, tokens=6)
+    assert [c.path for _, c in turns] == ["ready_exact", "gate"]
+    assert turns[0][1].prompt_tokens >= 950
+    for messages, c in turns[::2]:
+        assert c.extra["forwards_before_first_token"] == 0
+        assert c.token_ids == cold(engine, messages, SamplingParams(max_tokens=6)).token_ids
+
+
+def test_a_hint_named_as_the_idle_job_ends_is_still_pre_positioned(
+    tiny: HFBackend, make_engine: Callable[..., Engine], monkeypatch
+) -> None:
+    """The idle job decides it has nothing left to pre-position, and before it says so a
+    client names its next message (which finds the job still queued and queues none): the
+    job must take it up rather than end and leave the hint without a position."""
+    from headstart.idle import job
+
+    engine = make_engine(tiny)
+    converse(engine, "late", QUESTIONS[:1])
+    s = engine.get_session("late")
+    decide = job._needs_prepos
+    raced: list[bool] = []
+
+    def needs_then_hint(idle, session):  # type: ignore[no-untyped-def]
+        answer = decide(idle, session)
+        if not answer and not raced:  # the client's thread, between this check and the job's end
+            raced.append(True)
+            session.settings.hint = QUESTIONS[1]
+            engine.schedule_pre_position(session)
+        return answer
+
+    monkeypatch.setattr(job, "_needs_prepos", needs_then_hint)
+    engine.schedule_upkeep(s)  # a job that finds the position up to date
+    assert engine.wait_idle(300) and raced
+    assert s.positioned_epoch == s.prepos_epoch and s.ready["next"].source == "hint"

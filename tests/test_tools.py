@@ -7,8 +7,12 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
+from headstart.decode.grammar import Grammars
+from headstart.decode.logits import Chooser
+from headstart.decode.sampling import Constraint, SamplingParams
 from headstart.engine.engine import Request
 from headstart.errors import BadRequest
 from headstart.model import HFBackend
@@ -230,6 +234,49 @@ def test_plans_for_each_tool_choice(tool_template: ChatTemplate) -> None:
     assert [c.name for c in strict_auto.read('{"name": "add", "arguments": {"a": "x"}}').calls] == ["add"]
 
 
+@pytest.mark.parametrize("pad", [0, 5])
+@pytest.mark.parametrize("choice", ["json_schema", "required", "auto"])
+def test_the_chooser_masks_exactly_what_xgrammar_forbids(tool_template: ChatTemplate, choice: str, pad: int) -> None:
+    """At every step of a random walk and of a valid answer, the chooser's reshaped logits
+    are xgrammar's own apply of the same grammar state (what the mask allowed before the
+    numpy unpack, and only that) and leave the logits they shaped raw, with a vocabulary
+    that is (``pad`` 0) and one that is not a multiple of the mask's 32-bit words; the
+    valid answer ends the grammar."""
+    import xgrammar as xgr
+
+    tokenizer = tool_template.tokenizer
+    vocab, stop = len(tokenizer) + pad, tool_template.end_of_message
+    grammars = Grammars(tokenizer, vocab, {stop})
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    paris = _written(tool_template, messages, "get_weather", {"city": "Paris", "unit": "celsius"})
+    if choice == "json_schema":
+        constraint, answer = Constraint("json_schema", json.dumps(WEATHER_ARGS)), '{"city": "Paris", "unit": "celsius"}'
+    else:
+        constraint = plan_tools(tool_template, STRICT_TOOLS, choice, strict={"get_weather"}).constraint
+        answer = paris if choice == "required" else f"Let me look.\n{paris}"
+    assert constraint is not None
+    gen = torch.Generator().manual_seed(pad)
+    for script in (None, [*tokenizer.encode(answer, add_special_tokens=False), stop]):
+        chooser = Chooser(SamplingParams(constraint=constraint), [], vocab, "cpu", None, grammars.matcher(constraint))
+        reference, bitmask = xgr.GrammarMatcher(grammars.compile(constraint)), xgr.allocate_token_bitmask(1, vocab)
+        for i in range(len(script) if script else 40):
+            logits = torch.randn(vocab, generator=gen)
+            if script:
+                logits[script[i]] = 100.0  # the answer's token is the best, if allowed
+            reference.fill_next_token_bitmask(bitmask)
+            expected = logits.clone().unsqueeze(0)
+            xgr.apply_token_bitmask_inplace(expected, bitmask)
+            before = logits.clone()
+            assert torch.equal(chooser.step().apply(logits), expected[0])
+            assert torch.equal(logits, before)  # the rules shape a copy: the model's logits stay raw
+            token = chooser.choose(logits)
+            assert token == int(expected.argmax()) and (script is None or token == script[i])
+            assert reference.accept_token(token)
+            if reference.is_terminated():
+                break
+        assert chooser.matcher.terminated == reference.is_terminated() == (script is not None)  # type: ignore[union-attr]
+
+
 @pytest.mark.parametrize(
     ("parameters", "strict", "words"),
     [
@@ -330,3 +377,16 @@ def test_a_tool_grammar_holds_on_the_ready_position_and_the_gate(tiny_tools: HFB
     assert gate.path == "gate"
     assert template.decode(gate.token_ids).startswith("<tool_call>") and _admitted(plan, template.decode(
         gate.token_ids))
+
+
+def test_the_grammar_bench_times_the_choice_under_each_grammar(tiny_tools: HFBackend, make_engine, capsys) -> None:
+    """``python -m headstart.bench.grammar``'s side-by-side figure: a line for no rule, the JSON
+    schema and, where the template writes calls, each tool grammar."""
+    from headstart.bench.grammar import rules_per_token
+
+    rules_per_token(make_engine(tiny_tools, pre_position=False), tiny_tools.info.vocab_size, steps=4)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == [
+        "headstart, no rule", "headstart, JSON schema", "headstart, tool calls, required (2 strict functions)",
+        "headstart, tool calls, auto (2 strict functions)"]
+    assert all("ms/token to choose (median of 4)" in line for line in lines)

@@ -60,7 +60,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefix-block", type=int, default=16, help="prefix_cache block size in tokens")
     p.add_argument("--peer", choices=modes_mod.PEERS, default=None, help="also run a real peer over HTTP")
     p.add_argument("--peer-python", default=sys.executable,
-                   help="interpreter with llama-cpp-python[server] for the peer (default: this one)")
+                   help="interpreter with llama-cpp-python[server] for the peer (default: this one); the "
+                        "sweep (--clients 1,2,4,8) and --model-only run llama.cpp beside headstart when it has it")
     p.add_argument("--json", default=None, help="write the JSON report here")
     p.add_argument("--out", default=None, help="write PNG plots into this folder")
     p.add_argument("--records", default=None, help="write every request's record here (JSONL)")

@@ -5,11 +5,14 @@
 Runs the same greedy request, unconstrained and under a JSON schema, alternately for
 ``--rounds`` rounds on one in-process engine, and reports the decode time per token of each
 (from the first token to the last, so the prefill is left out) and their ratio. It then times
-the grammar engines' per-token mask alone (fill the mask, apply it, accept the token) on the
-same vocabulary and schema: xgrammar, which headstart uses, and llguidance when installed.
-With a model whose template writes tool calls (``--model qwen2.5-coder-0.5b``) it also times
-headstart's own per-token mask (decode/grammar.py) under the tool-call grammars of two strict
-functions: ``required`` (calls only) and strict ``auto`` (free text with a trigger).
+headstart's own choice of one token over random logits (decode/logits.py's ``Chooser.choose``:
+the grammar's mask filled and unpacked, applied, the argmax, the grammar moved past it), with
+no rule, under the JSON schema and, with a model whose template writes tool calls
+(``--model qwen2.5-coder-0.5b``), under the tool-call grammars of two strict functions:
+``required`` (calls only) and strict ``auto`` (free text with a trigger); the choosers take
+their steps in turn, so each figure sees the same load. Last, the grammar engines' mask alone
+(fill, apply, accept) on the same vocabulary and schema: xgrammar, which headstart uses, and
+llguidance when installed.
 """
 
 from __future__ import annotations
@@ -96,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{backend.info.name}: decode {a:.1f} ms/token unconstrained, {b:.1f} ms/token with the JSON schema "
           f"(ratio {b / a:.3f}; medians of {args.rounds} alternating rounds)")
     tokenizer, vocab = engine.template.tokenizer, backend.info.vocab_size
+    rules_per_token(engine, vocab)
     import xgrammar as xgr
 
     t0 = time.perf_counter()
@@ -105,9 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     bitmask = xgr.allocate_token_bitmask(1, vocab)
     x = mask_ms(lambda: matcher.fill_next_token_bitmask(bitmask), lambda lg: xgr.apply_token_bitmask_inplace(
         lg, bitmask), matcher.accept_token, matcher.is_terminated, vocab)
-    print(f"xgrammar: mask {x:.3f} ms/token (median), tokenizer and schema compiled in {compile_s:.1f} s")
-    if engine.template.supports_tools:
-        tool_masks(engine, vocab)
+    print(f"xgrammar alone: mask {x:.3f} ms/token (median), tokenizer and schema compiled in {compile_s:.1f} s")
     try:
         import llguidance
         import llguidance.hf
@@ -122,28 +124,51 @@ def main(argv: list[str] | None = None) -> None:
     bm = lt.allocate_token_bitmask(1, vocab)
     g = mask_ms(lambda: lt.fill_next_token_bitmask(lm, bm, 0), lambda lg: lt.apply_token_bitmask_inplace(lg, bm),
                 lm.consume_token, lm.is_stopped, vocab)
-    print(f"llguidance: mask {g:.3f} ms/token (median), tokenizer and schema compiled in {compile_s:.1f} s")
+    print(f"llguidance alone: mask {g:.3f} ms/token (median), tokenizer and schema compiled in {compile_s:.1f} s")
 
 
-def tool_masks(engine: Engine, vocab: int) -> None:
-    """headstart's mask (fill, apply, accept) under the tool-call grammars of two strict functions."""
+def rules_per_token(engine: Engine, vocab: int, steps: int = 64) -> None:
+    """headstart's choice of a token (Chooser.choose) with no rule and under each grammar,
+    the choosers stepping in turn over the same random logits; a grammar that terminates
+    (its stop token chosen) starts again, so every figure is the median of ``steps``."""
     from headstart.decode.grammar import Grammars
+    from headstart.decode.logits import Chooser
     from headstart.session.tools import plan_tools
 
     stop = {*engine.backend.info.eos_token_ids, engine.template.end_of_message}
     grammars = Grammars(engine.template.tokenizer, vocab, stop)
-    for choice in ("required", "auto"):
-        plan = plan_tools(engine.template, TOOLS, choice, strict={"get_weather", "add_user"})
-        assert plan.constraint is not None
-        t0 = time.perf_counter()
-        grammars.compile(plan.constraint)
-        compile_s = time.perf_counter() - t0
-        matcher, forbidden = grammars.matcher(plan.constraint), []
-        ms = mask_ms(lambda m=matcher, f=forbidden: f.append(m.forbidden(vocab)),
-                     lambda lg, f=forbidden: lg[0].masked_fill_(f[-1], float("-inf")), matcher.accept,
-                     lambda m=matcher: m.terminated, vocab)
-        print(f"tool calls, {choice} (2 strict functions): mask {ms:.3f} ms/token (median), compiled in "
-              f"{compile_s:.1f} s")
+    constraints: dict[str, Constraint | None] = {"no rule": None,
+                                                 "JSON schema": Constraint("json_schema", json.dumps(SCHEMA))}
+    if engine.template.supports_tools:
+        for choice in ("required", "auto"):
+            plan = plan_tools(engine.template, TOOLS, choice, strict={"get_weather", "add_user"})
+            constraints[f"tool calls, {choice} (2 strict functions)"] = plan.constraint
+    compile_s = {}
+    for name, constraint in constraints.items():
+        if constraint is not None:
+            t0 = time.perf_counter()
+            grammars.compile(constraint)
+            compile_s[name] = time.perf_counter() - t0
+    device = engine.backend.info.device  # where the model's logits are
+
+    def chooser(constraint: Constraint | None) -> Chooser:
+        params = SamplingParams(constraint=constraint)
+        return Chooser(params, [], vocab, device, None, grammars.matcher(constraint) if constraint else None)
+
+    choosers = {name: chooser(c) for name, c in constraints.items()}
+    times: dict[str, list[float]] = {name: [] for name in constraints}
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        logits = torch.randn(vocab, generator=gen).to(device)
+        for name, c in choosers.items():
+            t0 = time.perf_counter()
+            c.choose(logits)
+            times[name].append(time.perf_counter() - t0)
+            if c.matcher is not None and c.matcher.terminated:  # type: ignore[attr-defined]
+                choosers[name] = chooser(constraints[name])
+    for name, ts in times.items():
+        compiled = f", compiled in {compile_s[name]:.2f} s" if name in compile_s else ""
+        print(f"headstart, {name}: {statistics.median(ts) * 1000:.3f} ms/token to choose (median of {steps}){compiled}")
 
 
 if __name__ == "__main__":

@@ -3,13 +3,13 @@
 Both run in one process on the same weights (the runner shares the transformers model's
 tensors), one measurement after the other at each size, so the machine's noise hits both
 alike: decode ms/token at several context lengths, prefill tokens/s, and the aggregate
-decode tokens/s of B sequences in one forward. llama.cpp is reported when installed.
+decode tokens/s of B sequences in one forward. llama.cpp on the same GGUF follows in a child
+process of ``--peer-python`` (bench/peer_model.py), or the table says why it is skipped.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 import sys
 import time
@@ -17,9 +17,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from headstart.bench import peer_model
 from headstart.kv import KVSeq
 from headstart.model.hf import HFBackend
 from headstart.model.runner import Feed, Runner, from_backend
+from headstart.session.template import Message
 
 
 def _median_ms(fn: Callable[[], object], reps: int) -> float:
@@ -32,21 +34,28 @@ def _median_ms(fn: Callable[[], object], reps: int) -> float:
 
 
 
+PREFILL_TOKENS = 256  # the prompt of the prefill figure
+
+
+def bench_ids(backend: HFBackend, contexts: list[int], reps: int) -> list[int]:
+    """The token ids every contender decodes: enough for the longest context and its reps."""
+    ids = (backend.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 400))
+    need = max(contexts) + reps + 8
+    return (ids * (need // len(ids) + 1))[:need]
+
 
 def run_model_only(
     backend: HFBackend,
     contexts: list[int],
     batches: list[int],
     reps: int = 5,
-    prefill_tokens: int = 256,
+    prefill_tokens: int = PREFILL_TOKENS,
     progress: bool = True,
     block_size: int = 16,
 ) -> dict[str, Any]:
     from tqdm import tqdm
 
-    ids = (backend.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 400))
-    need = max(contexts) + reps + 8
-    ids = (ids * (need // len(ids) + 1))[:need]
+    ids = bench_ids(backend, contexts, reps)
     budget = 2 * (max(contexts) + 64) * max(batches) * backend.info.kv_bytes_per_token
     runners: dict[str, Runner] = {  # the default first, then the other modes (runner.py)
         "runner": from_backend(backend, kv_budget=budget, block_size=block_size),
@@ -103,8 +112,7 @@ def run_model_only(
         "prefill_tok_s": {k: prefill_tokens * 1000 / ms for k, ms in prefill.items()},
         "batched_decode_tok_s": batched,
         "batched_context": ctx,
-        "llama_cpp": "installed, not measured here (see bench --peer)" if importlib.util.find_spec("llama_cpp")
-        else "llama-cpp-python not installed: skipped",
+        "llama_cpp": "not run (headstart bench --model-only runs it, bench/peer_model.py)",
     }
 
 
@@ -117,34 +125,49 @@ def _decode_ms(engine: Any, sid: str, messages: list[dict[str, str]], tokens: in
     return (c.e2e_ms - c.ttft_ms) / max(1, len(c.token_ids) - 1)
 
 
+def warmed_turns(engine: Any, context: int, rounds: int = 3, tokens: int = 1) -> list[tuple[list[Message], Any]]:
+    """The engine figures' setup, ``rounds`` times over one ``context``-token session: the
+    client names its next message (the session's hint), waits for the idle-time work, and
+    sends it (a ``ready_exact`` hit), then streams another message (the gate answers it
+    from the position's cached distribution: only a streaming client gets a gate answer).
+    Both are ephemeral, so every round finds the session as the first turn left it.
+    Returns each turn's messages and completion, in order."""
+    from headstart.decode.sampling import SamplingParams
+    from headstart.engine.engine import Request
+
+    words = "The committee met on Tuesday to review the budget, the roadmap and the hiring plan. "
+    long: list[Message] = [{"role": "user", "content": words * max(1, context // 18)}]
+    params = SamplingParams(max_tokens=tokens)
+    first = engine.generate(Request(messages=long, params=params, session_id="long"))
+    s = engine.get_session("long")
+    said = [*long, {"role": "assistant", "content": first.text}]
+    follow = [*said, {"role": "user", "content": "Thanks."}]  # what the hint predicts: ready_exact
+    other = [*said, {"role": "user", "content": "Thank you."}]  # not predicted: the gate answers
+    turns: list[tuple[list[Message], Any]] = []
+    for _ in range(rounds):
+        s.settings.hint = "Thanks."
+        engine.schedule_pre_position(s)
+        engine.wait_idle(600)
+        turns.append((follow, engine.generate(Request(messages=follow, params=params, session_id="long",
+                                                      ephemeral=True))))
+        turns.append((other, engine.generate(Request(messages=other, params=params, session_id="long",
+                                                     ephemeral=True, stream=True, gap_threshold=0.0))))
+    s.settings.hint = None
+    return turns
+
+
 def engine_figures(backend: HFBackend, context: int = 1000, idle: int = 1000) -> dict[str, Any]:
     """In the engine: ready_exact and gate TTFT at a ``context``-token session, and one
     session's decode ms/token with ``idle`` other sessions resident against with none."""
-    from headstart.decode.sampling import SamplingParams
-    from headstart.engine.engine import Engine, EngineConfig, Request
+    from headstart.engine.engine import Engine, EngineConfig
 
-    words = "The committee met on Tuesday to review the budget, the roadmap and the hiring plan. "
-    long = [{"role": "user", "content": words * (context // 18)}]
-    one = SamplingParams(max_tokens=1)
     config = EngineConfig(gate=True, gap_threshold=float("inf"), max_sessions=idle + 8)  # + long, active*
     engine = Engine(backend, config=config).start()
     try:
-        first = engine.generate(Request(messages=long, params=one, session_id="long"))
-        s = engine.get_session("long")
-        said = [*long, {"role": "assistant", "content": first.text}]
-        follow = [*said, {"role": "user", "content": "Thanks."}]  # what the hint predicts: ready_exact
-        other = [*said, {"role": "user", "content": "Thank you."}]  # not predicted: the gate answers
+        turns = warmed_turns(engine, context)
         ttft: dict[str, list[float]] = {}
-        for _ in range(3):
-            s.settings.hint = "Thanks."
-            engine.schedule_pre_position(s)
-            engine.wait_idle(600)
-            c = engine.generate(Request(messages=follow, params=one, session_id="long", ephemeral=True))
+        for _, c in turns:
             ttft.setdefault(c.path, []).append(c.ttft_ms)
-            g = engine.generate(Request(messages=other, params=one, session_id="long", ephemeral=True,
-                                        gap_threshold=0.0))
-            ttft.setdefault(g.path, []).append(g.ttft_ms)
-            s.settings.hint = None
         prompt = [{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}]
         alone = _decode_ms(engine, "active", prompt, 32)
         engine.wait_idle(600)
@@ -159,7 +182,7 @@ def engine_figures(backend: HFBackend, context: int = 1000, idle: int = 1000) ->
     finally:
         engine.stop()
     return {
-        "context_tokens": first.prompt_tokens,
+        "context_tokens": turns[0][1].prompt_tokens,
         "ttft_ms": {k: statistics.median(v) for k, v in ttft.items()},
         "decode_ms_alone": alone,
         "decode_ms_with_idle": crowded,
@@ -215,7 +238,7 @@ def plot(r: dict[str, Any], path: Path) -> Path:
     b.legend()
     b.set_xlabel("sequences in one forward")
     b.set_ylabel("aggregate decode tokens/s")
-    fig.suptitle(f"{r['model']}: transformers backend vs own runner")
+    fig.suptitle(f"{r['model']}: " + ", ".join(r["decode_ms"]))
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -235,6 +258,7 @@ def main(args: argparse.Namespace) -> int:
     batches = [int(x) for x in args.batches.split(",")]
     backend = load(args.model, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir)
     r = run_model_only(backend, contexts, batches, reps=args.reps, progress=not args.no_progress)
+    peer_model.run(args, r, bench_ids(backend, contexts, args.reps), contexts, batches, PREFILL_TOKENS)
     if not args.no_engine:
         r["engine"] = engine_figures(backend)
     print(format_table(r))

@@ -142,6 +142,24 @@ def _ask(client: Any, url: str, body: dict[str, Any]) -> tuple[str, float, float
     return "".join(parts), ((first or end) - sent) * 1000, (end - sent) * 1000
 
 
+def converse(server: LlamaCppServer, template: ChatTemplate, questions: list[str],
+             max_tokens: int) -> list[tuple[float, float, int]]:
+    """One session's greedy turns, each sent once the last is answered: per turn (ms to the first
+    content, ms to the end, output tokens counted with the model's tokenizer)."""
+    import httpx
+
+    messages: list[dict[str, Any]] = []
+    out = []
+    with httpx.Client() as client:
+        for q in questions:
+            messages.append({"role": "user", "content": q})
+            text, ttft, e2e = _ask(client, server.url, {"messages": messages, "max_tokens": max_tokens,
+                                                        "temperature": 0})
+            messages.append({"role": "assistant", "content": text})
+            out.append((ttft, e2e, len(template.encode(text))))
+    return out
+
+
 def run_peer(
     server: LlamaCppServer,
     workload: Workload,

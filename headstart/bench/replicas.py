@@ -5,28 +5,38 @@ cost the proxy adds per request over a single ``headstart serve``, in one run.
 Routing is what differs, so both routings run the same exact engine (no pre-positioning,
 no gate, no idle gaps) on the same model, one after the other, each on fresh replicas and
 fresh session ids. TTFT is measured at the client, from sending the request to its first
-streamed content. The proxy's cost is the client's end-to-end time minus the time the
-server itself reports (``headstart.e2e_ms``) for the same one-token one-off requests,
-through the proxy and straight to one server; the difference of the two medians is what
-the proxy adds.
+streamed content.
+
+The proxy's cost is measured side by side: the same small requests, alternating, straight
+to one ``headstart serve`` and through Serve's proxy to the replicas (a 1-token chat turn
+on a session that exists on both, and ``GET /v1/models``), and, to tell Serve's own cost
+from headstart's, a trivial ASGI app (a fixed answer, :func:`floor_app`) straight under
+uvicorn and as a Serve application beside headstart's, routed by the same router. Each
+probe reports the client's p50/p99 on both sides and the difference of the medians, and
+the CPU time each process group spent per request (its CPU over the probe minus its idle
+rate): on a shared machine the wall-clock numbers wait for a core, the CPU numbers much
+less so.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from headstart.bench.serverproc import ServeProcess, free_port
+from headstart.bench.serverproc import ServeProcess, free_port, wait_healthy
 from headstart.bench.workloads import Script, Workload, make_workload
 
 
@@ -35,8 +45,8 @@ def add_replica_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="instead of the modes: replicas on Ray Serve, affinity against random routing "
                         "(needs --db postgresql://...)")
     p.add_argument("--db", default=None, help="the PostgreSQL store the replicas share (with --replicas)")
-    p.add_argument("--overhead-requests", type=int, default=40,
-                   help="one-token requests per side for the proxy overhead (with --replicas)")
+    p.add_argument("--overhead-requests", type=int, default=60,
+                   help="requests per side and probe for the proxy overhead (with --replicas; at least 50)")
 
 
 @dataclass
@@ -133,24 +143,155 @@ def drive(url: str, workload: Workload, name: str, clients: int) -> Routing:
     return routing
 
 
-def overhead(urls: dict[str, str], n: int) -> dict[str, dict[str, float]]:
-    """Client end-to-end minus the server's own time, for one-token one-off requests (ms),
-    alternating between the servers so that a busy spell of the machine hits both alike."""
-    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, "temperature": 0}
-    gaps: dict[str, list[float]] = {name: [] for name in urls}
-    e2e: dict[str, list[float]] = {name: [] for name in urls}
+FLOOR_BODY = json.dumps({"object": "list", "data": []}).encode()
+FLOOR_PREFIX = "/floor"
+
+Scope = MutableMapping[str, Any]
+
+
+async def floor_app(scope: Scope, receive: Callable[[], Awaitable[Any]],
+                    send: Callable[[Any], Awaitable[None]]) -> None:
+    """A fixed JSON answer after reading the body: what any ASGI app costs at least, so
+    the same app straight and through Serve measures Serve's own share of the proxy cost."""
+    if scope["type"] != "http":
+        return
+    while (await receive()).get("more_body"):
+        pass
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(FLOOR_BODY)).encode())]})
+    await send({"type": "http.response.body", "body": FLOOR_BODY})
+
+
+def floor_deployment(replicas: int) -> Any:
+    """:func:`floor_app` as a Serve application of ``replicas`` replicas, with the
+    deployment settings and router that headstart's replicas have."""
+    from ray import serve
+
+    from headstart.scaleout.app import deployment_options
+    from headstart.scaleout.options import ReplicaOptions
+
+    @serve.ingress()
+    class Floor:
+        def __serve_build_asgi_app__(self) -> Any:
+            return floor_app
+
+    opts = ReplicaOptions(replicas=replicas, cpus=0, gpus=0)
+    return serve.deployment(Floor, name="Floor").options(**deployment_options(opts)).bind()
+
+
+@dataclass
+class Probe:
+    """One kind of small request, sent alternately to ``direct`` and ``proxied``."""
+
+    name: str
+    method: str
+    path: str
+    direct: str
+    proxied: str
+    chat: bool = False
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    import psutil
+
+    total = 0.0
+    for pid in pids:
+        try:
+            t = psutil.Process(pid).cpu_times()
+        except psutil.Error:  # a process that ended meanwhile
+            continue
+        total += t.user + t.system
+    return total
+
+
+def ray_process_groups(exclude: set[int]) -> dict[str, list[int]]:
+    """This process's Ray children by role: Serve's proxy, headstart's replicas, the
+    floor app's replicas, and the rest of Ray (raylet, GCS, controller, agents)."""
+    import psutil
+
+    groups: dict[str, list[int]] = {"serve proxy": [], "headstart replicas": [], "floor replicas": [],
+                                    "rest of Ray": []}
+    for child in psutil.Process().children(recursive=True):
+        if child.pid in exclude:
+            continue
+        try:
+            title = " ".join(child.cmdline())
+        except psutil.Error:
+            continue
+        if "ProxyActor" in title:
+            groups["serve proxy"].append(child.pid)
+        elif "ServeReplica:floor" in title:
+            groups["floor replicas"].append(child.pid)
+        elif "ServeReplica" in title:
+            groups["headstart replicas"].append(child.pid)
+        else:
+            groups["rest of Ray"].append(child.pid)
+    return groups
+
+
+def overhead(probes: list[Probe], n: int, cpu_groups: dict[str, list[int]]) -> list[dict[str, Any]]:
+    """Each probe ``n`` times per side (after a few warm-up requests), alternating between
+    the sides so that a busy spell of the machine hits both alike: the client's time, and
+    for chat also the client's time minus the server's own (``headstart.e2e_ms``)."""
+    idle_from, idle_cpu = time.perf_counter(), {g: _cpu_seconds(p) for g, p in cpu_groups.items()}
+    time.sleep(5)
+    idle_rate = {g: (_cpu_seconds(p) - idle_cpu[g]) / (time.perf_counter() - idle_from)
+                 for g, p in cpu_groups.items()}
+    results = []
     with httpx.Client(timeout=120) as http:
-        for i in range(n + 3):
-            for name, url in urls.items():
-                sent = time.perf_counter()
-                r = http.post(url + "/v1/chat/completions", json=body)
-                took = (time.perf_counter() - sent) * 1000
-                r.raise_for_status()
-                if i >= 3:  # the first few warm connections and code paths
-                    gaps[name].append(took - r.json()["headstart"]["e2e_ms"])
-                    e2e[name].append(took)
-    return {name: {"p50_ms": statistics.median(gaps[name]), "client_e2e_p50_ms": statistics.median(e2e[name])}
-            for name in urls}
+        for probe in probes:
+            times: dict[str, list[float]] = {"direct": [], "proxied": []}
+            gaps: dict[str, list[float]] = {"direct": [], "proxied": []}
+            conversations: dict[str, list[dict[str, str]]] = {"direct": [], "proxied": []}
+            sid = f"overhead-{probe.name.replace(' ', '-')}-{time.time_ns()}"
+            warm = 3
+            for i in range(warm + n):
+                if i == warm:
+                    began, cpu = time.perf_counter(), {g: _cpu_seconds(p) for g, p in cpu_groups.items()}
+                for side in ("direct", "proxied"):
+                    url = (probe.direct if side == "direct" else probe.proxied) + probe.path
+                    body, headers = None, {}
+                    if probe.chat:  # the session's next 1-token turn
+                        conversations[side].append({"role": "user", "content": "Hi"})
+                        body = {"messages": conversations[side], "max_tokens": 1, "temperature": 0}
+                        headers = {"x-session-id": sid}
+                    sent = time.perf_counter()
+                    r = http.request(probe.method, url, json=body, headers=headers)
+                    took = (time.perf_counter() - sent) * 1000
+                    if r.status_code != 200:
+                        raise RuntimeError(f"{probe.name} {side}: {r.status_code} {r.text}")
+                    if probe.chat:
+                        answer = r.json()
+                        conversations[side].append({"role": "assistant",
+                                                    "content": answer["choices"][0]["message"]["content"]})
+                    if i >= warm:
+                        times[side].append(took)
+                        if probe.chat:
+                            gaps[side].append(took - answer["headstart"]["e2e_ms"])
+            spent = time.perf_counter() - began
+            cpu_ms = {g: round((_cpu_seconds(p) - cpu[g] - idle_rate[g] * spent) * 1000 / n, 2)
+                      for g, p in cpu_groups.items()}
+            row: dict[str, Any] = {"probe": probe.name, "requests": n}
+            for side in ("direct", "proxied"):
+                row[f"{side}_p50_ms"] = round(statistics.median(times[side]), 2)
+                row[f"{side}_p99_ms"] = round(_pct(times[side], 0.99), 2)
+            row["added_p50_ms"] = round(row["proxied_p50_ms"] - row["direct_p50_ms"], 2)
+            if probe.chat:
+                row["added_p50_minus_server_ms"] = round(statistics.median(gaps["proxied"])
+                                                         - statistics.median(gaps["direct"]), 2)
+            row["cpu_ms_per_request"] = cpu_ms
+            results.append(row)
+    return results
+
+
+def _uptime() -> str:
+    return "load average {:.2f}, {:.2f}, {:.2f}".format(*os.getloadavg())
 
 
 def run_replica_bench(args: argparse.Namespace) -> int:
@@ -162,6 +303,10 @@ def run_replica_bench(args: argparse.Namespace) -> int:
     if not (args.db or "").startswith(("postgresql://", "postgres://")):
         print("headstart bench: --replicas needs --db postgresql://USER@HOST/DB", file=sys.stderr)
         return 2
+    if args.overhead_requests < 50:
+        print("headstart bench: --overhead-requests must be at least 50 (a p99 of fewer is one request)",
+              file=sys.stderr)
+        return 2
     workload = make_workload("agent", seed=args.seed, quick=args.quick, sessions=args.sessions, turns=args.turns,
                              max_tokens=args.max_tokens, gaps="fixed:0")
     clients = args.clients[0] if args.clients else 2  # one count (a sweep is the in-process bench's)
@@ -169,12 +314,20 @@ def run_replica_bench(args: argparse.Namespace) -> int:
     flags = {"db": args.db, "replicas": args.replicas, "replica_cpus": 0, "no_pre_position": True,
              "no_gate": True, "spill": "off", **({"model": args.model} if args.model else {})}
 
-    # One server on its own: the baseline the proxy's cost is measured against.
+    # The baselines the proxy's cost is measured against: one server on its own (with the
+    # same store as the replicas, so that a turn's write costs the same on both sides),
+    # and the floor app under uvicorn.
     data = tempfile.TemporaryDirectory()
-    single = ServeProcess(Path(data.name), "--no-pre-position", "--no-gate", *model, db="", threads=None, timeout=300)
-    single_url = single.url
+    single = ServeProcess(Path(data.name), "--no-pre-position", "--no-gate", "--spill", "off", *model, db=args.db,
+                          threads=None, timeout=300)
+    floor_port = free_port()
+    floor = subprocess.Popen([sys.executable, "-m", "uvicorn", "headstart.bench.replicas:floor_app", "--host",
+                              "127.0.0.1", "--port", str(floor_port), "--log-level", "warning"])
+    floor_url = f"http://127.0.0.1:{floor_port}"
     results: list[Routing] = []
+    load: dict[str, str] = {}
     try:
+        wait_healthy(floor_url, floor, timeout=120, path="/")
         start_ray(None)
         for name, affinity in (("affinity", True), ("random", False)):
             serve.shutdown()  # a fresh proxy and replicas for each routing
@@ -182,24 +335,33 @@ def run_replica_bench(args: argparse.Namespace) -> int:
             deploy(build_app({**flags, "no_affinity": not affinity}), "127.0.0.1", int(url.rsplit(":", 1)[1]))
             results.append(drive(url, workload, name, clients))
             if affinity:
-                cost = overhead({"single": single_url, "proxy": url}, args.overhead_requests)
+                serve.run(floor_deployment(args.replicas), name="floor", route_prefix=FLOOR_PREFIX)
+                groups = {"single headstart serve": [single.proc.pid], "floor under uvicorn": [floor.pid],
+                          **ray_process_groups({single.proc.pid, floor.pid})}
+                probes = [
+                    Probe("chat, 1 token, existing session", "POST", "/v1/chat/completions", single.url, url,
+                          chat=True),
+                    Probe("GET /v1/models", "GET", "/v1/models", single.url, url),
+                    Probe("floor app, POST with a body", "POST", "", floor_url, url + FLOOR_PREFIX),
+                    Probe("floor app, GET", "GET", "", floor_url, url + FLOOR_PREFIX),
+                ]
+                load["before"] = _uptime()
+                cost = overhead(probes, args.overhead_requests, groups)
+                load["after"] = _uptime()
+                serve.delete("floor")
     finally:
         serve.shutdown()
+        floor.terminate()
+        floor.wait(30)
         single.stop()
         data.cleanup()
-    direct, proxied = cost["single"], cost["proxy"]
     report = {
         "workload": workload.describe(),
         "replicas": args.replicas,
         "clients": clients,
         "routing": [r.summary() for r in results],
-        "proxy_overhead_ms": {
-            "single_server_p50": round(direct["p50_ms"], 2),
-            "serve_proxy_p50": round(proxied["p50_ms"], 2),
-            "added_p50": round(proxied["p50_ms"] - direct["p50_ms"], 2),
-            "single_server_e2e_p50": round(direct["client_e2e_p50_ms"], 1),
-            "serve_proxy_e2e_p50": round(proxied["client_e2e_p50_ms"], 1),
-        },
+        "proxy_overhead": cost,
+        "load": load,
     }
     print(markdown(report))
     if args.json:
@@ -221,13 +383,29 @@ def markdown(report: dict[str, Any]) -> str:
         paths = ", ".join(f"{k} {v}" for k, v in r["paths"].items())
         lines.append(f"| {r['routing']} | {r['requests']} | {r['ttft_p50_ms']} | {r['ttft_p90_ms']} | "
                      f"{r['cached_tokens']} | {r['cached_share']:.0%} | {paths} |")
-    o = report["proxy_overhead_ms"]
+    rows = report["proxy_overhead"]
     lines += [
         "",
-        "| per request (one-token one-off) | single `headstart serve` | through the Serve proxy | added |",
+        f"proxy overhead, {rows[0]['requests']} requests per side and probe, alternating "
+        f"({report['load']['before']} before, {report['load']['after']} after):",
+        "",
+        "| probe | direct p50 / p99 (ms) | through Serve p50 / p99 (ms) | added p50 (ms) |",
         "|---|---|---|---|",
-        f"| client time minus server time, p50 (ms) | {o['single_server_p50']} | {o['serve_proxy_p50']} | "
-        f"{o['added_p50']} |",
-        f"| client end-to-end, p50 (ms) | {o['single_server_e2e_p50']} | {o['serve_proxy_e2e_p50']} | |",
     ]
+    for r in rows:
+        added = f"{r['added_p50_ms']}"
+        if "added_p50_minus_server_ms" in r:
+            added += f" ({r['added_p50_minus_server_ms']} without the server's own time)"
+        lines.append(f"| {r['probe']} | {r['direct_p50_ms']} / {r['direct_p99_ms']} | "
+                     f"{r['proxied_p50_ms']} / {r['proxied_p99_ms']} | {added} |")
+    groups = list(rows[0]["cpu_ms_per_request"])
+    lines += [
+        "",
+        "CPU per request (ms, each process group's CPU over the probe minus its idle rate):",
+        "",
+        "| probe | " + " | ".join(groups) + " |",
+        "|---|" + "---|" * len(groups),
+    ]
+    for r in rows:
+        lines.append(f"| {r['probe']} | " + " | ".join(str(r["cpu_ms_per_request"][g]) for g in groups) + " |")
     return "\n".join(lines)

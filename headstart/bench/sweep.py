@@ -15,15 +15,22 @@ import json
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from headstart.bench import peer_llamacpp
+from headstart.bench.peer_llamacpp import LlamaCppServer, converse
 from headstart.decode.sampling import SamplingParams
 from headstart.engine.engine import Engine, EngineConfig, Request
 from headstart.engine.output import Completion
 from headstart.model.backend import Backend
+from headstart.session.template import ChatTemplate
 from headstart.stats import percentile
+
+T = TypeVar("T")
+PEER_LABEL = "llama.cpp"
 
 TOPICS = ["rivers", "mountains", "bread", "bicycles", "owls", "glass", "tides", "maps", "bees", "clocks"]
 FOLLOW_UPS = ["Tell me one more fact about that.", "Why does that matter?", "Summarise it in one line."]
@@ -34,17 +41,53 @@ def _turns(sessions: int, turns: int) -> list[list[str]]:
             for i in range(sessions)]
 
 
-def _converse(engine: Engine, sid: str, questions: list[str], params: SamplingParams, out: list[Completion]) -> None:
+def _converse(engine: Engine, sid: str, questions: list[str], params: SamplingParams) -> list[Completion]:
     messages: list[dict[str, Any]] = []
+    out = []
     for q in questions:
         messages.append({"role": "user", "content": q})
         c = engine.generate(Request(messages=list(messages), params=params, session_id=sid, stream=True))
         out.append(c)
         messages.append({"role": "assistant", "content": c.text})
+    return out
 
 
 def _summary(values: list[float]) -> dict[str, float | None]:
     return {"p50": percentile(values, 50), "p99": percentile(values, 99)}
+
+
+def _busy(clients: int, sessions: int, session: Callable[[int], list[T]]) -> tuple[list[T], float]:
+    """``session(i)`` for every session, split round-robin over ``clients`` threads that each start
+    their next session as soon as the last is done: (every result, wall seconds)."""
+    done: list[T] = []
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def client(k: int) -> None:
+        try:
+            mine = [r for i in range(k, sessions, clients) for r in session(i)]
+        except BaseException as exc:
+            errors.append(exc)
+            return
+        with lock:
+            done.extend(mine)
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    if errors:
+        raise errors[0]
+    return done, wall
+
+
+def _row(clients: int, ttft: list[float], e2e: list[float], tokens: int, wall: float) -> dict[str, Any]:
+    """What every server in the sweep reports at one client count."""
+    return {"clients": clients, "requests": len(e2e), "output_tokens": tokens, "wall_s": wall,
+            "tokens_per_s": tokens / wall, "ttft_all_ms": _summary(ttft), "e2e_ms": _summary(e2e)}
 
 
 def run_clients(backend: Backend, config: EngineConfig, clients: int, sessions: int, turns: int,
@@ -53,40 +96,18 @@ def run_clients(backend: Backend, config: EngineConfig, clients: int, sessions: 
     engine = Engine(backend, config=config).start()
     params = SamplingParams(max_tokens=max_tokens)
     scripts = _turns(sessions, turns)
-    done: list[Completion] = []
-    lock = threading.Lock()
-
-    def client(k: int) -> None:
-        mine: list[Completion] = []
-        for i in range(k, sessions, clients):
-            _converse(engine, f"s{i}", scripts[i], params, mine)
-        with lock:
-            done.extend(mine)
 
     try:
-        start = time.perf_counter()
-        threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - start
+        done, wall = _busy(clients, sessions, lambda i: _converse(engine, f"s{i}", scripts[i], params))
         engine.wait_idle(600)
         steps = engine.stats.snapshot()["steps"]
     finally:
         engine.stop()
-    tokens = sum(c.completion_tokens for c in done)
     paths = sorted({c.path for c in done})
-    return {
-        "clients": clients,
-        "requests": len(done),
-        "output_tokens": tokens,
-        "wall_s": wall,
-        "tokens_per_s": tokens / wall,
+    return _row(clients, [c.ttft_ms for c in done], [c.e2e_ms for c in done],
+                sum(c.completion_tokens for c in done), wall) | {
         "ttft_ms": {p: _summary([c.ttft_ms for c in done if c.path == p]) | {"n": sum(c.path == p for c in done)}
                     for p in paths},
-        "ttft_all_ms": _summary([c.ttft_ms for c in done]),
-        "e2e_ms": _summary([c.e2e_ms for c in done]),
         "background_wait_ms_max": max((c.background_wait_ms for c in done), default=0.0),
         "step_ms": steps["duration_ms"],
         "step_sequences": steps["sequences"],
@@ -95,6 +116,14 @@ def run_clients(backend: Backend, config: EngineConfig, clients: int, sessions: 
         "background_budget_share": steps["background_budget_share"]["mean"],
         "max_sequences": steps["max_sequences"],
     }
+
+
+def peer_clients(server: LlamaCppServer, template: ChatTemplate, clients: int, sessions: int, turns: int,
+                 max_tokens: int) -> dict[str, Any]:
+    """The same requests against the llama.cpp server, over HTTP, with the same busy clients."""
+    scripts = _turns(sessions, turns)
+    done, wall = _busy(clients, sessions, lambda i: converse(server, template, scripts[i], max_tokens))
+    return _row(clients, [t for t, _, _ in done], [e for _, e, _ in done], sum(n for _, _, n in done), wall)
 
 
 def _entry_turn(engine: Engine, sid: str) -> list[dict[str, Any]]:
@@ -182,16 +211,29 @@ def hits_while_busy(backend: Backend, config: EngineConfig, clients: int, probes
     }
 
 
-def plot(rows: list[dict[str, Any]], path: Path) -> Path:
-    from headstart.bench.plots import _pyplot
+def series(report: dict[str, Any]) -> dict[str, dict[str, list[float]]]:
+    """Per server in the sweep: client counts, output tokens/s and TTFT p99, what the plot draws."""
+    out = {}
+    for name, rows in (("headstart", report["sweep"]), (PEER_LABEL, report.get("peer_sweep") or [])):
+        if rows:
+            out[name] = {"clients": [r["clients"] for r in rows], "tokens_per_s": [r["tokens_per_s"] for r in rows],
+                         "ttft_p99_ms": [r["ttft_all_ms"]["p99"] for r in rows]}
+    return out
+
+
+def plot(report: dict[str, Any], path: Path) -> Path:
+    from headstart.bench.plots import COLORS, _pyplot
 
     plt = _pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
-    xs = [r["clients"] for r in rows]
-    a.plot(xs, [r["tokens_per_s"] for r in rows], marker="o")
+    colors = {"headstart": COLORS["gate"], PEER_LABEL: COLORS[peer_llamacpp.NAME]}
+    for name, s in series(report).items():
+        a.plot(s["clients"], s["tokens_per_s"], marker="o", label=name, color=colors[name])
+        b.plot(s["clients"], s["ttft_p99_ms"], marker="o", label=name, color=colors[name])
+    xs = [r["clients"] for r in report["sweep"]]
     a.set(xlabel="clients", ylabel="output tokens/s", title="aggregate throughput", xticks=xs)
-    b.plot(xs, [r["ttft_all_ms"]["p99"] for r in rows], marker="o", color="#d62728")
     b.set(xlabel="clients", ylabel="ms", title="TTFT p99 (all paths)", xticks=xs)
+    a.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -199,10 +241,36 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
-def markdown(report: dict[str, Any]) -> str:
-    def f(x: float | None) -> str:
-        return "-" if x is None else f"{x:.0f}" if x >= 10 else f"{x:.1f}"
+def _f(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0f}" if x >= 10 else f"{x:.1f}"
 
+
+def side_by_side(report: dict[str, Any]) -> list[str]:
+    """The table with a column per server at each client count (empty without the peer's rows)."""
+    peer = {r["clients"]: r for r in report.get("peer_sweep") or []}
+    if not peer:
+        return []
+
+    def pair(r: dict[str, Any], key: str) -> str:
+        return f"{_f(r[key]['p50'])} / {_f(r[key]['p99'])}"
+
+    lines = [f"| clients | output tok/s headstart (vs 1) | output tok/s {PEER_LABEL} (vs 1) | {PEER_LABEL} / headstart "
+             f"| TTFT p50 / p99 ms headstart | TTFT p50 / p99 ms {PEER_LABEL} | e2e p50 / p99 ms headstart "
+             f"| e2e p50 / p99 ms {PEER_LABEL} |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    ours, theirs = report["sweep"][0]["tokens_per_s"], report["peer_sweep"][0]["tokens_per_s"]
+    for r in report["sweep"]:
+        q = peer[r["clients"]]
+        lines.append(
+            f"| {r['clients']} | {r['tokens_per_s']:.1f} ({r['tokens_per_s'] / ours:.2f}x) "
+            f"| {q['tokens_per_s']:.1f} ({q['tokens_per_s'] / theirs:.2f}x) "
+            f"| {q['tokens_per_s'] / r['tokens_per_s']:.2f} | {pair(r, 'ttft_all_ms')} | {pair(q, 'ttft_all_ms')} "
+            f"| {pair(r, 'e2e_ms')} | {pair(q, 'e2e_ms')} |"
+        )
+    return lines
+
+
+def markdown(report: dict[str, Any]) -> str:
+    f = _f
     base = report["sweep"][0]["tokens_per_s"]
     lines = [
         "| clients | output tok/s | vs 1 | TTFT p50 / p99 ms (by path) | e2e p50 / p99 ms | step ms p50 / p99 "
@@ -228,17 +296,31 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", f"with {h['clients']} busy clients: {parts}; step duration p50 {f(h['step_ms']['p50'])} / "
                       f"p99 {f(h['step_ms']['p99'])} ms"]
     lines += ["", f"peer: {report['peer']}"]
+    if table := side_by_side(report):
+        lines += ["", *table]
     return "\n".join(lines)
 
 
+def _peer_gguf(args: Any) -> tuple[Path | None, str]:
+    """The GGUF the peer serves, or None and why it is skipped."""
+    from headstart.model.loader import resolve
+
+    reason = peer_llamacpp.unavailable(args.peer_python)
+    if reason is None:
+        source = resolve(args.model, args.cache_dir)
+        if source.is_gguf:
+            return source.path / str(source.gguf_file), ""
+        reason = "the model is not a GGUF file"
+    return None, f"skipped: {reason}. To run it: {peer_llamacpp.INSTALL_HINT}"
+
+
 def run_sweep(args: Any, counts: list[int]) -> int:
-    from headstart.bench import peer_llamacpp
+    import torch
+
     from headstart.bench.runner import warm_up
     from headstart.model import load
 
     if args.threads:
-        import torch
-
         torch.set_num_threads(args.threads)
     backend = load(args.model, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir)
     warm_up(backend)
@@ -248,15 +330,22 @@ def run_sweep(args: Any, counts: list[int]) -> int:
     sessions = args.sessions or max(counts)
     turns = args.turns or 2
     max_tokens = args.max_tokens or 32
-    reason = peer_llamacpp.unavailable(args.peer_python)
+    gguf, skipped = _peer_gguf(args)
+    threads = torch.get_num_threads()
     report: dict[str, Any] = {
         "model": getattr(backend, "name", None), "sessions": sessions, "turns": turns, "max_tokens": max_tokens,
-        "step_tokens": config.step_tokens, "sweep": [],
-        "peer": f"skipped: {reason}" if reason else "llama.cpp installed but not driven by the sweep yet",
+        "step_tokens": config.step_tokens, "sweep": [], "peer_sweep": [], "peer": skipped,
     }
+    template = ChatTemplate(backend.tokenizer)  # type: ignore[attr-defined]
     for n in counts:
         print(f"sweep: {n} clients...", file=sys.stderr)
         report["sweep"].append(run_clients(backend, config, n, sessions, turns, max_tokens))
+        if gguf is not None:
+            print(f"sweep: {n} clients, {PEER_LABEL}...", file=sys.stderr)
+            # A fresh server per count, as a fresh engine: no prompt cached from the count before.
+            with LlamaCppServer(gguf, args.peer_python, threads=threads) as server:
+                report["peer"] = f"{server.description}, {threads} threads, a fresh server per client count"
+                report["peer_sweep"].append(peer_clients(server, template, n, sessions, turns, max_tokens))
     if not args.quick:
         print("sweep: entry turn beside a cold prefill...", file=sys.stderr)
         report["entry"] = entry_beside_cold_prefill(backend, config, 2000)
@@ -267,5 +356,5 @@ def run_sweep(args: Any, counts: list[int]) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
     if args.out:
-        print(f"plot: {plot(report['sweep'], Path(args.out) / 'sweep.png')}", file=sys.stderr)
+        print(f"plot: {plot(report, Path(args.out) / 'sweep.png')}", file=sys.stderr)
     return 0

@@ -5,10 +5,9 @@ calls in the chat template's envelope with each function's arguments under its s
 an xgrammar structural tag built by tools.py) is compiled once per distinct constraint for
 the model's tokenizer; each request gets its own
 matcher, which logits.py asks for the forbidden tokens at every position and moves past each
-chosen token. xgrammar was chosen over llguidance by measuring both on this CPU with the
-default model's vocabulary and the same schema, in one run: the per-token mask took a median
-of 0.04 ms with xgrammar against 26 ms with llguidance, and compiling took 2.0 s against 6.9 s
-(README, "Structured outputs").
+chosen token. xgrammar was chosen over llguidance by timing both on this CPU with the same
+vocabulary and schema (the figures: README, "Structured outputs"; python -m
+headstart.bench.grammar measures them again).
 
 JSON is generated compact (no free whitespace), so a small model cannot wander into an
 endless run of blanks; the stop tokens end the answer once the grammar accepts.
@@ -20,6 +19,7 @@ import json
 import threading
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 
 from headstart.decode.sampling import Constraint
@@ -146,15 +146,15 @@ class GrammarMatcher:
         self._xgr = xgr
         self._matcher = xgr.GrammarMatcher(compiled)  # type: ignore[attr-defined]
         self._bitmask = xgr.allocate_token_bitmask(1, vocab)  # type: ignore[attr-defined]
-        self._shifts = torch.arange(32, dtype=self._bitmask.dtype)  # bit j of word i: token 32 * i + j
         self._vocab = vocab
 
     def forbidden(self, vocab: int) -> torch.Tensor:
-        """The mask's bits unpacked with tensor ops: on a 152k vocabulary about 1 ms, against
-        2-3 ms for xgrammar's apply on a scratch tensor (one thread, side by side)."""
+        """The mask's bits (bit j of word i: token 32 * i + j) unpacked by numpy, on the
+        calling thread, for the reason logits.fresh gives."""
         self._matcher.fill_next_token_bitmask(self._bitmask)
-        bits = (self._bitmask[0].unsqueeze(1) >> self._shifts) & 1
-        return bits.flatten()[: self._vocab] == 0
+        words = self._bitmask[0].numpy().astype("<i4", copy=False)  # little-endian: byte k holds bits 8k..8k+7
+        allowed = np.unpackbits(words.view(np.uint8), count=self._vocab, bitorder="little")
+        return torch.from_numpy(allowed == 0)
 
     @property
     def terminated(self) -> bool:

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from headstart.decode.sampling import SamplingParams, pick
@@ -58,7 +59,7 @@ class Step:
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         c, p = self._c, self._c.params
-        out = logits.float().clone()
+        out = fresh(logits)
         if c.bias is not None:
             out += c.bias
         if self._seen is not None:
@@ -67,8 +68,27 @@ class Step:
         if self._counts is not None:
             out -= p.frequency_penalty * self._counts + p.presence_penalty * (self._counts > 0)
         if self._forbidden is not None:
-            out = out.masked_fill(self._forbidden.to(out.device), float("-inf"))
+            out = masked(out, self._forbidden)
         return out
+
+
+def fresh(logits: torch.Tensor) -> torch.Tensor:
+    """A float32 copy of ``logits`` to reshape. On the CPU numpy copies on the calling thread:
+    a torch op over the vocabulary is split across the intra-op threads and waits for the last
+    of them, which a loaded CPU may not schedule for milliseconds (what that cost a grammar's
+    mask: README, "Structured outputs")."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+        return torch.from_numpy(logits.detach().numpy().copy())
+    return logits.float().clone()
+
+
+def masked(logits: torch.Tensor, forbidden: torch.Tensor) -> torch.Tensor:
+    """``logits`` with -inf where ``forbidden`` (a CPU mask), in place; on the CPU by numpy,
+    on the calling thread, for the reason ``fresh`` gives."""
+    if logits.device.type == "cpu":
+        np.copyto(logits.numpy(), -np.inf, where=forbidden.numpy())
+        return logits
+    return logits.masked_fill_(forbidden.to(logits.device), float("-inf"))
 
 
 class Chooser:

@@ -42,7 +42,7 @@ from headstart.decode.logits import Chooser, TokenLogprob
 from headstart.decode.sampling import Constraint, SamplingParams, accept, candidate_gap, top_gap
 from headstart.decode.textstream import TextStream
 from headstart.engine.gate import SERVER_KEY, Decision, Gate, answers_key, session_key
-from headstart.engine.loop import Job, Scheduler, default_step_tokens
+from headstart.engine.loop import Cancelled, Job, Scheduler, default_step_tokens
 from headstart.engine.output import Completion, Delta, Handle
 from headstart.engine.writer import Writer, done
 from headstart.errors import (
@@ -484,7 +484,8 @@ class Engine:
             s = self.sessions.acquire(req.session_id, req.owner, create=req.create)
             persistent = True
         threshold = next((x for x in (req.gap_threshold, s.settings.gap_threshold) if x is not None), None)
-        job = Job(iter(()), admit=lambda: self.sessions.admit(s, reserve_tokens))
+        job = Job(iter(()), admit=lambda: self.sessions.admit(s, reserve_tokens),
+                  abandoned=lambda: handle.cancelled)
         generator = params.generator(self.backend.info.device)
 
         def turn(h: Handle) -> Turn:
@@ -598,18 +599,21 @@ class Engine:
             nxt is exact or not self.book.valid(s, nxt) or prompt[: nxt.base] != nxt.ids[: nxt.base]
         ):
             nxt = None
-        if exact is not None:
-            yield from self._serve_ready(t, exact)
-        elif (
-            nxt is not None
-            and self._gate_on(t)
-            and self.gate.decide(t.gate_keys, t.threshold).fires(self._signal(nxt, t.candidates, t.chooser)[1])
-        ):
-            yield from self._serve_gate(t, nxt)
-        else:
-            yield from self._serve_exact(t, nxt)
-        if t.verify is not None:
-            yield from t.verify()  # the answer is out: verify it before the final chunk says so
+        try:
+            if exact is not None:
+                yield from self._serve_ready(t, exact)
+            elif (
+                nxt is not None
+                and self._gate_on(t)
+                and self.gate.decide(t.gate_keys, t.threshold).fires(self._signal(nxt, t.candidates, t.chooser)[1])
+            ):
+                yield from self._serve_gate(t, nxt)
+            else:
+                yield from self._serve_exact(t, nxt)
+            if t.verify is not None:
+                yield from t.verify()  # the answer is out: verify it before the final chunk says so
+        except Cancelled:
+            self._cancelled(t)
         completion, committed = self._finish(t)
         self._after(t)
         # Delivered once the session is free, so a client's next request never finds it busy.
@@ -648,14 +652,32 @@ class Engine:
         s, prompt = first.session, first.prompt
         for t in turns:
             t.started = time.perf_counter()
-        logits = yield from self.book.advance(s, prompt, background=False, chunk=len(prompt))
+        try:
+            logits = yield from self.book.advance(s, prompt, background=False, chunk=len(prompt))
+        except Cancelled:
+            logits = None
         for t in turns:
-            t.gap = top_gap(logits)[1]
-            self.book.crop(s, len(prompt), wasted=False)
-            if not first.handle.cancelled:
-                yield from self._decode(t, logits, [], [])
+            if logits is None:
+                t.emitter.finish_reason = "cancelled"
+            else:
+                t.gap = top_gap(logits)[1]
+                self.book.crop(s, len(prompt), wasted=False)
+                try:
+                    yield from self._decode(t, logits, [], [])
+                except Cancelled:  # the client left: the choices after this one are not computed
+                    t.emitter.finish_reason = "cancelled"
+                    logits = None
             self._deliver(t.handle, *self._finish(t))
         self._after(first)
+
+    def _cancelled(self, t: Turn) -> None:
+        """End a turn whose client left (the loop threw Cancelled at a step boundary). Nothing
+        is committed, so the transcript is unchanged; the KV keeps the prompt when it is all
+        in (exact rows a retry reuses) and otherwise goes back to what the turn found, and the
+        rows of an answer nobody received go."""
+        s, prompt = t.session, t.prompt
+        t.emitter.finish_reason = "cancelled"
+        self.book.crop(s, len(prompt) if s.kv_ids[: len(prompt)] == prompt else t.cached)
 
     def _serve_ready(self, t: Turn, rp: ReadyPosition) -> Generator[None, None, None]:
         """``ready_exact``: the prompt is the ready position's; its KV and logits are the real ones."""
@@ -764,9 +786,6 @@ class Engine:
             is_draft = bool(drafts) and token == drafts[0]
             if em.emit(token, forced=is_draft):
                 break
-            if t.handle.cancelled:
-                em.finish_reason = "cancelled"
-                break
             if is_draft:
                 drafts.pop(0)
                 logits = draft_logits.pop(0)
@@ -810,6 +829,7 @@ class Engine:
             candidate=t.chosen,
             extra={
                 "forwards_before_first_token": em.forwards_before_first,
+                "forwards": t.job.forwards,  # this request's forwards in all
                 "reloaded_tokens": t.reloaded,
                 **({"shadow": t.shadow} if t.shadow else {}),
             },

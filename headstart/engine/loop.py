@@ -8,7 +8,9 @@ a session, token ids, how many rows of logits) and is sent those rows back; yiel
    whose KV reservation does not fit waits; later ones go on);
 2. runs every request that has nothing pending up to its next need: answers that need no
    forward (a gate answer, a ``ready_exact`` first token, a ``fast_answer`` pick) go out
-   here, at the step boundary, before the forward;
+   here, at the step boundary, before the forward; a request whose client has left
+   (``abandoned``) is thrown :class:`Cancelled` instead of being given budget, so a
+   cancelled prompt stops between two chunks of its prefill, not at its first decode;
 3. fills the step's token budget (``step_tokens``): one token for every running decode,
    then prefill chunks of waiting requests (an equal share each first, so a short delta is
    never stuck behind a long cold prompt, the rest in arrival order), then idle-time work
@@ -45,6 +47,10 @@ def default_step_tokens(device: str) -> int:
     return CUDA_STEP_TOKENS if device.startswith("cuda") else CPU_STEP_TOKENS
 
 
+class Cancelled(Exception):
+    """Thrown into a request's job at a step boundary when its client has left."""
+
+
 @dataclass
 class Job:
     """A unit of work; ``on_error`` receives what the generator raised."""
@@ -57,6 +63,9 @@ class Job:
     # Asked before the first step; False keeps the job queued (a request waiting for room
     # in the KV budget) while later ones go ahead.
     admit: Callable[[], bool] | None = None
+    # Asked every step while a request waits for a forward: True (its client left) throws
+    # Cancelled into it rather than computing more for nobody.
+    abandoned: Callable[[], bool] | None = None
     started: float | None = None
     background_wait: float = 0.0  # seconds its need waited in steps that carried background tokens
     forwards: int = 0  # forwards that computed rows for this job
@@ -255,6 +264,8 @@ class Scheduler:
         for job in list(self._running):
             if job.need is None:
                 self._advance(job)
+            if job.need is not None and job.abandoned is not None and job.abandoned():
+                self._advance(job, error=Cancelled())
         plan: list[tuple[Job, int]] = []
         stepping: set[Session] = set()
         left = self.step_tokens

@@ -183,7 +183,9 @@ def _run(idle: IdleWork, s: Session) -> Steps:
                 positioned_for = context
                 continue
         with s.upkeep_lock:
-            if not _has_work(idle, s):
+            # A new pre-positioning asked for since the check above (a hint, a turn) finds
+            # this job still queued and queues none: it is this job's to do.
+            if not _has_work(idle, s) and context == (s.data.version, s.turns, s.prepos_epoch):
                 s.upkeep_queued = False
                 return
 

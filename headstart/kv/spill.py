@@ -1,9 +1,9 @@
 """Evicted KV on disk, reloaded instead of recomputed.
 
-Measured here (2 CPU cores, default model): recomputing 2,048 tokens of KV takes ~6 s of
-prefill, writing them to disk 0.04 s and reading them back well under 0.1 s, so on the
-CPU spilling wins by two orders of magnitude and is on by default. On a GPU the prefill
-itself takes tens of milliseconds and disk reads do not win: ``auto`` leaves it off there.
+On the CPU, writing a session's KV and reading it back is two orders of magnitude faster
+than the prefill that would rebuild it, so spilling is on by default there (the figures,
+from ``python -m headstart.bench.spill``, are in the README's "Sessions that survive"). On a
+GPU recomputing is cheap, and ``auto`` leaves it off there.
 """
 
 from __future__ import annotations

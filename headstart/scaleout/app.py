@@ -34,6 +34,7 @@ ROUTER = "headstart.scaleout.router:SessionRouter"
 REPLICA_HEADER = "x-headstart-replica"
 REPLICA_METRICS = re.compile(r"^/replicas/([A-Za-z0-9]+)/metrics$")
 ACTOR_PREFIX = f"SERVE_REPLICA::{APP_NAME}#{DEPLOYMENT}#"
+QUIET_LOGS = {"enable_access_log": False}
 
 Scope = MutableMapping[str, Any]
 ASGI = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
@@ -113,6 +114,26 @@ class HeadstartReplica:
         return replica_door(self._app, self.name)
 
 
+def deployment_options(opts: ReplicaOptions) -> dict[str, Any]:
+    """Serve's settings for a deployment of replicas (the benchmark's floor app has them too)."""
+    router = RequestRouterConfig(
+        request_router_class=ROUTER,
+        # No fallback replicas: a session waits for its own replica rather than be served
+        # (and claimed away) by a neighbour while its replica is merely busy.
+        request_router_kwargs={"num_virtual_nodes": 100, "num_fallback_replicas": 0, "affinity": opts.affinity},
+    )
+    return {
+        "num_replicas": opts.replicas,
+        "max_ongoing_requests": opts.max_ongoing,
+        "ray_actor_options": {"num_cpus": opts.cpus, "num_gpus": opts.gpus},
+        "request_router_config": router,
+        "health_check_period_s": 2.0,
+        "graceful_shutdown_timeout_s": 20.0,
+        # Serve's access log line costs each replica CPU on every request (see run.py).
+        "logging_config": QUIET_LOGS,
+    }
+
+
 def replica_app(config: ServerConfig, opts: ReplicaOptions) -> Any:
     """The Serve application (bind it with ``serve.run`` or return it from a builder)."""
     if not (config.db or "").startswith(("postgresql://", "postgres://")):
@@ -121,20 +142,7 @@ def replica_app(config: ServerConfig, opts: ReplicaOptions) -> Any:
         raise ValueError(f"--max-event-streams ({config.max_event_streams}) must stay below --max-ongoing "
                          f"({opts.max_ongoing}): each open event stream holds one of a replica's slots, and turns "
                          "need the rest")
-    router = RequestRouterConfig(
-        request_router_class=ROUTER,
-        # No fallback replicas: a session waits for its own replica rather than be served
-        # (and claimed away) by a neighbour while its replica is merely busy.
-        request_router_kwargs={"num_virtual_nodes": 100, "num_fallback_replicas": 0, "affinity": opts.affinity},
-    )
-    deployment = serve.deployment(HeadstartReplica, name=DEPLOYMENT).options(
-        num_replicas=opts.replicas,
-        max_ongoing_requests=opts.max_ongoing,
-        ray_actor_options={"num_cpus": opts.cpus, "num_gpus": opts.gpus},
-        request_router_config=router,
-        health_check_period_s=2.0,
-        graceful_shutdown_timeout_s=20.0,
-    )
+    deployment = serve.deployment(HeadstartReplica, name=DEPLOYMENT).options(**deployment_options(opts))
     return deployment.bind(config)
 
 

@@ -5,7 +5,8 @@ the path instead (``/v1/sessions/{id}/...``), which the proxy does not read, so 
 takes the id from the request's path when no header gave one. Requests without a session
 hash on their own request id: they spread evenly. With ``affinity`` off every request
 hashes on its request id (the benchmark's random-routing baseline). A request for
-``/replicas/{name}/metrics`` goes to the replica of that name, so a scraper reaches each.
+``/replicas/{name}/metrics`` (without the header) goes to the replica of that name, so a
+scraper reaches each.
 
 The path is read from the proxy's serialised ASGI scope (the request's only argument on
 the way to a replica): an internal format of the pinned Ray version, which the affinity
@@ -37,23 +38,22 @@ class SessionRouter(ConsistentHashRouter):
         super().initialize_state(**kwargs)
 
     async def choose_replicas(self, candidate_replicas: list[Any], pending_request: Any = None) -> list[list[Any]]:
-        m = REPLICA_PATH.match(_path(pending_request))
-        if m is not None:
-            named = [r for r in candidate_replicas if r.replica_id.unique_id == m.group(1)]
-            if named:
-                return [named]
+        if pending_request is not None and not pending_request.metadata.session_id:
+            # Only a request without the header needs its path, read from the pickled
+            # scope; a session id found there becomes the request's session id, as if
+            # the client had sent the header, and the ring routes on it.
+            path = _path(pending_request)
+            m = REPLICA_PATH.match(path)
+            if m is not None:
+                named = [r for r in candidate_replicas if r.replica_id.unique_id == m.group(1)]
+                if named:
+                    return [named]
+            pending_request.metadata.session_id = session_in_path(path) or ""
         return await super().choose_replicas(candidate_replicas, pending_request)
 
     def _routing_key(self, pending_request: Any) -> str | None:
-        if pending_request is None:
-            return None
-        metadata = pending_request.metadata
-        if not self._affinity:
-            return metadata.internal_request_id
-        if not metadata.session_id:
-            sid = session_in_path(_path(pending_request))
-            if sid is not None:
-                return sid
+        if pending_request is not None and not self._affinity:
+            return pending_request.metadata.internal_request_id
         return super()._routing_key(pending_request)
 
 

@@ -15,6 +15,11 @@ OBJECT_STORE_BYTES = 256 << 20  # replicas pass only requests and answers throug
 APP_NAMESPACE = "headstart"
 PROXY_CALLBACK = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 PROXY_MIDDLEWARES = "headstart.scaleout.proxy:middlewares"  # scaleout/proxy.py: a dead replica's answer
+# Serve's settings read from the environment by its processes (the proxy and the replicas),
+# which inherit it from a Ray started here. ``RAY_SERVE_PROXY_USE_GRPC``: the proxy sends each
+# request to its replica over the replica's gRPC server rather than as a Ray actor call,
+# which costs the cluster less CPU per request (README, "Several replicas").
+SERVE_ENV = {PROXY_CALLBACK: PROXY_MIDDLEWARES, "RAY_SERVE_PROXY_USE_GRPC": "1"}
 
 
 def start_ray(address: str | None, num_cpus: int | None = None) -> None:
@@ -25,9 +30,9 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> None:
     # The raylet waits this long for its metrics agent (a Python process) to come up and
     # aborts past it; a loaded 2-core machine needs more than Ray's default.
     os.environ.setdefault("RAY_agent_register_timeout_ms", "120000")
-    # Serve's proxy reads its middlewares from here (its processes inherit this environment
-    # from a Ray started here; a cluster joined at ``address`` needs it set where it started).
-    os.environ.setdefault(PROXY_CALLBACK, PROXY_MIDDLEWARES)
+    # A cluster joined at ``address`` needs these set where it started.
+    for key, value in SERVE_ENV.items():
+        os.environ.setdefault(key, value)
     if address:
         ray.init(address=address, namespace=APP_NAMESPACE)
     else:
@@ -39,9 +44,10 @@ def deploy(app: Any, host: str, port: int) -> None:
     """Start Serve's HTTP proxy on ``host:port`` and run the app there, replicas loaded."""
     from ray import serve
 
-    from headstart.scaleout.app import APP_NAME
+    from headstart.scaleout.app import APP_NAME, QUIET_LOGS
 
-    serve.start(http_options={"host": host, "port": port})
+    # No access log line per request in the proxy either (the replicas have none; app.py).
+    serve.start(http_options={"host": host, "port": port}, logging_config=QUIET_LOGS)
     serve.run(app, name=APP_NAME, route_prefix="/")
 
 

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +36,9 @@ log = logging.getLogger("headstart.server")
 # token, holds the lock between its tensor operations, so each hand-off waited up to the
 # full interval. A short one bounds that wait; switches happen only while threads contend.
 SWITCH_INTERVAL_S = 0.0005
+# Requests opened at once (parsed, rendered, submitted); one compiling a new output schema
+# can take seconds, so a few run side by side.
+DOOR_THREADS = 8
 
 
 @dataclass
@@ -71,6 +75,8 @@ class State:
         self.error: str | None = None
         self.ready = threading.Event()
         self.event_streams = 0  # open /events streams (read and written on the event loop only)
+        # Where a request is parsed, rendered and submitted, off the event loop (chat.open_request).
+        self.door = ThreadPoolExecutor(DOOR_THREADS, thread_name_prefix="headstart-door")
 
     def require_engine(self) -> Engine:
         if self.engine is None:
@@ -188,6 +194,7 @@ def create_app(config: ServerConfig | None = None, factory: Callable[[], Engine]
             yield
         finally:
             sys.setswitchinterval(interval)
+            state.door.shutdown(wait=False, cancel_futures=True)
             if state.engine is not None:
                 state.engine.stop()
 

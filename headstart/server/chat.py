@@ -15,7 +15,6 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -58,14 +57,19 @@ def model_name(names: tuple[str, ...], requested: str | None) -> str:
     return requested
 
 
-def extension(c: Completion, replica: str | None, ignored: list[str] | None = None) -> dict[str, Any]:
+def extension(c: Completion, replica: str | None, ignored: list[str] | None = None,
+              first_chunk_at: float | None = None, arrival: float | None = None) -> dict[str, Any]:
     """The ``headstart`` object: how the request was served, by which replica (None: a single
-    server), and what it did not honour."""
+    server), and what it did not honour. A streamed answer also says when its first chunk
+    with answer text left the door (``first_chunk_at``, counted from ``arrival``): the engine's
+    ``ttft_ms`` ends where the model chose the token, before the hand-off to the event loop."""
+    sent = None if first_chunk_at is None or arrival is None else round((first_chunk_at - arrival) * 1000, 3)
     return {
         "session_id": c.session_id,
         "replica": replica,
         "path": c.path,
         "ttft_ms": round(c.ttft_ms, 3),
+        "first_chunk_ms": sent,
         "decided_ms": round(c.decided_ms, 3),
         "e2e_ms": round(c.e2e_ms, 3),
         "foreground_wait_ms": round(c.foreground_wait_ms, 3),
@@ -235,12 +239,18 @@ async def open_request(request: Request, schema: Any, build: Callable[[Any, str 
         opened.append(engine.submit(engine_req, loop=loop))
         return req, model
 
-    try:
-        req, model = await run_in_threadpool(submit)
-    except asyncio.CancelledError:  # the client left while the request was being opened
+    def cancel(_: object) -> None:
         for h in opened:
             for choice in h.choices:
                 choice.cancel()
+
+    # The door's own pool, not anyio's: its hand-off goes through a limiter and two event-loop
+    # turns before the worker is even woken, on every request's critical path.
+    work = state.door.submit(submit)
+    try:
+        req, model = await asyncio.wrap_future(work)
+    except asyncio.CancelledError:  # the client left while the request was being opened
+        work.add_done_callback(cancel)  # now, or once the worker has submitted
         raise
     return req, model, opened[0]
 
@@ -289,6 +299,12 @@ async def _sse(handle: Handle, shape: Any, include_usage: bool, ignored: list[st
     """Chunks of every choice in turn; a client that goes away cancels the generation."""
     try:
         completions: list[Completion] = []
+        first_chunk_at: float | None = None  # the first chunk with answer text, handed to the server
+
+        def ext() -> dict[str, Any]:
+            return extension(completions[0], shape.replica, ignored, first_chunk_at or time.perf_counter(),
+                             handle.arrival)
+
         try:
             for index, h in enumerate(handle.choices):
                 opening = shape.opening(index)
@@ -297,18 +313,21 @@ async def _sse(handle: Handle, shape: Any, include_usage: bool, ignored: list[st
                 async for item in h:
                     if isinstance(item, Delta):
                         yield _sse_line(shape.delta(index, item))
+                        # Resumed once the server has written the chunk to the socket.
+                        if first_chunk_at is None and item.text:
+                            first_chunk_at = time.perf_counter()
                     else:
                         completions.append(item)
-                        closing = shape.closing(index, item)
-                        last = index == len(handle.choices) - 1
-                        if last and not include_usage:
-                            closing[-1]["headstart"] = extension(completions[0], shape.replica, ignored)
-                        for payload in closing:
+                        *calls, final = shape.closing(index, item)
+                        for payload in calls:  # a call is answer text too
                             yield _sse_line(payload)
+                            first_chunk_at = first_chunk_at or time.perf_counter()
+                        if index == len(handle.choices) - 1 and not include_usage:
+                            final["headstart"] = ext()
+                        yield _sse_line(final)
             if include_usage:
                 yield _sse_line({**shape.envelope(shape.chunk(0, {}, None)["object"]), "choices": [],
-                                 "usage": total_usage(completions),
-                                 "headstart": extension(completions[0], shape.replica, ignored)})
+                                 "usage": total_usage(completions), "headstart": ext()})
         except Exception as exc:  # the headers are gone: report in-band, as OpenAI does
             from headstart.server.errors import to_response
 

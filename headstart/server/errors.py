@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 from pydantic import ValidationError
 from starlette.requests import Request
@@ -26,6 +27,10 @@ from headstart.errors import (
 from headstart.session.template import TemplateError
 
 log = logging.getLogger("headstart.server")
+
+# Where a UTF-8 body can spell a UTF-16 surrogate: a JSON escape (\\ud800-\\udfff) or the
+# bytes of one encoded as UTF-8 (json.loads decodes a body with "surrogatepass").
+_SURROGATE = re.compile(rb"\\u[dD][89abcdefABCDEF]|\xed[\xa0-\xbf]")
 
 
 class HTTPError(Exception):
@@ -120,6 +125,8 @@ def parse_json(body: bytes) -> object:
         raise HTTPError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from exc
     except RecursionError as exc:
         raise HTTPError(400, "the body is nested too deeply", code="invalid_json") from exc
+    if json.detect_encoding(body).startswith("utf-8") and _SURROGATE.search(body) is None:
+        return value  # nothing can spell a surrogate: skip encoding the whole value again
     try:
         # JSON escapes can spell lone surrogates, which no tokenizer can encode.
         json.dumps(value, ensure_ascii=False).encode("utf-8")

@@ -40,12 +40,22 @@ class TemplateError(ValueError):
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common prefix of two id sequences."""
+    """Length of the longest common prefix of two id sequences.
+
+    A request's first step compares its ~2,000 prompt ids with the session's KV: slices
+    compared in C, halving the part that differs, instead of a Python loop over each id."""
     n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+    x, y = list(a[:n]), list(b[:n])  # one type: a list never equals a tuple
+    if x == y:
+        return n
+    lo, hi = 0, n - 1  # the first difference is at lo or after, at hi or before
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if x[lo:mid] == y[lo:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 @dataclass(frozen=True)
@@ -80,6 +90,8 @@ class ChatTemplate:
         end = tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.end_of_message = end if isinstance(end, int) and end >= 0 else tokenizer.eos_token_id
         self._opening, self._opening_id = self._cut_token()
+        # A fast tokenizer's Rust backend, called directly (see encode_chat).
+        self._backend = tokenizer.backend_tokenizer if getattr(tokenizer, "is_fast", False) else None
 
     def _cut_token(self) -> tuple[str | None, int | None]:
         """The token a message opens with, if tokens can be reused up to it: a special
@@ -117,8 +129,20 @@ class ChatTemplate:
         return list(rendered.ids)
 
     def encode_chat(self, text: str) -> list[int]:
-        """Ids of a rendered conversation, as ``apply_chat_template`` tokenises it."""
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        """Ids of a rendered conversation, as ``apply_chat_template`` tokenises it.
+
+        A fast tokenizer's call sets the backend's truncation, padding and special-token
+        splitting, then asks the backend; with those already as the call would set them the
+        backend is asked directly, which skips ~0.3 ms of Python on every request's new part."""
+        tok, backend = self.tokenizer, self._backend
+        if (
+            backend is not None
+            and backend.truncation is None
+            and backend.padding is None
+            and backend.encode_special_tokens == bool(getattr(tok, "split_special_tokens", False))
+        ):
+            return backend.encode(text, add_special_tokens=False).ids
+        return list(tok(text, add_special_tokens=False)["input_ids"])
 
     def _tokenise(self, text: str, base: Rendered | None) -> Rendered:
         """``text`` tokenised, reusing ``base``'s ids before the last message opening the
