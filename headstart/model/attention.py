@@ -19,8 +19,7 @@ keys in place from the head-major pool when its blocks are consecutive).
 ``sdpa`` is batch-invariant (a sequence's inputs never depend on the others) but **not
 chunk-invariant**: torch's CPU flash kernel splits queries and keys into blocks whose sizes
 depend on the query and key counts, so a prompt prefilled in chunks differs from it
-prefilled at once in the last bits (measured: a 300-token prompt in chunks of 16 or 64,
-rows from 150 on, up to 7e-5 on logits of ~30; under 150 tokens they were equal). The
+prefilled at once in the last bits (seen on prompts of a few hundred tokens). The
 engine's promise there is greedy equality with a cold computation, not bits: both sides
 stay within 1e-4 of transformers, so a greedy token can differ only where the top two
 logits are that close, and the exactness tests check the tokens. Where bits across
@@ -240,7 +239,7 @@ def _varlen(q: torch.Tensor, pool: BlockPool, layer: int, m: VarlenMeta, out: to
     from torch.nn.attention.varlen import varlen_attn
 
     o = varlen_attn(
-        q[: m.rows].contiguous(),  # the query heads of the fused q/k rows
+        q[: m.rows],
         pool.k[layer],
         pool.v[layer],
         m.cu_seq_q,

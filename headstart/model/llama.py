@@ -87,10 +87,7 @@ class Llama:
         self.cos, self.sin = cos.to(self.dtype), sin.to(self.dtype)
         h, kvh, d = arch.heads, arch.kv_heads, arch.head_dim
         self._split = ((h + kvh) * d, kvh * d)
-        # Attention's 1/sqrt(d) folded into the RoPE tables of the query heads, one multiply a
-        # forward instead of one a layer (for a power-of-two scale, d = 64 in both models,
-        # the same bits as scaling the rotated queries).
-        self.qk_scale = torch.tensor([d**-0.5] * h + [1.0] * kvh, dtype=self.dtype, device=self.device)[:, None]
+        self.scale = d**-0.5
 
     def pack(self) -> bool:
         """Pack every weight for oneDNN (once); False where oneDNN does not run."""
@@ -119,19 +116,18 @@ class Llama:
         h, kvh, d = a.heads, a.kv_heads, a.head_dim
         half = d // 2
         x = F.embedding(ids, w.embed)
-        cos = self.cos.index_select(0, positions)[:, None] * self.qk_scale  # (T, heads + kv_heads, d)
-        sin = self.sin.index_select(0, positions)[:, None] * self.qk_scale
+        cos = self.cos.index_select(0, positions)[:, None]
+        sin = self.sin.index_select(0, positions)[:, None]
         attn = torch.zeros(t, h * d, dtype=x.dtype, device=x.device)
         for layer, lw in enumerate(self.layers):
             qkv = lw.wqkv(F.rms_norm(x, (a.dim,), lw.attn_norm, a.rms_eps), onednn)
             qk, v = qkv.split(self._split, -1)
             qk = qk.view(t, h + kvh, d)
-            rotated = qk.roll(half, -1).mul_(sin)
-            qk = qk.mul(cos).add_(rotated)  # queries scaled, keys as they are
+            qk = qk * cos + qk.roll(half, -1) * sin
             pool.put(layer, slots, qk[:, h:], v.view(t, kvh, d))
-            paged_attention(qk[:, :h], pool, layer, meta, attn)
-            x.add_(lw.wo(attn, onednn))
+            paged_attention(qk[:, :h] * self.scale, pool, layer, meta, attn)
+            x = x + lw.wo(attn, onednn)
             gate, up = lw.w13(F.rms_norm(x, (a.dim,), lw.mlp_norm, a.rms_eps), onednn).chunk(2, -1)
-            x.add_(lw.w2(F.silu(gate).mul_(up), onednn))
+            x = x + lw.w2(F.silu(gate) * up, onednn)
         out = F.rms_norm(x.index_select(0, rows), (a.dim,), w.norm, a.rms_eps)
         return self.head(out, onednn).float()
