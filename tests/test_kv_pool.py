@@ -126,3 +126,26 @@ def test_a_dropped_sequence_gives_its_blocks_back() -> None:
     assert pool.used == 3
     del a
     assert pool.used == 0
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_rows_put_come_back_in_either_layout(paged: bool) -> None:
+    """The head-major layout (the CPU kernels') and the paged one (CUDA's flash kernel) hold
+    the same rows: a run of consecutive blocks reads as a view, any table as a gather."""
+    pool = BlockPool(2, 3, 4, block_size=4, budget_bytes=1 << 20, paged=paged)
+    a = KVSeq(pool)
+    a.append(list(range(10)))
+    assert a.blocks == list(range(a.blocks[0], a.blocks[0] + 3))  # consecutive: a view
+    k, v = torch.randn(10, 3, 4), torch.randn(10, 3, 4)
+    slots = torch.tensor(a.slots(0, 10))
+    pool.put(1, slots, k, v)
+    run = pool.heads(pool.k[1], (a.blocks[0], 3), 10)
+    assert run.untyped_storage().data_ptr() == pool.k[1].untyped_storage().data_ptr()  # a view, no copy
+    assert torch.equal(run, k.transpose(0, 1))
+    assert torch.equal(pool.heads(pool.v[1], torch.tensor(a.blocks), 10), v.transpose(0, 1))
+    layer1 = pool.read(a.blocks, 10)[1]
+    assert torch.equal(layer1[0], k) and torch.equal(layer1[1], v)
+    fork = a.fork()
+    a.append([10])  # copy on write of the shared last block: its two used rows move along
+    assert a.blocks[-1] != fork.blocks[-1]
+    assert torch.equal(pool.read(a.blocks, 10)[1][0], k)

@@ -12,11 +12,20 @@ stock kernel (SDPA) gives other bits for other query counts.
 
 The price is speed: on this 2-core CPU the tiled kernel is several times slower than SDPA
 (many small products where SDPA runs one fused loop). So there are two CPU kernels:
-``tiled`` (bitwise batch- and chunk-invariant) and ``sdpa`` (each sequence alone through
-``scaled_dot_product_attention`` with a lower-right causal mask: batch-invariant, since a
-sequence's inputs do not depend on the others, but a prompt prefilled in chunks differs
-from it prefilled at once in the last bits). On CUDA in half precision, the paged flash
-kernel (``varlen_attn`` with a block table).
+``tiled`` (bitwise batch- and chunk-invariant) and ``sdpa``, the default (each sequence
+alone through ``scaled_dot_product_attention`` with a lower-right causal mask, reading its
+keys in place from the head-major pool when its blocks are consecutive).
+
+``sdpa`` is batch-invariant (a sequence's inputs never depend on the others) but **not
+chunk-invariant**: torch's CPU flash kernel splits queries and keys into blocks whose sizes
+depend on the query and key counts, so a prompt prefilled in chunks differs from it
+prefilled at once in the last bits (seen on prompts of a few hundred tokens). The
+engine's promise there is greedy equality with a cold computation, not bits: both sides
+stay within 1e-4 of transformers, so a greedy token can differ only where the top two
+logits are that close, and the exactness tests check the tokens. Where bits across
+chunkings are needed, ``kernel="tiled"`` (``from_backend``) is the fallback, tested bitwise
+on both real models (tests/test_runner.py). On CUDA in half precision, the paged flash
+kernel (``varlen_attn`` with a block table) over the pool's paged layout.
 """
 
 from __future__ import annotations
