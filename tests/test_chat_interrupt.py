@@ -16,7 +16,8 @@ class Chat:
     """The terminal chat as a subprocess, its output read as it comes."""
 
     def __init__(self) -> None:
-        env = {"OMP_NUM_THREADS": "1", **os.environ, "PYTHONUNBUFFERED": "1"}
+        # faulthandler: a chat that does not exit is aborted and its threads' stacks shown
+        env = {"OMP_NUM_THREADS": "1", **os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "headstart.cli", "--log-level", "WARNING", "chat", "--max-tokens", "400",
              "--no-pre-position"],
@@ -60,7 +61,14 @@ def test_ctrl_c_stops_the_answer_then_quits_cleanly() -> None:
         chat.say("What is the capital of France?")
         chat.until(lambda t: t.count("you> ") == 3)  # answered, and asking again
         chat.proc.send_signal(signal.SIGINT)  # Ctrl-C at the prompt
-        assert chat.proc.wait(120) == 0
+        try:
+            chat.proc.wait(120)
+        except subprocess.TimeoutExpired:
+            chat.proc.send_signal(signal.SIGABRT)
+            chat.proc.wait(30)
+            stacks = chat.proc.stderr.read() if chat.proc.stderr else ""
+            raise AssertionError(f"the chat did not exit after Ctrl-C at the prompt:\n{stacks[-8000:]}") from None
+        assert chat.proc.returncode == 0
         stderr = chat.proc.stderr.read() if chat.proc.stderr else ""
     finally:
         if chat.proc.poll() is None:
