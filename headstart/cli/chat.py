@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import select
+import signal
 import sys
 import uuid
 from collections.abc import Callable, Iterator
@@ -110,6 +111,11 @@ def over_http(args: argparse.Namespace, session_id: str) -> tuple[Talker, Callab
 
 
 def run_chat(args: argparse.Namespace) -> int:
+    # Ctrl-C is how a user stops an answer, so it must work however the chat was started: a
+    # parent that ignores or blocks SIGINT (a background job, a test runner) passes that on,
+    # and Python installs no KeyboardInterrupt handler for an ignored SIGINT.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     session_id = args.session or f"chat-{uuid.uuid4().hex[:8]}"
     talk, close, where = (over_http if args.url else in_process)(args, session_id)
     messages: list[dict[str, str]] = []
