@@ -36,6 +36,7 @@ from typing import Any
 
 import httpx
 
+from headstart.bench.clients import run_threads
 from headstart.bench.serverproc import ServeProcess, free_port, wait_healthy
 from headstart.bench.workloads import Script, Workload, make_workload
 
@@ -135,11 +136,7 @@ def drive(url: str, workload: Workload, name: str, clients: int) -> Routing:
                         routing.turns.append(turn)
                     messages.append({"role": "assistant", "content": text})
 
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads([client] * clients)
     return routing
 
 

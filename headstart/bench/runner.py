@@ -9,12 +9,14 @@ requests on the single model thread. The times come from the engine's own clock
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from headstart.bench.clients import run_threads
 from headstart.bench.modes import ModeSpec
 from headstart.bench.workloads import Script, Step, Workload
 from headstart.decode.sampling import SamplingParams
@@ -227,25 +229,13 @@ def run_clients(
     failure of any client."""
     records: list[Record] = []
     lock = threading.Lock()
-    errors: list[BaseException] = []
     shares = [workload.sessions[c :: max(1, clients)] for c in range(max(1, clients))]
 
     def client(scripts: tuple[Script, ...]) -> None:
-        try:
-            for script in scripts:
-                drive(script, records, lock)
-        except BaseException as exc:
-            errors.append(exc)
+        for script in scripts:
+            drive(script, records, lock)
 
-    started = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(share,), daemon=True) for share in shares if share]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - started
-    if errors:
-        raise errors[0]
+    wall = run_threads([functools.partial(client, share) for share in shares if share])
     records.sort(key=lambda r: (r.session, r.step))
     mark_overlaps(records)
     return records, wall

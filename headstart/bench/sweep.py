@@ -11,6 +11,7 @@ prefills a 2,000-token prompt cold (against the same turn on an idle server), an
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import threading
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from headstart.bench import peer_llamacpp
+from headstart.bench.clients import run_threads
 from headstart.bench.peer_llamacpp import LlamaCppServer, converse
 from headstart.decode.sampling import SamplingParams
 from headstart.engine.engine import Engine, EngineConfig, Request
@@ -61,26 +63,13 @@ def _busy(clients: int, sessions: int, session: Callable[[int], list[T]]) -> tup
     their next session as soon as the last is done: (every result, wall seconds)."""
     done: list[T] = []
     lock = threading.Lock()
-    errors: list[BaseException] = []
 
     def client(k: int) -> None:
-        try:
-            mine = [r for i in range(k, sessions, clients) for r in session(i)]
-        except BaseException as exc:
-            errors.append(exc)
-            return
+        mine = [r for i in range(k, sessions, clients) for r in session(i)]
         with lock:
             done.extend(mine)
 
-    start = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
-    if errors:
-        raise errors[0]
+    wall = run_threads([functools.partial(client, k) for k in range(clients)])
     return done, wall
 
 
