@@ -12,7 +12,8 @@ from headstart.engine.engine import Engine, EngineConfig, Request
 from headstart.errors import SessionMoved
 from headstart.model import HFBackend
 from headstart.session.open_store import open_store
-from headstart.session.store import SCHEMA_VERSION, SchemaError, StaleClaim, StoredSession
+from headstart.session.store import SCHEMA_VERSION, SQLITE_TYPES, TABLE, SchemaError, StaleClaim, StoredSession
+from headstart.session.store_pg import PG_TYPES
 from tests.helpers import GREEDY, QUESTIONS, cold
 
 
@@ -48,6 +49,27 @@ def test_the_schema_is_versioned_and_a_newer_one_is_refused(store_url: str) -> N
         open_store(store_url)
 
 
+def _columns(url: str) -> list[tuple[str, str, str | None]]:
+    """The sessions table as the database holds it: (name, type, default) in column order."""
+    if url.startswith("postgresql://"):
+        rows = _raw(url, "SELECT column_name, data_type, column_default FROM information_schema.columns "
+                         "WHERE table_name = 'sessions' ORDER BY ordinal_position")
+        return [(name, kind.upper(), default.removesuffix("::text") if default else None)
+                for name, kind, default in rows]
+    return [(name, kind, default) for _, name, kind, _, default, _ in _raw(url, "PRAGMA table_info(sessions)")]
+
+
+def _declared(url: str) -> list[tuple[str, str, str | None]]:
+    """The sessions table as store.TABLE declares it, in the backend's types."""
+    types = PG_TYPES if url.startswith("postgresql://") else SQLITE_TYPES
+    return [(c.name, types[c.kind], c.constraint.partition("DEFAULT ")[2] or None) for c in TABLE]
+
+
+def test_both_backends_hold_the_columns_the_table_declares(store_url: str) -> None:
+    open_store(store_url).close()
+    assert _columns(store_url) == _declared(store_url)
+
+
 def test_a_version_1_database_is_migrated_and_keeps_its_sessions(store_url: str) -> None:
     """A database written before sessions had holders opens, with its rows intact at epoch 0."""
     if store_url.startswith("postgresql://"):
@@ -70,6 +92,7 @@ def test_a_version_1_database_is_migrated_and_keeps_its_sessions(store_url: str)
         claimed = open_store(store_url, holder="r1").claim("old", None)
         assert claimed is not None and claimed.epoch == 1 and claimed.stored is not None
         assert claimed.stored.turns == 3
+        assert _columns(store_url) == _declared(store_url)  # as if it had been created now
     finally:
         store.close()
 

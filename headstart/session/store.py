@@ -28,33 +28,58 @@ from typing import Any, Protocol
 from headstart.errors import StoreUnavailable
 from headstart.session.ownership import Claim as Ownership
 
-# _MIGRATIONS[v] holds the statements that bring a database from version v to v+1.
-# store_pg.py keeps the same versions in PostgreSQL's dialect.
-_MIGRATIONS: list[tuple[str, ...]] = [
-    (
-        """
-CREATE TABLE IF NOT EXISTS sessions (
-    id TEXT PRIMARY KEY,
-    owner TEXT,
-    created REAL NOT NULL,
-    last_used REAL NOT NULL,
-    turns INTEGER NOT NULL DEFAULT 0,
-    settings TEXT NOT NULL DEFAULT '{}',
-    messages TEXT NOT NULL DEFAULT '[]',
-    tools TEXT,
-    paths TEXT NOT NULL DEFAULT '{}',
-    state TEXT NOT NULL DEFAULT '{}'
-)
-""",
-    ),
-    (
-        "ALTER TABLE sessions ADD COLUMN holder TEXT",
-        "ALTER TABLE sessions ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0",
-    ),
-]
-SCHEMA_VERSION = len(_MIGRATIONS)
 
-COLUMNS = "id, owner, created, last_used, turns, settings, messages, tools, paths, state, holder, epoch"
+@dataclass(frozen=True)
+class Column:
+    """One column of the sessions table, written once for both backends: each renders
+    ``kind`` in its own dialect's type (``json`` is text that holds JSON)."""
+
+    name: str
+    kind: str  # "text", "json", "real", "int" or "bigint"
+    constraint: str = ""
+    version: int = 1  # the schema version that added it
+
+
+# The sessions table in column order. A column is never removed or changed: a new one comes
+# with the next version, and a database written by an older headstart gains it by migration.
+TABLE: tuple[Column, ...] = (
+    Column("id", "text", "PRIMARY KEY"),
+    Column("owner", "text"),
+    Column("created", "real", "NOT NULL"),
+    Column("last_used", "real", "NOT NULL"),
+    Column("turns", "int", "NOT NULL DEFAULT 0"),
+    Column("settings", "json", "NOT NULL DEFAULT '{}'"),
+    Column("messages", "json", "NOT NULL DEFAULT '[]'"),
+    Column("tools", "json"),
+    Column("paths", "json", "NOT NULL DEFAULT '{}'"),
+    Column("state", "json", "NOT NULL DEFAULT '{}'"),
+    Column("holder", "text", version=2),  # fenced stores: the claim's holder and epoch
+    Column("epoch", "bigint", "NOT NULL DEFAULT 0", version=2),
+)
+SCHEMA_VERSION = max(c.version for c in TABLE)
+NAMES = tuple(c.name for c in TABLE)
+COLUMNS = ", ".join(NAMES)
+# What a save writes: the transcript, every column but the id and the claim.
+_DATA = tuple(c for c in TABLE if c.name not in ("id", "holder", "epoch"))
+
+SQLITE_TYPES = {"text": "TEXT", "json": "TEXT", "real": "REAL", "int": "INTEGER", "bigint": "INTEGER"}
+
+
+def migrations(types: dict[str, str]) -> list[tuple[str, ...]]:
+    """``[v]``: the statements that bring a database from schema version v to v+1, in the
+    dialect whose column types are ``types``: version 1 creates the table, each later one adds
+    its columns."""
+
+    def ddl(c: Column) -> str:
+        return " ".join(filter(None, (c.name, types[c.kind], c.constraint)))
+
+    first = ",\n    ".join(ddl(c) for c in TABLE if c.version == 1)
+    later = [tuple(f"ALTER TABLE sessions ADD COLUMN {ddl(c)}" for c in TABLE if c.version == v)
+             for v in range(2, SCHEMA_VERSION + 1)]
+    return [(f"CREATE TABLE IF NOT EXISTS sessions (\n    {first}\n)",), *later]
+
+
+_MIGRATIONS = migrations(SQLITE_TYPES)
 
 
 def default_data_dir() -> Path:
@@ -122,35 +147,32 @@ Execute = Callable[[str, Sequence[Any]], list[tuple[Any, ...]]]
 
 
 def encode(s: StoredSession) -> tuple[Any, ...]:
-    """A session as the row values after its id, in ``COLUMNS`` order up to ``state``."""
-    return (
-        s.owner,
-        s.created,
-        s.last_used,
-        s.turns,
-        json.dumps(s.settings),
-        json.dumps(s.messages),
-        json.dumps(s.tools) if s.tools is not None else None,
-        json.dumps(s.paths),
-        json.dumps(s.state),
-    )
+    """A session's transcript as row values, in ``_DATA`` order."""
+    return tuple(_dump(c, getattr(s, c.name)) for c in _DATA)
 
 
-def decode(r: Sequence[Any]) -> StoredSession:
-    """A row selected as ``COLUMNS``."""
-    return StoredSession(
-        id=r[0],
-        owner=r[1],
-        created=r[2],
-        last_used=r[3],
-        turns=r[4],
-        settings=json.loads(r[5]),
-        messages=json.loads(r[6]),
-        tools=json.loads(r[7]) if r[7] is not None else None,
-        paths=json.loads(r[8]),
-        state=json.loads(r[9]),
-        epoch=r[11],
-    )
+def as_row(values: Sequence[Any]) -> dict[str, Any]:
+    """A row selected as ``COLUMNS``, by column name."""
+    return dict(zip(NAMES, values, strict=True))
+
+
+def decode(row: dict[str, Any]) -> StoredSession:
+    """A session from its row (:func:`as_row`); the holder is the store's, not the session's."""
+    return StoredSession(**{c.name: _load(c, row[c.name]) for c in TABLE if c.name != "holder"})
+
+
+def _dump(c: Column, value: Any) -> Any:
+    return json.dumps(value) if c.kind == "json" and value is not None else value
+
+
+def _load(c: Column, value: Any) -> Any:
+    return json.loads(value) if c.kind == "json" and value is not None else value
+
+
+_SET_NAMES = ", ".join(c.name for c in _DATA)
+_SET_SLOTS = ", ".join("?" for _ in _DATA)
+_UPSERT = ", ".join(f"{c.name} = excluded.{c.name}" for c in _DATA)
+_UPDATE = ", ".join(f"{c.name} = ?" for c in _DATA)
 
 
 class FencedSQL:
@@ -172,17 +194,13 @@ class FencedSQL:
         with self._transaction() as run:
             if self.holder is None:
                 run(
-                    f"INSERT INTO sessions ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, 0) "
-                    "ON CONFLICT(id) DO UPDATE SET owner = excluded.owner, created = excluded.created, "
-                    "last_used = excluded.last_used, turns = excluded.turns, settings = excluded.settings, "
-                    "messages = excluded.messages, tools = excluded.tools, paths = excluded.paths, "
-                    "state = excluded.state",
+                    f"INSERT INTO sessions (id, {_SET_NAMES}, holder, epoch) VALUES (?, {_SET_SLOTS}, NULL, 0) "
+                    f"ON CONFLICT(id) DO UPDATE SET {_UPSERT}",
                     (s.id, *values),
                 )
                 return
             done = run(
-                "UPDATE sessions SET owner = ?, created = ?, last_used = ?, turns = ?, settings = ?, messages = ?, "
-                "tools = ?, paths = ?, state = ? WHERE id = ? AND holder = ? AND epoch = ? RETURNING id",
+                f"UPDATE sessions SET {_UPDATE} WHERE id = ? AND holder = ? AND epoch = ? RETURNING id",
                 (*values, s.id, self.holder, s.epoch),
             )
             if not done:
@@ -191,7 +209,7 @@ class FencedSQL:
     def insert(self, s: StoredSession) -> bool:
         with self._transaction() as run:
             made = run(
-                f"INSERT INTO sessions ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                f"INSERT INTO sessions (id, {_SET_NAMES}, holder, epoch) VALUES (?, {_SET_SLOTS}, ?, ?) "
                 "ON CONFLICT(id) DO NOTHING RETURNING id",
                 (s.id, *encode(s), self.holder, s.epoch),
             )
@@ -202,10 +220,10 @@ class FencedSQL:
             rows = run(f"SELECT {COLUMNS} FROM sessions WHERE id = ?{self._lock_row}", (session_id,))
             if not rows:
                 return None
-            row = rows[0]
-            if row[10] == self.holder and row[11] == held_epoch:
+            row = as_row(rows[0])
+            if row["holder"] == self.holder and row["epoch"] == held_epoch:
                 return Claim(held_epoch, None)
-            epoch = row[11] + 1
+            epoch = row["epoch"] + 1
             run("UPDATE sessions SET holder = ?, epoch = ? WHERE id = ?", (self.holder, epoch, session_id))
         stored = decode(row)
         stored.epoch = epoch
@@ -225,7 +243,7 @@ class FencedSQL:
     def load_all(self) -> list[StoredSession]:
         with self._transaction() as run:
             rows = run(f"SELECT {COLUMNS} FROM sessions ORDER BY last_used", ())
-        return [decode(r) for r in rows]
+        return [decode(as_row(r)) for r in rows]
 
 
 class SessionStore(FencedSQL):

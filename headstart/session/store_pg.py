@@ -1,6 +1,6 @@
 """Transcripts in PostgreSQL, for replicas on several machines that share sessions.
 
-The same interface, SQL and schema versions as the SQLite store (store.py); each
+The same interface, SQL, columns and schema versions as the SQLite store (store.py); each
 transaction takes a connection from a small pool (psycopg 3). A claim locks the session's
 row (``FOR UPDATE``) so two replicas claiming at once get distinct epochs, and a fenced
 write is one ``UPDATE ... WHERE holder AND epoch``: under READ COMMITTED a write racing a
@@ -14,32 +14,11 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from headstart.errors import StoreUnavailable
-from headstart.session.store import SCHEMA_VERSION, Execute, FencedSQL, SchemaError
+from headstart.session.store import SCHEMA_VERSION, Execute, FencedSQL, SchemaError, migrations
 
-# The same versions as store._MIGRATIONS, in PostgreSQL's types.
-_MIGRATIONS: list[tuple[str, ...]] = [
-    (
-        """
-CREATE TABLE IF NOT EXISTS sessions (
-    id TEXT PRIMARY KEY,
-    owner TEXT,
-    created DOUBLE PRECISION NOT NULL,
-    last_used DOUBLE PRECISION NOT NULL,
-    turns INTEGER NOT NULL DEFAULT 0,
-    settings TEXT NOT NULL DEFAULT '{}',
-    messages TEXT NOT NULL DEFAULT '[]',
-    tools TEXT,
-    paths TEXT NOT NULL DEFAULT '{}',
-    state TEXT NOT NULL DEFAULT '{}'
-)
-""",
-    ),
-    (
-        "ALTER TABLE sessions ADD COLUMN holder TEXT",
-        "ALTER TABLE sessions ADD COLUMN epoch BIGINT NOT NULL DEFAULT 0",
-    ),
-]
-assert len(_MIGRATIONS) == SCHEMA_VERSION, "both backends carry every schema version"
+# The columns of store.TABLE in PostgreSQL's types.
+PG_TYPES = {"text": "TEXT", "json": "TEXT", "real": "DOUBLE PRECISION", "int": "INTEGER", "bigint": "BIGINT"}
+_MIGRATIONS = migrations(PG_TYPES)
 
 
 class PostgresStore(FencedSQL):
