@@ -4,12 +4,16 @@ is bitwise the prompt prefilled at once."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
-from headstart.cli.main import build_parser
+from headstart.bench import runner as bench_runner
+from headstart.cli.main import build_parser, main
 from headstart.decode.sampling import SamplingParams
 from headstart.engine.engine import Engine, EngineConfig, Request
 from headstart.kv import KVSeq
@@ -106,3 +110,25 @@ def test_the_kernel_flags_build_the_runner_with_those_kernels(real: HFBackend) -
         assert isinstance(runner, Runner) and runner.kernel == "tiled" and not runner.onednn
     default = Engine(real, config=server_config(parser.parse_args(["serve", *budget])).engine).runner
     assert isinstance(default, Runner) and default.kernel == "sdpa" and default.onednn
+
+
+def test_the_bench_runs_its_modes_with_the_kernels_it_is_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    built: list[tuple[str, bool]] = []  # (attention, oneDNN) of every engine the bench builds
+
+    class Recorded(Engine):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            assert isinstance(self.runner, Runner)
+            built.append((self.runner.kernel, self.runner.onednn))
+
+    monkeypatch.setattr(bench_runner, "Engine", Recorded)
+    report = tmp_path / "r.json"
+    rc = main(["--log-level", "WARNING", "bench", "--workload", "chat", "--sessions", "1", "--turns", "1",
+               "--max-tokens", "2", "--gaps", "fixed:0", "--modes", "stateless,session", "--attention", "tiled",
+               "--linear", "mkl", "--no-progress", "--json", str(report)])
+    assert rc == 0
+    model = json.loads(report.read_text())["model"]
+    assert (model["attention"], model["linear"]) == ("tiled", "mkl")
+    assert built[1:] == [("tiled", False)] * 2  # after the warm-up, one engine per mode
