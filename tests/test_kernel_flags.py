@@ -28,6 +28,7 @@ LONG = ("Explain, step by step and with an example, how a hash table resolves co
         "addressing, linear and quadratic probing, tombstones, and when and how to resize it. ") * 7
 
 
+@pytest.mark.real
 def test_with_tiled_attention_a_prompt_prefilled_in_chunks_is_bitwise_the_prompt_at_once(
     real: HFBackend, make_engine: Callable[..., Engine], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -96,6 +97,7 @@ def test_other_kernels_than_the_defaults_are_refused_where_transformers_runs_the
     Engine(mistral, config=EngineConfig(kv_budget=budget))  # the defaults are what it runs anyway
 
 
+@pytest.mark.real
 def test_the_kernel_flags_build_the_runner_with_those_kernels(real: HFBackend) -> None:
     """``serve`` (one server, and each replica, whose flags travel as a dict), ``chat`` and
     ``calibrate`` all hand the kernels to the engine's runner."""
@@ -112,6 +114,7 @@ def test_the_kernel_flags_build_the_runner_with_those_kernels(real: HFBackend) -
     assert isinstance(default, Runner) and default.kernel == "sdpa" and default.onednn
 
 
+@pytest.mark.real
 def test_the_bench_runs_its_modes_with_the_kernels_it_is_given(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
