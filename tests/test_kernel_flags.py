@@ -52,8 +52,10 @@ def test_with_tiled_attention_a_prompt_prefilled_in_chunks_is_bitwise_the_prompt
     c = engine.generate(Request(messages=messages, params=SamplingParams(max_tokens=6), session_id="chunked"))
     prompt = engine.template.render(messages)
     assert c.prompt_tokens == len(prompt) and len(prompt) > 250 and len(prompt) % 64 != 0 and len(c.token_ids) == 6
-    chunks = [ids for ids, _ in fed if len(ids) > 1]
-    assert len(chunks) >= 4 and [t for ids in chunks for t in ids] == prompt  # several steps' chunks
+    sizes = [len(ids) for ids, _ in fed]
+    chunks = next(n for n in range(1, len(fed) + 1) if sum(sizes[:n]) >= len(prompt))
+    assert chunks >= 4 and [t for ids, _ in fed[:chunks] for t in ids] == prompt  # several steps' chunks
+    assert set(sizes[chunks:]) == {1}  # then one forward per decoded token
     kv_ids = engine.get_session("chunked").kv_ids
     assert kv_ids[: len(prompt)] == prompt and len(kv_ids) > len(prompt)
 
@@ -61,7 +63,7 @@ def test_with_tiled_attention_a_prompt_prefilled_in_chunks_is_bitwise_the_prompt
     seq = KVSeq(ref.pool)
     want = [ref.forward([Feed(seq, prompt)])[0]]  # at once
     want += [ref.forward([Feed(seq, [t])])[0] for t in kv_ids[len(prompt):]]
-    got = [logits for _, logits in fed[len(chunks) - 1 :]]  # the last chunk's, then every decode's
+    got = [logits for _, logits in fed[chunks - 1 :]]  # the last chunk's, then every decode's
     assert len(got) == len(want)
     for i, (a, b) in enumerate(zip(got, want, strict=True)):
         assert torch.equal(a, b), i
