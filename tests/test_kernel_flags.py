@@ -100,33 +100,35 @@ def test_other_kernels_than_the_defaults_are_refused_where_transformers_runs_the
 
 
 @pytest.mark.real
-def test_the_kernel_flags_build_the_runner_with_those_kernels(real: HFBackend) -> None:
+@pytest.mark.parametrize("linear", LINEARS)
+def test_the_kernel_flags_build_the_runner_with_those_kernels(linear: str, real: HFBackend) -> None:
     """``serve`` (one server, and each replica, whose flags travel as a dict), ``chat`` and
     ``calibrate`` all hand the kernels to the engine's runner."""
     budget = ["--kv-budget", "16MiB"]
+    chosen = ["--attention", "tiled", "--linear", linear, *budget]
     parser = build_parser()
-    serve = server_config(parser.parse_args(["serve", "--attention", "tiled", "--linear", "mkl", *budget]))
-    replica = server_config(parser.parse_args(["serve", *flags({"attention": "tiled", "linear": "mkl"}), *budget]))
-    chat = engine_config(parser.parse_args(["chat", "--attention", "tiled", "--linear", "mkl", *budget]))
-    calibrate = engine_config(parser.parse_args(["calibrate", "--attention", "tiled", "--linear", "mkl", *budget]))
+    serve = server_config(parser.parse_args(["serve", *chosen]))
+    replica = server_config(parser.parse_args(["serve", *flags({"attention": "tiled", "linear": linear}), *budget]))
+    chat = engine_config(parser.parse_args(["chat", *chosen]))
+    calibrate = engine_config(parser.parse_args(["calibrate", *chosen]))
     for config in (serve.engine, replica.engine, chat, calibrate):
         runner = Engine(real, config=config).runner
-        assert isinstance(runner, Runner) and runner.kernel == "tiled" and not runner.onednn
+        assert isinstance(runner, Runner) and (runner.kernel, runner.linear) == ("tiled", linear)
     default = Engine(real, config=server_config(parser.parse_args(["serve", *budget])).engine).runner
-    assert isinstance(default, Runner) and default.kernel == "sdpa" and default.onednn
+    assert isinstance(default, Runner) and (default.kernel, default.linear) == ("sdpa", "onednn")
 
 
 @pytest.mark.real
 def test_the_bench_runs_its_modes_with_the_kernels_it_is_given(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    built: list[tuple[str, bool]] = []  # (attention, oneDNN) of every engine the bench builds
+    built: list[tuple[str, str]] = []  # the kernels of every engine the bench builds
 
     class Recorded(Engine):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             assert isinstance(self.runner, Runner)
-            built.append((self.runner.kernel, self.runner.onednn))
+            built.append((self.runner.kernel, self.runner.linear))
 
     monkeypatch.setattr(bench_runner, "Engine", Recorded)
     report = tmp_path / "r.json"
@@ -136,4 +138,4 @@ def test_the_bench_runs_its_modes_with_the_kernels_it_is_given(
     assert rc == 0
     model = json.loads(report.read_text())["model"]
     assert (model["attention"], model["linear"]) == ("tiled", "mkl")
-    assert built[1:] == [("tiled", False)] * 2  # after the warm-up, one engine per mode
+    assert built[1:] == [("tiled", "mkl")] * 2  # after the warm-up, one engine per mode

@@ -130,7 +130,9 @@ def add_kernel_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--linear", choices=LINEARS, default=LINEAR,
                    help="linear layers' kernel (default %(default)s): onednn is batch invariant in float32 on the CPU "
                         "(elsewhere it means mkl); mkl is F.linear, transformers' own kernel (its bits; batch "
-                        "invariant by padding products to groups of four rows), slower on the CPU")
+                        "invariant by padding products to groups of four rows), slower on the CPU; fp16 is fbgemm's "
+                        "on a half-precision copy of the weights (CPU, float32 models): faster decode, logits near "
+                        "but not equal to float32's, batch invariant")
 
 
 def parse_bytes(text: str) -> int:
