@@ -28,6 +28,7 @@ from weakref import WeakKeyDictionary
 
 import torch
 
+from headstart.config import ATTENTION, LINEAR
 from headstart.kv.pool import SCRATCH, BlockPool, Reservation
 from headstart.kv.seq import KVSeq
 from headstart.model.arch import ArchConfig
@@ -51,7 +52,7 @@ class Feed:
 class Runner:
     """The own forward bound to its pool."""
 
-    def __init__(self, model: Llama, pool: BlockPool, kernel: str = "sdpa", linear: str = "onednn") -> None:
+    def __init__(self, model: Llama, pool: BlockPool, kernel: str = ATTENTION, linear: str = LINEAR) -> None:
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}")
         self.model = model
@@ -123,8 +124,8 @@ def from_backend(
     *,
     kv_budget: int,
     block_size: int = 16,
-    kernel: str = "sdpa",
-    linear: str = "onednn",
+    kernel: str = ATTENTION,
+    linear: str = LINEAR,
     physical_bytes: int | None = None,
 ) -> Runner | HFRunner:
     """The runner for ``backend``'s model with a pool of ``kv_budget`` bytes (at most
