@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from headstart.decode.logits import Chooser
-from headstart.decode.sampling import SamplingParams, distribution
+from headstart.decode.sampling import SamplingParams, argmax, distribution
 
 VOCAB = 64
 
@@ -55,6 +55,24 @@ def test_greedy_choices_follow_the_reference(seed: int) -> None:
         assert math.isclose(chooser.last.logprob, float(logp[token]), abs_tol=1e-5)  # the model's own
         assert [t for t, _ in chooser.last.top] == torch.topk(logp, 5).indices.tolist()
         output.append(token)
+
+
+def test_the_greedy_argmax_is_torchs_first_largest_logit() -> None:
+    """The CPU scan that picks every greedy token (numpy's, on the calling thread) picks
+    what torch.argmax picks: the first of tied maxima, a NaN over any number, through a
+    -inf mask, on a strided row; a half-precision tensor takes torch's own."""
+    torch.manual_seed(0)
+    rows = [torch.randn(49152) for _ in range(20)]
+    tied = torch.zeros(VOCAB)
+    tied[[7, 3, 40]] = 2.0
+    nan = torch.randn(VOCAB)
+    nan[[9, 30]] = float("nan")
+    masked = torch.full((VOCAB,), float("-inf"))
+    masked[[50, 12]] = -3.0
+    strided = torch.randn(4, VOCAB).t()[5]
+    for logits in [*rows, tied, nan, masked, strided, torch.zeros(VOCAB), torch.randn(VOCAB).half()]:
+        assert argmax(logits) == int(torch.argmax(logits))
+    assert argmax(tied) == 3 and argmax(nan) == 9 and argmax(masked) == 12
 
 
 def test_the_rules_change_the_choice() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 
@@ -91,10 +92,19 @@ def distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return probs
 
 
+def argmax(logits: torch.Tensor) -> int:
+    """The index of the first largest logit (a NaN counts as largest), as ``torch.argmax``
+    gives it. On the CPU numpy scans on the calling thread: torch's argmax over a 49k
+    vocabulary takes ~120 us here against numpy's ~12, on every greedy token chosen."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and not logits.requires_grad:
+        return int(np.argmax(logits.numpy()))
+    return int(torch.argmax(logits))
+
+
 def pick(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """One token from ``logits``: argmax when greedy, else a draw."""
     if params.greedy:
-        return int(torch.argmax(logits))
+        return argmax(logits)
     probs = distribution(logits, params)
     return int(torch.multinomial(probs, 1, generator=generator))
 
@@ -111,7 +121,7 @@ def accept(
     Greedy: both argmaxes agree. Sampled: speculative sampling's ``min(1, p/q)`` test.
     """
     if params.greedy:
-        return int(torch.argmax(target)) == token
+        return argmax(target) == token
     p = float(distribution(target, params)[token])
     q = float(distribution(draft, params)[token])
     if q <= 0.0:

@@ -39,7 +39,7 @@ from headstart.config import (
 )
 from headstart.decode.grammar import GrammarError, GrammarMatcher, Grammars
 from headstart.decode.logits import Chooser, TokenLogprob
-from headstart.decode.sampling import Constraint, SamplingParams, accept, candidate_gap, top_gap
+from headstart.decode.sampling import Constraint, SamplingParams, accept, argmax, candidate_gap, top_gap
 from headstart.decode.textstream import TextStream
 from headstart.engine.gate import SERVER_KEY, Decision, Gate, answers_key, session_key
 from headstart.engine.loop import Cancelled, Job, Scheduler, default_step_tokens
@@ -743,7 +743,7 @@ class Engine:
         if rp is not None:
             # Shadow check: what the gate would have said here, recorded for calibration.
             choice, gap = self._signal(rp, t.candidates)
-            real = candidate_gap(logits, t.candidates[1])[0] if t.candidates is not None else int(logits.argmax())
+            real = candidate_gap(logits, t.candidates[1])[0] if t.candidates is not None else argmax(logits)
             self.gate.record(t.gate_keys, gap, choice == real, fired=False)
             t.shadow = {"gap": gap, "agree": choice == real, "choice": choice}
             if self._gate_on(t):
