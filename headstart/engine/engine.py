@@ -545,7 +545,7 @@ class Engine:
 
     def _check_params(self, params: SamplingParams, req: Request) -> None:
         """What the logits rules need to be valid here (the door checked the ranges)."""
-        vocab = len(self.template.tokenizer)
+        vocab = len(self.template.tokenizer) if params.logit_bias else 0  # a call into the tokenizer
         for token, _ in params.logit_bias:
             if not 0 <= token < vocab:
                 raise BadRequest(f"logit_bias: {token} is not a token id of this model (0..{vocab - 1})",
