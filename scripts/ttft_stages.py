@@ -97,12 +97,12 @@ def instrument() -> None:
 ORDER = ["entry", "rendered", "tokenised", "handed", "woken", "matched", "adopted", "first token"]
 LABELS = {
     "rendered": "render (chat template)",
-    "tokenised": "tokenise",
-    "handed": "door checks, Chooser, queue",
-    "woken": "model thread wake-up",
-    "matched": "admit, ready match",
-    "adopted": "adopt fork",
-    "first token": "first token (choose, emit)",
+    "tokenised": "tokenise (or the render cache's look-up)",
+    "handed": "the door's checks, the chooser, the queue",
+    "woken": "the model thread's wake-up and admission",
+    "matched": "the ready position found",
+    "adopted": "its fork adopted",
+    "first token": "the first token chosen",
 }
 
 
@@ -133,7 +133,7 @@ def main() -> None:
     finally:
         engine.stop()
     load_after = os.getloadavg()
-    pairs = list(zip(turns, runs[1:], strict=True))[2:]  # runs[0]: the session's first turn; round 1: warm-up
+    pairs = list(zip(turns, runs[1:], strict=True))[2:]  # runs[0]: the session's first turn; round 1 warms up
     for (_, c), marks in pairs:
         ttft[c.path].append(c.ttft_ms)
         seen = dict(marks)
