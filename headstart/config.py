@@ -31,6 +31,13 @@ CUDA_STEP_TOKENS = 2048
 # KV memory.
 KV_BLOCK = 16  # tokens per KV pool block
 
+# The own runner's kernels (headstart/model/runner.py says what each keeps bitwise). The
+# defaults are batch invariant and the fastest on the CPU; "tiled" attention is also chunk
+# invariant (a prompt prefilled in chunks gets the bits it gets at once) but runs slower
+# (README, "The model layer alone").
+ATTENTION = "sdpa"
+LINEAR = "onednn"
+
 # Sessions.
 MAX_SESSIONS = 1000
 IDLE_EXPIRY_S = 3600.0  # seconds before an idle session is deleted

@@ -2,7 +2,8 @@
 
 ``tiny`` is a randomly initialised two-layer Llama with the default model's tokenizer,
 for fast tests of engine logic; ``real`` is the default model, for every capability;
-``qwen`` is the second, tool-capable model.
+``qwen`` is the second, tool-capable model; ``mistral`` is a tiny random model of an
+architecture the own forward lacks (transformers' fallback runs it).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 from headstart.bench.serverproc import free_port, wait_healthy
 from headstart.engine.engine import Engine, EngineConfig
@@ -86,6 +87,18 @@ def tiny() -> HFBackend:
     model = LlamaForCausalLM(config)
     model.generation_config.eos_token_id = 2
     return HFBackend(model, tokenizer, "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def mistral() -> HFBackend:
+    tokenizer = AutoTokenizer.from_pretrained(local_folder(resolve(None)))
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                           bos_token_id=1, eos_token_id=2)
+    model = MistralForCausalLM(config)
+    model.generation_config.eos_token_id = 2
+    return HFBackend(model, tokenizer, "tiny-mistral")
 
 
 @pytest.fixture(scope="module")

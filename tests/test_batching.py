@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import pytest
+
 from headstart.decode.sampling import SamplingParams
 from headstart.engine.engine import Engine, Request
 from headstart.model import HFBackend
@@ -25,8 +27,11 @@ def _mark(engine: Engine) -> int:
         return len(engine.stats.step_tokens)
 
 
-def test_concurrent_sessions_each_answer_as_alone(real: HFBackend, make_engine: Callable[..., Engine]) -> None:
-    engine = make_engine(real, pre_position=False, gate=False)
+@pytest.mark.parametrize("linear", ["onednn", "fp16"])  # fp32 weights, and the opt-in fp16 ones
+def test_concurrent_sessions_each_answer_as_alone(
+    real: HFBackend, make_engine: Callable[..., Engine], linear: str
+) -> None:
+    engine = make_engine(real, pre_position=False, gate=False, linear=linear)
     prompts = [[{"role": "user", "content": q}] for q in QUESTIONS]
     mark = _mark(engine)
     handles = [engine.submit(Request(messages=m, params=GREEDY, session_id=f"c{i}")) for i, m in enumerate(prompts)]

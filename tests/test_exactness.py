@@ -50,10 +50,11 @@ def test_editing_an_earlier_message_recomputes_from_the_first_difference(
     assert c.token_ids == cold(engine, edited).token_ids
 
 
-def test_every_exact_path_equals_cold(real: HFBackend, make_engine: Callable[..., Engine]) -> None:
+@pytest.mark.parametrize("linear", ["onednn", "fp16"])  # fp32 weights, and the opt-in fp16 ones
+def test_every_exact_path_equals_cold(real: HFBackend, make_engine: Callable[..., Engine], linear: str) -> None:
     """Pre-positioning on, gate off: turns take `entry` (or `ready_exact` when the predicted
     message was right) and each equals a cold computation."""
-    engine = make_engine(real, gate=False)
+    engine = make_engine(real, gate=False, linear=linear)
     outs, prompts = converse(engine, "prepos", QUESTIONS)
     assert outs[0].path == "cold"
     assert all(c.path in ("entry", "ready_exact") for c in outs[1:])

@@ -4,29 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import pytest
 import torch
-from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
 
 from headstart.engine.engine import Engine
 from headstart.kv import KVSeq
 from headstart.model import HFBackend
 from headstart.model.hf_runner import HFRunner
-from headstart.model.loader import local_folder, resolve
 from headstart.model.runner import Feed, from_backend
 from tests.helpers import QUESTIONS, cold, converse
-
-
-@pytest.fixture(scope="module")
-def mistral() -> HFBackend:
-    tokenizer = AutoTokenizer.from_pretrained(local_folder(resolve(None)))
-    torch.manual_seed(0)
-    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                           bos_token_id=1, eos_token_id=2)
-    model = MistralForCausalLM(config)
-    model.generation_config.eos_token_id = 2
-    return HFBackend(model, tokenizer, "tiny-mistral")
 
 
 def test_the_fallback_equals_transformers_on_its_own_cache(mistral: HFBackend) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
+import pytest
 import torch
 
 from headstart.decode.sampling import SamplingParams
@@ -50,8 +51,9 @@ def test_qwen_converted_output_layer_is_the_ggufs(qwen: HFBackend) -> None:
         assert torch.equal(weight.detach().cpu(), torch.from_numpy(stored)), name
 
 
-def test_qwen_every_exact_path_equals_cold(qwen: HFBackend, make_engine: Callable[..., Engine]) -> None:
-    engine = make_engine(qwen, gate=False, **SMALL_IDLE)
+@pytest.mark.parametrize("linear", ["onednn", "fp16"])  # fp32 weights, and the opt-in fp16 ones
+def test_qwen_every_exact_path_equals_cold(qwen: HFBackend, make_engine: Callable[..., Engine], linear: str) -> None:
+    engine = make_engine(qwen, gate=False, linear=linear, **SMALL_IDLE)
     outs, prompts = converse(engine, "qwen-paths", QUESTIONS[:2], params=SHORT)
     assert outs[0].path == "cold" and outs[1].path in ("entry", "ready_exact")
     assert outs[0].finish_reason == "stop"  # ended on <|im_end|>, which is never sent

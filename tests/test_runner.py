@@ -106,7 +106,7 @@ def test_the_default_mode_matches_transformers_and_is_batch_invariant(
     in one forward with three other sequences of other lengths (prefilling or decoding)."""
     backend: HFBackend = request.getfixturevalue(which)
     fast = from_backend(backend, kv_budget=4096 * backend.info.kv_bytes_per_token)
-    assert fast.kernel == "sdpa" and fast.onednn and fast.min_rows == 1  # oneDNN: no row padding
+    assert fast.kernel == "sdpa" and fast.linear == "onednn"
     ids = _prompt(backend)
     want = backend.forward(backend.new_state(), ids)
     alone = KVSeq(fast.pool)
@@ -122,4 +122,58 @@ def test_the_default_mode_matches_transformers_and_is_batch_invariant(
     mixed = fast.forward([Feed(seqs[0], [5]), Feed(seqs[1], [7]), Feed(seqs[2], [9]), Feed(seqs[3], others[0])])
     assert torch.equal(mixed[1], decode_alone)
     for s in [alone, *seqs]:
+        s.release()
+
+
+@pytest.mark.parametrize("shape", ["wqkv", "w2"])
+def test_fp16_rows_get_the_same_bits_in_a_product_of_any_size(shape: str, real: HFBackend) -> None:
+    """fbgemm's fp16 kernel gives the rows of a last group of one or two rows other bits;
+    ``pad_rows`` pads every product past that, so a row's bits never depend on the row count."""
+    from headstart.model.llama import Linear, pad_rows
+
+    weights = from_backend(real, kv_budget=64 * real.info.kv_bytes_per_token, linear="fp16").model.layers[3]
+    lin: Linear = getattr(weights, shape)
+    lin.pack("fp16")
+    x = torch.randn(600, lin.w.shape[1], generator=torch.Generator().manual_seed(0))
+    full = lin(x, "fp16")
+    for rows in [*range(1, 80), 127, 128, 129, 255, 256, 257]:
+        padded = rows + pad_rows("fp16", rows)
+        assert torch.equal(lin(x[:padded], "fp16")[:rows], full[:rows]), rows
+
+
+@pytest.mark.parametrize("which", MODELS)
+def test_fp16_weights_are_batch_invariant_and_close_to_fp32(which: str, request: pytest.FixtureRequest) -> None:
+    """The opt-in weight-only half precision: a sequence's logits are the same bits alone and
+    among others, and within rounding of the fp32 weights' (transformers)."""
+    backend: HFBackend = request.getfixturevalue(which)
+    half = from_backend(backend, kv_budget=4096 * backend.info.kv_bytes_per_token, linear="fp16")
+    assert half.linear == "fp16"
+    ids = _prompt(backend)
+    state = backend.new_state()
+    want = backend.forward(state, ids, keep=len(ids))
+    alone = KVSeq(half.pool)
+    prefill_alone = half.forward([Feed(alone, ids, keep=len(ids))])[0]
+    assert (prefill_alone - want).abs().max().item() < 0.25
+    tokens, hf_tokens = [], []
+    got, want = prefill_alone[-1:], want[-1:]
+    for _ in range(8):  # greedy decode on each side's own KV
+        tokens.append(int(got[-1].argmax()))
+        hf_tokens.append(int(want[-1].argmax()))
+        got = half.forward([Feed(alone, [tokens[-1]])])[0]
+        want = backend.forward(state, [hf_tokens[-1]])
+    assert tokens == hf_tokens
+    decode_alone = got
+    others = [_prompt(backend, t) for t in ("Hi.", "Write a long poem about the moon and its phases, please.", "2+2?")]
+    seqs = [KVSeq(half.pool) for _ in range(4)]
+    half.forward([Feed(seqs[1], ids)])
+    for t in tokens[:-1]:
+        half.forward([Feed(seqs[1], [t])])
+    batch = half.forward([Feed(seqs[0], others[0]), Feed(seqs[1], [tokens[-1]]), Feed(seqs[2], others[1], keep=2),
+                          Feed(seqs[3], others[2])])
+    assert torch.equal(batch[1], decode_alone)
+    prefill_among = half.forward([Feed(seqs[0], [5]), Feed(seqs[2], [9]), Feed(seqs[3], ids, keep=len(ids))])
+    single = KVSeq(half.pool)  # the same chunks, alone
+    half.forward([Feed(single, others[2])])
+    assert torch.equal(prefill_among[2], half.forward([Feed(single, ids, keep=len(ids))])[0])
+    for s in [alone, single, *seqs]:
         s.release()

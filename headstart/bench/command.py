@@ -24,6 +24,7 @@ from headstart.bench import modes as modes_mod
 from headstart.bench.workloads import WORKLOADS, Workload, load_trace, make_workload, parse_gaps
 from headstart.config import GATE_CONFIDENCE, GATE_TARGET, PREDICTOR
 from headstart.idle.prepos import PREDICTORS
+from headstart.server.flags import add_kernel_flags
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,6 +39,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                         "the same requests at each count (throughput, TTFT, steps; bench/sweep.py)")
     p.add_argument("--step-tokens", type=int, default=None,
                    help="the engine's step budget in tokens (default: the engine's, by device)")
+    add_kernel_flags(p)  # every mode's engine and the sweep's (--model-only compares the kernels itself)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rounds", type=int, default=None,
                    help="run every mode on one group of sessions before the next group; default: groups of "
@@ -157,6 +159,8 @@ def run_bench(args: argparse.Namespace) -> int:
             predictor=args.predictor,
             prefix_blocks=args.prefix_blocks,
             prefix_block=args.prefix_block,
+            attention=args.attention,
+            linear=args.linear,
         )
     except (ValueError, OSError) as exc:
         print(f"headstart bench: {exc}", file=sys.stderr)
@@ -250,7 +254,8 @@ def run_bench(args: argparse.Namespace) -> int:
                 runs[run.name] = merge(runs.get(run.name), run)
                 bar.write(f"{run.name} [{number}/{len(parts)}]: {len(run.records)} requests in {run.wall_s:.0f} s")
     elapsed = time.perf_counter() - started
-    model = {"name": backend.info.name, "device": backend.info.device, "dtype": backend.info.dtype}
+    model = {"name": backend.info.name, "device": backend.info.device, "dtype": backend.info.dtype,
+             "attention": args.attention, "linear": args.linear}
     command = "headstart " + " ".join(shlex.quote(a) for a in (args.argv or []))
     report = build_report(
         workload.describe(), model, runs, target=args.target, clients=clients, command=command, notes=notes,

@@ -20,6 +20,7 @@ from typing import Any
 from headstart.bench import peer_model
 from headstart.kv import KVSeq
 from headstart.model.hf import HFBackend
+from headstart.model.llama import linear_usable
 from headstart.model.runner import Feed, Runner, from_backend
 from headstart.session.template import Message
 
@@ -62,7 +63,10 @@ def run_model_only(
         "runner mkl": from_backend(backend, kv_budget=budget, block_size=block_size, linear="mkl"),
         "runner tiled": from_backend(backend, kv_budget=budget, block_size=block_size, kernel="tiled"),
     }
-    batching = list(runners)[:2]
+    param = next(backend.model.parameters())
+    if linear_usable("fp16", param.device, param.dtype):  # weight-only half precision, opt-in (llama.py)
+        runners["runner fp16"] = from_backend(backend, kv_budget=budget, block_size=block_size, linear="fp16")
+    batching = [name for name in runners if name != "runner tiled"]
     steps = len(contexts) * (1 + len(runners)) + 1 + len(batches) * len(batching)
     bar = tqdm(total=steps, disable=not progress, file=sys.stderr)
     decode: dict[str, dict[int, float]] = {"transformers": {}, **{k: {} for k in runners}}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from headstart.config import GATE_CONFIDENCE, GATE_TARGET, PREDICTOR
+from headstart.config import ATTENTION, GATE_CONFIDENCE, GATE_TARGET, LINEAR, PREDICTOR
 from headstart.engine.engine import EngineConfig
 from headstart.idle.prepos import PREDICTORS
 
@@ -54,11 +54,14 @@ def mode_specs(
     prefix_blocks: int = 1024,
     prefix_block: int = 16,
     background_chunk: int = 16,
+    attention: str = ATTENTION,
+    linear: str = LINEAR,
 ) -> list[ModeSpec]:
     """Specs for ``names``; ``prepositioned:PREDICTOR`` compares predicted deltas. The gate
     mode fires at ``gap_threshold``, or with None as the server's guaranteed gate does
     (precision bound ``target`` at ``confidence``, calibrated online during the run)."""
-    base = EngineConfig(pre_position=False, gate=False, predictor=predictor, background_chunk=background_chunk)
+    base = EngineConfig(pre_position=False, gate=False, predictor=predictor, background_chunk=background_chunk,
+                        attention=attention, linear=linear)
     specs = []
     for name in names:
         mode, _, variant = name.partition(":")

@@ -324,7 +324,7 @@ def run_sweep(args: Any, counts: list[int]) -> int:
         torch.set_num_threads(args.threads)
     backend = load(args.model, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir)
     warm_up(backend)
-    config = EngineConfig()
+    config = EngineConfig(attention=args.attention, linear=args.linear)
     if args.step_tokens:
         config = replace(config, step_tokens=args.step_tokens)
     sessions = args.sessions or max(counts)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from headstart.config import (
+    ATTENTION,
     BACKGROUND_CHUNK,
     CONTEXT_RESERVE,
     CONTINUATION_CAP,
@@ -31,6 +32,7 @@ from headstart.config import (
     GATE_WINDOW,
     IDLE_EXPIRY_S,
     KV_BLOCK,
+    LINEAR,
     MAX_PENDING,
     MAX_QUERIES,
     MAX_SESSIONS,
@@ -60,7 +62,10 @@ from headstart.idle import job as upkeep
 from headstart.idle.job import IdleWork
 from headstart.idle.prepos import PREDICTORS, PreposConfig
 from headstart.kv.spill import Spill
+from headstart.model.attention import KERNELS
 from headstart.model.backend import Backend
+from headstart.model.hf_runner import HFRunner
+from headstart.model.llama import LINEARS
 from headstart.model.runner import from_backend
 from headstart.session.book import KVBook, Steps
 from headstart.session.evict import Budget, default_budget
@@ -149,6 +154,16 @@ class EngineConfig:
     kv_block: int = KV_BLOCK
     # Tokens one step's forward may hold (decodes, prefill chunks, idle work); None: by device.
     step_tokens: int | None = None
+    # The own runner's kernels (headstart/model/runner.py): the defaults are batch invariant;
+    # attention "tiled" also gives a prompt prefilled in chunks the bits it gets at once.
+    attention: str = ATTENTION
+    linear: str = LINEAR
+
+    def __post_init__(self) -> None:
+        if self.attention not in KERNELS:
+            raise ValueError(f"attention must be one of {', '.join(KERNELS)}, not {self.attention!r}")
+        if self.linear not in LINEARS:
+            raise ValueError(f"linear must be one of {', '.join(LINEARS)}, not {self.linear!r}")
 
     def prepos(self) -> PreposConfig:
         if self.predictor not in PREDICTORS:
@@ -306,8 +321,13 @@ class Engine:
             backend,  # type: ignore[arg-type]
             kv_budget=self.config.kv_budget or machine,
             block_size=self.config.kv_block,
+            kernel=self.config.attention,
+            linear=self.config.linear,
             physical_bytes=machine,
         )
+        if isinstance(self.runner, HFRunner) and (self.config.attention, self.config.linear) != (ATTENTION, LINEAR):
+            raise ValueError(f"attention={self.config.attention!r} and linear={self.config.linear!r} choose kernels "
+                             f"of the own forward (llama, qwen2); {info.name} runs on transformers' instead")
         self.pool = self.runner.pool
         self.book = KVBook(backend, self.runner, self.stats)
         self.scheduler = Scheduler(self.book, self.stats, self.config.step_tokens or default_step_tokens(info.device))

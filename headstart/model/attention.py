@@ -149,7 +149,7 @@ def _sdpa_meta(spans: list[tuple[int, int, list[int], int]], block_size: int, de
     return AttnMeta(empty, empty, empty, empty, empty, seqs=seqs)
 
 
-def _sdpa(q: torch.Tensor, pool: BlockPool, layer: int, seqs: list[SeqView], out: torch.Tensor) -> None:
+def _sdpa(q: torch.Tensor, scale: float, pool: BlockPool, layer: int, seqs: list[SeqView], out: torch.Tensor) -> None:
     k_pool, v_pool = pool.k[layer], pool.v[layer]
     for s in seqs:
         qs = q[s.q_start : s.q_start + s.q_len].transpose(0, 1)[None]
@@ -158,7 +158,7 @@ def _sdpa(q: torch.Tensor, pool: BlockPool, layer: int, seqs: list[SeqView], out
             pool.heads(k_pool, s.blocks, s.kv_len)[None],
             pool.heads(v_pool, s.blocks, s.kv_len)[None],
             attn_mask=s.mask,
-            scale=1.0,
+            scale=scale,
             enable_gqa=True,
         )
         out[s.q_start : s.q_start + s.q_len] = o[0].transpose(0, 1).flatten(1)
@@ -189,13 +189,16 @@ def _tile_sum(x: torch.Tensor) -> torch.Tensor:
     return x[:, :, 0]
 
 
-def paged_attention(q: torch.Tensor, pool: BlockPool, layer: int, meta: AttnMeta, out: torch.Tensor) -> None:
-    """``q``: (T, heads, dim) queries, already scaled; writes (T, heads * dim) into ``out``."""
+def paged_attention(
+    q: torch.Tensor, scale: float, pool: BlockPool, layer: int, meta: AttnMeta, out: torch.Tensor
+) -> None:
+    """``q``: (T, heads, dim) queries, scaled by ``scale`` here (inside the fused kernels: no op
+    of its own); writes (T, heads * dim) into ``out``."""
     if meta.varlen is not None:
-        _varlen(q, pool, layer, meta.varlen, out)
+        _varlen(q, scale, pool, layer, meta.varlen, out)
         return
     if meta.seqs is not None:
-        _sdpa(q, pool, layer, meta.seqs, out)
+        _sdpa(q, scale, pool, layer, meta.seqs, out)
         return
     heads, dim = q.shape[1], q.shape[2]
     kvh = pool.kv_heads
@@ -203,7 +206,7 @@ def paged_attention(q: torch.Tensor, pool: BlockPool, layer: int, meta: AttnMeta
     bsz, qmax = meta.gather.shape
     tiles = meta.tables.shape[1]
     tile = pool.block_size
-    qs = q.index_select(0, meta.gather.flatten()).view(bsz, qmax, kvh, g, dim)
+    qs = (q.index_select(0, meta.gather.flatten()) * scale).view(bsz, qmax, kvh, g, dim)
     qs = qs.permute(0, 2, 3, 1, 4).reshape(bsz, kvh, 1, g * qmax, dim)
     shape = (bsz, tiles, tile, kvh, dim)
     index = meta.tables.flatten()
@@ -232,7 +235,7 @@ def _tiles(pool: BlockPool, t: torch.Tensor, index: torch.Tensor) -> torch.Tenso
     return t.index_select(1, index).permute(1, 2, 0, 3)
 
 
-def _varlen(q: torch.Tensor, pool: BlockPool, layer: int, m: VarlenMeta, out: torch.Tensor) -> None:
+def _varlen(q: torch.Tensor, scale: float, pool: BlockPool, layer: int, m: VarlenMeta, out: torch.Tensor) -> None:
     """CUDA: the paged flash kernel reads the blocks in place (no gather). ``num_splits=1``
     keeps a sequence's result independent of the rest of the batch (its documented
     batch-invariance switch); ``window_size=(-1, 0)`` is causal, aligned bottom-right."""
@@ -246,7 +249,7 @@ def _varlen(q: torch.Tensor, pool: BlockPool, layer: int, m: VarlenMeta, out: to
         None,
         m.max_q,
         m.max_k,
-        scale=1.0,  # the queries come scaled
+        scale=scale,
         window_size=(-1, 0),
         enable_gqa=True,
         seqused_k=m.seqused_k,

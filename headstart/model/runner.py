@@ -5,12 +5,13 @@ are wanted. The runner allocates the rows in the pool, builds the flattened ids,
 positions, slot mapping and per-sequence spans, and runs the model once.
 
 Bitwise invariance on the CPU: two choices make the modes.
-- ``linear``: ``onednn`` (the default) runs the linear layers through oneDNN, whose rows do
-  not depend on the product's row count; ``mkl`` is F.linear, transformers' own kernel (its
-  bits equal the oracle's), which computes rows in groups of four and gives a last group of
-  one to three rows other bits, so there every product is padded to a multiple of
-  ``MIN_ROWS`` rows (the padding rows write their K/V to the pool's scratch block and are
-  never read). Where oneDNN does not run (CUDA, half precision) ``onednn`` means ``mkl``.
+- ``linear`` (llama.py): ``onednn`` (the default) runs the linear layers through oneDNN, whose
+  rows do not depend on the product's row count; ``mkl`` is F.linear, transformers' own kernel
+  (its bits equal the oracle's), and ``fp16`` fbgemm's kernel on half-precision weights (opt-in:
+  about half the decode time, logits ~1e-2 from fp32's); both give the rows of a last partial
+  row group other bits, so there every product is padded (``pad_rows``; the padding rows write
+  their K/V to the pool's scratch block and are never read). Where oneDNN does not run (CUDA,
+  half precision) ``onednn`` means ``mkl``.
 - ``kernel`` (attention.py): ``sdpa`` (the default) runs each sequence alone, so a sequence's
   logits are the same bits alone or beside any others; ``tiled`` also gives a prompt
   prefilled in chunks the same bits as at once, at a cost in speed.
@@ -27,16 +28,15 @@ from weakref import WeakKeyDictionary
 
 import torch
 
+from headstart.config import ATTENTION, LINEAR
 from headstart.kv.pool import SCRATCH, BlockPool, Reservation
 from headstart.kv.seq import KVSeq
 from headstart.model.arch import ArchConfig
 from headstart.model.attention import KERNELS, build_meta, varlen_usable
 from headstart.model.hf import HFBackend
 from headstart.model.hf_runner import HFRunner
-from headstart.model.llama import LINEARS, Llama
+from headstart.model.llama import Llama, pad_rows
 from headstart.model.weights import from_module
-
-MIN_ROWS = 4  # rows per MKL product group (products are padded to it where oneDNN is not used)
 
 
 @dataclass
@@ -52,14 +52,11 @@ class Feed:
 class Runner:
     """The own forward bound to its pool."""
 
-    def __init__(self, model: Llama, pool: BlockPool, kernel: str = "sdpa", linear: str = "onednn") -> None:
+    def __init__(self, model: Llama, pool: BlockPool, kernel: str = ATTENTION, linear: str = LINEAR) -> None:
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}")
-        if linear not in LINEARS:
-            raise ValueError(f"linear must be one of {LINEARS}")
         self.model = model
-        self.onednn = linear == "onednn" and model.pack()
-        self.min_rows = 1 if self.onednn else MIN_ROWS
+        self.linear = model.pack(linear)  # the kernel that runs
         self.kernel = kernel
         self.pool = pool
         self.forwards = 0
@@ -94,17 +91,17 @@ class Runner:
             spans.append((q, n, f.seq.blocks, start + n))
             keep = min(f.keep, n)
             rows += range(q + n - keep, q + n)
-        pad = -len(ids) % self.min_rows
+        pad = pad_rows(self.linear, len(ids))
         if pad > 0:
             ids += [0] * pad
             positions += [0] * pad
             slots += [SCRATCH * pool.block_size + i % pool.block_size for i in range(pad)]
-        rows += [rows[-1]] * (-len(rows) % self.min_rows)
+        rows += [rows[-1]] * pad_rows(self.linear, len(rows))
         group = self.model.arch.heads // self.model.arch.kv_heads
         meta = build_meta(spans, pool.block_size, group, device, varlen_usable(device, self.model.dtype), self.kernel)
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
         logits = self.model.forward(
-            as_tensor(ids), as_tensor(positions), as_tensor(slots), meta, as_tensor(rows), pool, self.onednn
+            as_tensor(ids), as_tensor(positions), as_tensor(slots), meta, as_tensor(rows), pool, self.linear
         )
         self.forwards += 1
         out: list[torch.Tensor] = []
@@ -127,8 +124,8 @@ def from_backend(
     *,
     kv_budget: int,
     block_size: int = 16,
-    kernel: str = "sdpa",
-    linear: str = "onednn",
+    kernel: str = ATTENTION,
+    linear: str = LINEAR,
     physical_bytes: int | None = None,
 ) -> Runner | HFRunner:
     """The runner for ``backend``'s model with a pool of ``kv_budget`` bytes (at most

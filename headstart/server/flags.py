@@ -9,6 +9,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from headstart.config import (
+    ATTENTION,
     BACKGROUND_CHUNK,
     CONTEXT_RESERVE,
     CPU_STEP_TOKENS,
@@ -19,6 +20,7 @@ from headstart.config import (
     HEARTBEAT_S,
     HOST,
     IDLE_EXPIRY_S,
+    LINEAR,
     MAX_BODY_BYTES,
     MAX_EVENT_STREAMS,
     MAX_PENDING,
@@ -30,6 +32,8 @@ from headstart.config import (
 )
 from headstart.engine.engine import EngineConfig
 from headstart.idle.prepos import PREDICTORS
+from headstart.model.attention import KERNELS
+from headstart.model.llama import LINEARS
 
 if TYPE_CHECKING:
     from headstart.server.app import ServerConfig
@@ -114,6 +118,21 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-sessions", type=int, default=MAX_SESSIONS)
     p.add_argument("--idle-expiry", type=float, default=IDLE_EXPIRY_S, help="seconds before an idle session is deleted")
     p.add_argument("--max-context", type=int, default=None, help="tokens per session (default: the model's)")
+    add_kernel_flags(p)
+
+
+def add_kernel_flags(p: argparse.ArgumentParser) -> None:
+    """The own runner's kernels (llama and qwen2; other models refuse anything but the defaults)."""
+    p.add_argument("--attention", choices=KERNELS, default=ATTENTION,
+                   help="attention kernel (default %(default)s): sdpa is batch invariant (a sequence gets the same "
+                        "bits alone or beside others); tiled is also chunk invariant (a prompt prefilled in chunks "
+                        "gets the bits it gets at once), at a cost in prefill and decode speed")
+    p.add_argument("--linear", choices=LINEARS, default=LINEAR,
+                   help="linear layers' kernel (default %(default)s): onednn is batch invariant in float32 on the CPU "
+                        "(elsewhere it means mkl); mkl is F.linear, transformers' own kernel (its bits; batch "
+                        "invariant by padding products to groups of four rows), slower on the CPU; fp16 is fbgemm's "
+                        "on a half-precision copy of the weights (CPU, float32 models): faster decode, logits near "
+                        "but not equal to float32's, batch invariant")
 
 
 def parse_bytes(text: str) -> int:
@@ -149,6 +168,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_sessions=args.max_sessions,
         idle_expiry_s=args.idle_expiry,
         max_context=args.max_context,
+        attention=args.attention,
+        linear=args.linear,
     )
 
 
