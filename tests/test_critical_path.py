@@ -4,6 +4,7 @@ equal full ones, incremental detokenisation, prompt final chunks, and honest cou
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import sqlite3
 import threading
@@ -112,6 +113,50 @@ def test_cached_render_equals_the_full_render(tokenizer: PreTrainedTokenizerBase
         assert len(template.render_text(edited, tools=tools)) == len(template.render_text(turns, tools=tools))
         template.render(turns, tools=tools, cache=cache)
         assert template.render(edited, tools=tools, cache=cache) == template.render(edited, tools=tools)
+
+
+def test_a_recent_render_is_reused_only_for_the_same_inputs(tokenizer: PreTrainedTokenizerBase) -> None:
+    """The same conversation again (fresh objects, as a door parses it) gets a recent
+    rendering's ids without the template running; inputs Python calls equal but the template
+    writes apart (1, 1.0 and True; a dict's order) are rendered, each exactly; a template
+    that reads the clock is run every time."""
+    template = ChatTemplate(tokenizer)
+    calls: list[int] = []
+    render_text = template.render_text
+
+    def spy(*args: Any, **kwargs: Any) -> str:
+        calls.append(1)
+        return render_text(*args, **kwargs)
+
+    template.render_text = spy  # type: ignore[method-assign]
+    tools = TOOLS if template.supports_tools else None
+    turns = _turns(template.supports_tools)
+    cache = RenderCache()
+    first = template.render(turns, tools=tools, cache=cache)
+    calls.clear()
+    assert template.render(copy.deepcopy(turns), tools=tools, cache=cache) == first and not calls
+    assert template.render(turns, generation_prompt=False, tools=tools, cache=cache) == template.render(
+        turns, generation_prompt=False, tools=tools)
+    if template.supports_tools:
+        lookalikes = [{"word": 1, "exact": True}, {"exact": True, "word": 1}, {"word": True, "exact": 1},
+                      {"word": 1.0, "exact": True}]
+        assert all(a == lookalikes[0] for a in lookalikes)
+        texts = set()
+        for arguments in lookalikes:
+            call = {"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": arguments}}
+            messages = [*turns, {"role": "assistant", "content": "", "tool_calls": [call]}]
+            texts.add(render_text(messages, tools=tools))
+            assert template.render(messages, tools=tools, cache=cache) == template.render(messages, tools=tools)
+        assert len(texts) == len(lookalikes)  # each renders differently: a reused one would be wrong
+    clocked = _tokenizer(None if not template.supports_tools else "qwen")
+    clocked.chat_template = "{{ strftime_now('%H:%M:%S.%f') }}" + clocked.chat_template
+    template = ChatTemplate(clocked)
+    calls.clear()
+    render_text = template.render_text
+    template.render_text = spy  # type: ignore[method-assign]
+    for _ in range(2):
+        template.render(turns, tools=tools, cache=cache)
+    assert len(calls) == 2
 
 
 def test_cached_render_tokenises_only_the_new_part(tokenizer: PreTrainedTokenizerBase) -> None:

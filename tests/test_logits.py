@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from headstart.decode.logits import Chooser
-from headstart.decode.sampling import SamplingParams, distribution
+from headstart.decode.sampling import SamplingParams, argmax, distribution, top_gap
 
 VOCAB = 64
 
@@ -55,6 +55,56 @@ def test_greedy_choices_follow_the_reference(seed: int) -> None:
         assert math.isclose(chooser.last.logprob, float(logp[token]), abs_tol=1e-5)  # the model's own
         assert [t for t, _ in chooser.last.top] == torch.topk(logp, 5).indices.tolist()
         output.append(token)
+
+
+def test_the_greedy_argmax_is_torchs_first_largest_logit() -> None:
+    """The CPU scan that picks every greedy token (numpy's, on the calling thread) picks
+    what torch.argmax picks: the first of tied maxima, a NaN over any number, through a
+    -inf mask, on a strided row; a half-precision tensor takes torch's own."""
+    torch.manual_seed(0)
+    rows = [torch.randn(49152) for _ in range(20)]
+    tied = torch.zeros(VOCAB)
+    tied[[7, 3, 40]] = 2.0
+    nan = torch.randn(VOCAB)
+    nan[[9, 30]] = float("nan")
+    masked = torch.full((VOCAB,), float("-inf"))
+    masked[[50, 12]] = -3.0
+    strided = torch.randn(4, VOCAB).t()[5]
+    for logits in [*rows, tied, nan, masked, strided, torch.zeros(VOCAB), torch.randn(VOCAB).half()]:
+        assert argmax(logits) == int(torch.argmax(logits))
+    assert argmax(tied) == 3 and argmax(nan) == 9 and argmax(masked) == 12
+
+
+def test_the_gap_scan_finds_the_greedy_token_and_topks_gap() -> None:
+    """top_gap's token is the greedy pick of the same logits (a ready position's token is
+    its first token) and its gap topk's: on ties, through a mask, with a NaN."""
+    torch.manual_seed(1)
+    tied = torch.zeros(VOCAB)
+    tied[[63, 7]] = 2.0  # topk's index here is 63, the greedy pick's 7
+    masked = torch.full((VOCAB,), float("-inf"))
+    masked[[50, 12]] = -3.0
+    lone = torch.full((VOCAB,), float("-inf"))
+    lone[9] = 1.0
+    for logits in [*(torch.randn(49152) for _ in range(20)), tied, masked, lone, torch.randn(VOCAB).half()]:
+        values = torch.topk(logits, 2).values
+        assert top_gap(logits) == (int(torch.argmax(logits)), float(values[0] - values[1]))
+    nan = torch.randn(VOCAB)
+    nan[[30, 9]] = float("nan")
+    token, gap = top_gap(nan)
+    assert token == 9 and math.isnan(gap)
+
+
+def test_a_known_argmax_stands_only_for_a_greedy_choice_under_no_rule() -> None:
+    """A ready position's token saves the first token's scan only where the scan would find
+    it: with a bias or a draw the rules choose, as they would on any logits."""
+    logits = torch.zeros(VOCAB)
+    logits[5], logits[6] = 3.0, 2.0
+    assert Chooser(SamplingParams(), [], VOCAB, "cpu", None).choose(logits, argmax=5) == 5
+    biased = Chooser(SamplingParams(logit_bias=((6, 5.0),)), [], VOCAB, "cpu", None)
+    assert biased.choose(logits, argmax=5) == 6
+    drawn = Chooser(SamplingParams(temperature=1.0, top_k=1), [], VOCAB, "cpu", torch.Generator().manual_seed(0))
+    logits[6] = 9.0  # the scan the caller did was of other logits: a draw must not take its word
+    assert drawn.choose(logits, argmax=5) == 6
 
 
 def test_the_rules_change_the_choice() -> None:

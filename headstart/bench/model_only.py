@@ -132,8 +132,9 @@ def _decode_ms(engine: Any, sid: str, messages: list[dict[str, str]], tokens: in
 def warmed_turns(engine: Any, context: int, rounds: int = 3, tokens: int = 1) -> list[tuple[list[Message], Any]]:
     """The engine figures' setup, ``rounds`` times over one ``context``-token session: the
     client names its next message (the session's hint), waits for the idle-time work, and
-    sends it (a ``ready_exact`` hit), then streams another message (the gate answers it
-    from the position's cached distribution: only a streaming client gets a gate answer).
+    sends it (a ``ready_exact`` hit), then streams another message, a new one each round
+    (the gate answers it from the position's cached distribution: only a streaming client
+    gets a gate answer; the session's render cache has not seen it, as in real use).
     Both are ephemeral, so every round finds the session as the first turn left it.
     Returns each turn's messages and completion, in order."""
     from headstart.decode.sampling import SamplingParams
@@ -146,9 +147,9 @@ def warmed_turns(engine: Any, context: int, rounds: int = 3, tokens: int = 1) ->
     s = engine.get_session("long")
     said = [*long, {"role": "assistant", "content": first.text}]
     follow = [*said, {"role": "user", "content": "Thanks."}]  # what the hint predicts: ready_exact
-    other = [*said, {"role": "user", "content": "Thank you."}]  # not predicted: the gate answers
     turns: list[tuple[list[Message], Any]] = []
-    for _ in range(rounds):
+    for i in range(rounds):
+        other = [*said, {"role": "user", "content": f"Thank you ({i + 1})."}]  # not predicted: the gate answers
         s.settings.hint = "Thanks."
         engine.schedule_pre_position(s)
         engine.wait_idle(600)

@@ -131,11 +131,17 @@ class Chooser:
         """The rules at the next position."""
         return Step(self)
 
-    def choose(self, logits: torch.Tensor, *, cached: bool = False) -> int:
-        """The next token from ``logits`` under every rule; the state moves past it."""
+    def choose(self, logits: torch.Tensor, *, cached: bool = False, argmax: int | None = None) -> int:
+        """The next token from ``logits`` under every rule; the state moves past it.
+        ``argmax``: the logits' argmax, when it is known already (a ready position's, found
+        in idle time by the same scan): a greedy choice under no rule is that token, and
+        the vocabulary is not scanned again."""
         step = self.step()
         shaped = step.apply(logits) if self.active else logits
-        token = pick(shaped, self.params, self.generator)
+        if argmax is not None and self.params.greedy and not self.active:
+            token = argmax
+        else:
+            token = pick(shaped, self.params, self.generator)
         self.last_step = step
         self.last = self.logprob(logits, token, cached) if self.params.logprobs else None
         self._advance(token)

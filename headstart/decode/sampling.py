@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 
@@ -91,10 +92,19 @@ def distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return probs
 
 
+def argmax(logits: torch.Tensor) -> int:
+    """The index of the first largest logit (a NaN counts as largest), as ``torch.argmax``
+    gives it. On the CPU numpy scans on the calling thread: torch's argmax over a 49k
+    vocabulary takes ~120 us here against numpy's ~12, on every greedy token chosen."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and not logits.requires_grad:
+        return int(np.argmax(logits.numpy()))
+    return int(torch.argmax(logits))
+
+
 def pick(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """One token from ``logits``: argmax when greedy, else a draw."""
     if params.greedy:
-        return int(torch.argmax(logits))
+        return argmax(logits)
     probs = distribution(logits, params)
     return int(torch.multinomial(probs, 1, generator=generator))
 
@@ -111,7 +121,7 @@ def accept(
     Greedy: both argmaxes agree. Sampled: speculative sampling's ``min(1, p/q)`` test.
     """
     if params.greedy:
-        return int(torch.argmax(target)) == token
+        return argmax(target) == token
     p = float(distribution(target, params)[token])
     q = float(distribution(draft, params)[token])
     if q <= 0.0:
@@ -121,9 +131,16 @@ def accept(
 
 
 def top_gap(logits: torch.Tensor) -> tuple[int, float]:
-    """The argmax and the logit gap top-1 minus top-2: the gate's confidence signal."""
-    values, indices = torch.topk(logits, 2)
-    return int(indices[0]), float(values[0] - values[1])
+    """The argmax (as :func:`argmax` gives it, ties and all: a greedy pick of these logits
+    is this token) and the logit gap top-1 minus top-2: the gate's confidence signal. On
+    the CPU by numpy on the calling thread, as ``argmax`` (torch's topk takes ~160 us)."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and not logits.requires_grad:
+        v = logits.numpy().reshape(-1)
+        i = int(np.argmax(v))
+        second = max(v[:i].max(initial=-np.inf), v[i + 1 :].max(initial=-np.inf))  # a NaN anywhere is v[i]
+        return i, float(v[i] - np.float32(second))
+    values = torch.topk(logits, 2).values
+    return argmax(logits), float(values[0] - values[1])
 
 
 def candidate_gap(logits: torch.Tensor, first_ids: torch.Tensor) -> tuple[int, float]:

@@ -41,7 +41,7 @@ from headstart.config import (
 )
 from headstart.decode.grammar import GrammarError, GrammarMatcher, Grammars
 from headstart.decode.logits import Chooser, TokenLogprob
-from headstart.decode.sampling import Constraint, SamplingParams, accept, candidate_gap, top_gap
+from headstart.decode.sampling import Constraint, SamplingParams, accept, argmax, candidate_gap, top_gap
 from headstart.decode.textstream import TextStream
 from headstart.engine.gate import SERVER_KEY, Decision, Gate, answers_key, session_key
 from headstart.engine.loop import Cancelled, Job, Scheduler, default_step_tokens
@@ -565,7 +565,7 @@ class Engine:
 
     def _check_params(self, params: SamplingParams, req: Request) -> None:
         """What the logits rules need to be valid here (the door checked the ranges)."""
-        vocab = len(self.template.tokenizer)
+        vocab = len(self.template.tokenizer) if params.logit_bias else 0  # a call into the tokenizer
         for token, _ in params.logit_bias:
             if not 0 <= token < vocab:
                 raise BadRequest(f"logit_bias: {token} is not a token id of this model (0..{vocab - 1})",
@@ -708,7 +708,7 @@ class Engine:
         if t.candidates is not None:
             self._answer_candidate(t, rp.logits[0])
         else:
-            yield from self._decode(t, rp.logits[0], rp.forced, rp.logits[1:])
+            yield from self._decode(t, rp.logits[0], rp.forced, rp.logits[1:], argmax=rp.token)
 
     def _serve_gate(self, t: Turn, rp: ReadyPosition) -> Generator[None, None, None]:
         """``gate``: the first token comes from the cached distribution at once; the real delta is
@@ -733,7 +733,7 @@ class Engine:
 
             t.verify = verify
             return
-        first = t.chooser.choose(rp.logits[0], cached=True)
+        first = t.chooser.choose(rp.logits[0], cached=True, argmax=rp.token)
         rules = t.chooser.last_step
         assert rules is not None
         sure = bool(rp.forced) and first == rp.forced[0]
@@ -763,7 +763,7 @@ class Engine:
         if rp is not None:
             # Shadow check: what the gate would have said here, recorded for calibration.
             choice, gap = self._signal(rp, t.candidates)
-            real = candidate_gap(logits, t.candidates[1])[0] if t.candidates is not None else int(logits.argmax())
+            real = candidate_gap(logits, t.candidates[1])[0] if t.candidates is not None else argmax(logits)
             self.gate.record(t.gate_keys, gap, choice == real, fired=False)
             t.shadow = {"gap": gap, "agree": choice == real, "choice": choice}
             if self._gate_on(t):
@@ -793,16 +793,19 @@ class Engine:
         return rp.token, rp.gap
 
     def _decode(
-        self, t: Turn, logits: torch.Tensor, drafts: list[int], draft_logits: list[torch.Tensor]
+        self, t: Turn, logits: torch.Tensor, drafts: list[int], draft_logits: list[torch.Tensor],
+        argmax: int | None = None,
     ) -> Generator[None, None, None]:
         """Generate until a stop. ``drafts`` are tokens already in the KV after the current
         position (a ready position's sure tail, or a gate's draft) with the logits after
         each; a draft is kept only while the chosen token equals it, which makes them
-        exact: the verification step of speculative decoding."""
+        exact: the verification step of speculative decoding. ``argmax``: that of
+        ``logits``, when a ready position found it in idle time."""
         s, em = t.session, t.emitter
         drafts, draft_logits = list(drafts), list(draft_logits)
         while True:
-            token = t.chooser.choose(logits)
+            token = t.chooser.choose(logits, argmax=argmax)
+            argmax = None
             is_draft = bool(drafts) and token == drafts[0]
             if em.emit(token, forced=is_draft):
                 break

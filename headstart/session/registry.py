@@ -342,7 +342,9 @@ class SessionRegistry:
         # One more block when a block of the session is shared: writing into it copies it.
         cow = any(self.pool.refs[b] > 1 for b in s.kv.blocks)
         need = max(0, self.pool.blocks_for(reserve_tokens) + cow - self.budget.held_blocks(s))
-        plan = self.budget.plan(self._holding_kv(), need - self.pool.available(), s, background=False)
+        short = need - self.pool.available()
+        # The sessions are listed only when the pool is short: a request's admission stays O(1).
+        plan = self.budget.plan(self._holding_kv(), short, s, background=False) if short > 0 else []
         if plan is None:
             return False
         for ev in plan:

@@ -42,7 +42,7 @@ class ReadyPosition:
     base: int
     logits: list[torch.Tensor]
     forced: list[int]
-    token: int
+    token: int  # the argmax of logits[0] (top_gap's, the greedy pick of it)
     gap: float
     background: list[bool] = field(default_factory=list)  # which rows past base idle work computed
     seq: KVSeq | None = None  # set when parked

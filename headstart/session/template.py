@@ -11,6 +11,14 @@ two texts share. That is exact, not an approximation: a tokenizer splits its tex
 special tokens before anything else and encodes the pieces apart, so the ids before a
 special token depend only on the text before it (checked at start-up that the opening
 token is such a token and no other special token contains it).
+
+A request often sends exactly the conversation idle time already rendered (a ready
+position's prediction, a warm, a registered question): the cache also keeps the last few
+renderings by their inputs, and the same inputs give the rendering's ids without running
+the template. That is exact too: the template is a function of the messages, the tools and
+the generation prompt alone (a template that reads the clock, ``strftime_now``, is always
+run), and inputs count as the same only when equal in type as well as value all the way
+down (``1``, ``1.0`` and ``True`` are equal in Python and render differently).
 """
 
 from __future__ import annotations
@@ -26,6 +34,34 @@ from headstart.errors import BadRequest
 Message = dict[str, Any]
 
 _PLACEHOLDERS = ("\x01alpha placeholder", "\x02omega placeholder")
+RECENT = 4  # renderings a session's cache keeps by their inputs
+
+
+class _Unkeyable(Exception):
+    """A value whose rendering the cache cannot tell apart from another's by comparing it."""
+
+
+def _frozen(value: Any) -> Any:
+    """``value`` as a comparable tuple that equals another's only when the two are equal in
+    type and value all the way down (dicts in their order: a template iterates them so)."""
+    kind = type(value)
+    if kind is str or kind is int or kind is bool or value is None:
+        return kind, value
+    if kind is float:
+        return kind, repr(value)  # -0.0 == 0.0, and renders differently
+    if kind is dict:
+        return kind, tuple((_frozen(k), _frozen(v)) for k, v in value.items())
+    if kind is list or kind is tuple:
+        return kind, tuple(_frozen(v) for v in value)
+    raise _Unkeyable
+
+
+def _inputs(messages: Sequence[Message], tools: Sequence[dict[str, Any]] | None, generation_prompt: bool) -> Any:
+    """What a rendering depends on, frozen; None when some value cannot be compared exactly."""
+    try:
+        return _frozen(list(messages)), _frozen(list(tools) if tools else None), generation_prompt
+    except _Unkeyable:
+        return None
 
 
 class TemplateError(ValueError):
@@ -77,6 +113,7 @@ class RenderCache:
     def __init__(self) -> None:
         self.last: Rendered | None = None
         self.entry: tuple[list[Message], str, Any, list[int]] | None = None
+        self.recent: tuple[tuple[Any, Rendered], ...] = ()  # (inputs, rendering), the latest first
 
 
 class ChatTemplate:
@@ -90,6 +127,8 @@ class ChatTemplate:
         end = tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.end_of_message = end if isinstance(end, int) and end >= 0 else tokenizer.eos_token_id
         self._opening, self._opening_id = self._cut_token()
+        # A template that reads the clock renders the same messages differently over time.
+        self._pure = "strftime_now" not in tokenizer.chat_template
         # A fast tokenizer's Rust backend, called directly (see encode_chat).
         self._backend = tokenizer.backend_tokenizer if getattr(tokenizer, "is_fast", False) else None
 
@@ -120,12 +159,21 @@ class ChatTemplate:
         cache: RenderCache | None = None,
     ) -> list[int]:
         """Token ids of ``messages`` (plus the assistant's generation prompt); with a
-        ``cache``, the tokens of its last rendering up to where the texts part are reused."""
-        text = self.render_text(messages, generation_prompt=generation_prompt, tools=tools)
+        ``cache``, the ids of a recent rendering of the same inputs, or else the tokens of its
+        last rendering up to where the texts part are reused."""
         if cache is None or self._opening is None:
-            return self.encode_chat(text)
+            return self.encode_chat(self.render_text(messages, generation_prompt=generation_prompt, tools=tools))
+        inputs = _inputs(messages, tools, generation_prompt) if self._pure else None
+        if inputs is not None:
+            hit = next((r for key, r in cache.recent if key == inputs), None)  # read once, replaced whole
+            if hit is not None:
+                cache.last = hit
+                return list(hit.ids)
+        text = self.render_text(messages, generation_prompt=generation_prompt, tools=tools)
         rendered = self._tokenise(text, cache.last)
         cache.last = rendered
+        if inputs is not None:
+            cache.recent = ((inputs, rendered), *cache.recent[: RECENT - 1])
         return list(rendered.ids)
 
     def encode_chat(self, text: str) -> list[int]:
