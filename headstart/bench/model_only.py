@@ -25,14 +25,16 @@ from headstart.model.runner import Feed, Runner, from_backend
 from headstart.session.template import Message
 
 
-def _median_ms(fn: Callable[[], object], reps: int) -> float:
-    times = []
+def _interleaved_ms(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+    """Median ms of each contender, run in turns (one of each, ``reps`` times): a slow spell
+    of a shared machine hits every contender alike, so their ratios hold."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1000
-
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) * 1000 for name, ts in times.items()}
 
 
 PREFILL_TOKENS = 256  # the prompt of the prefill figure
@@ -67,48 +69,53 @@ def run_model_only(
     if linear_usable("fp16", param.device, param.dtype):  # weight-only half precision, opt-in (llama.py)
         runners["runner fp16"] = from_backend(backend, kv_budget=budget, block_size=block_size, linear="fp16")
     batching = [name for name in runners if name != "runner tiled"]
-    steps = len(contexts) * (1 + len(runners)) + 1 + len(batches) * len(batching)
-    bar = tqdm(total=steps, disable=not progress, file=sys.stderr)
+    total = len(contexts) * (1 + len(runners)) + 1 + len(batches) * len(batching)
+    bar = tqdm(total=total, disable=not progress, file=sys.stderr)
     decode: dict[str, dict[int, float]] = {"transformers": {}, **{k: {} for k in runners}}
     for ctx in contexts:
         state = backend.new_state()
         backend.forward(state, ids[:ctx])
-        decode["transformers"][ctx] = _median_ms(lambda s=state, t=ids[ctx]: backend.forward(s, [t]), reps)
-        bar.set_description(f"decode transformers @{ctx}")
-        bar.update()
+        steps: dict[str, Callable[[], object]] = {"transformers": lambda s=state, t=ids[ctx]: backend.forward(s, [t])}
+        held: list[KVSeq] = []
         for name, runner in runners.items():
             seq = KVSeq(runner.pool)
             for start in range(0, ctx, 256):
                 runner.forward([Feed(seq, ids[start : min(ctx, start + 256)])])
-            decode[name][ctx] = _median_ms(lambda s=seq, r=runner, t=ids[ctx]: r.forward([Feed(s, [t])]), reps)
+            held.append(seq)
+            steps[name] = lambda s=seq, r=runner, t=ids[ctx]: r.forward([Feed(s, [t])])
+        bar.set_description(f"decode @{ctx}")
+        for name, ms in _interleaved_ms(steps, reps).items():
+            decode[name][ctx] = ms
+        for seq in held:
             seq.release()
-            bar.set_description(f"decode {name} @{ctx}")
-            bar.update()
+        bar.update(1 + len(runners))
     prompt = ids[:prefill_tokens]
-    prefill = {"transformers": _median_ms(lambda: backend.forward(backend.new_state(), prompt), 2)}
 
     def own_prefill(runner: Runner) -> None:
         seq = KVSeq(runner.pool)
         runner.forward([Feed(seq, prompt)])
         seq.release()
 
-    for name, runner in runners.items():
-        prefill[name] = _median_ms(lambda r=runner: own_prefill(r), 2)
     bar.set_description("prefill")
+    prefill = _interleaved_ms({"transformers": lambda: backend.forward(backend.new_state(), prompt),
+                               **{name: lambda r=runner: own_prefill(r) for name, runner in runners.items()}}, 2)
     bar.update()
     batched: dict[str, dict[int, float]] = {}
     ctx = min(contexts)
-    for name in batching:
-        runner = runners[name]
-        for b in batches:
+    for b in batches:
+        steps, held = {}, []
+        for name in batching:
+            runner = runners[name]
             seqs = [KVSeq(runner.pool) for _ in range(b)]
             runner.forward([Feed(s, ids[i : i + ctx]) for i, s in enumerate(seqs)])
-            ms = _median_ms(lambda ss=seqs, r=runner: r.forward([Feed(s, [ids[ctx]]) for s in ss]), reps)
+            held += seqs
+            steps[name] = lambda ss=seqs, r=runner: r.forward([Feed(s, [ids[ctx]]) for s in ss])
+        bar.set_description(f"batched decode x{b}")
+        for name, ms in _interleaved_ms(steps, reps).items():
             batched.setdefault(name, {})[b] = b * 1000 / ms
-            for s in seqs:
-                s.release()
-            bar.set_description(f"batched decode {name} x{b}")
-            bar.update()
+        for s in held:
+            s.release()
+        bar.update(len(batching))
     bar.close()
     return {
         "model": backend.info.name,
