@@ -708,7 +708,7 @@ class Engine:
         if t.candidates is not None:
             self._answer_candidate(t, rp.logits[0])
         else:
-            yield from self._decode(t, rp.logits[0], rp.forced, rp.logits[1:], argmax=rp.token)
+            yield from self._decode(t, rp.logits[0], rp.forced, rp.logits[1:], known_argmax=rp.token)
 
     def _serve_gate(self, t: Turn, rp: ReadyPosition) -> Generator[None, None, None]:
         """``gate``: the first token comes from the cached distribution at once; the real delta is
@@ -794,18 +794,18 @@ class Engine:
 
     def _decode(
         self, t: Turn, logits: torch.Tensor, drafts: list[int], draft_logits: list[torch.Tensor],
-        argmax: int | None = None,
+        known_argmax: int | None = None,
     ) -> Generator[None, None, None]:
         """Generate until a stop. ``drafts`` are tokens already in the KV after the current
         position (a ready position's sure tail, or a gate's draft) with the logits after
         each; a draft is kept only while the chosen token equals it, which makes them
-        exact: the verification step of speculative decoding. ``argmax``: that of
+        exact: the verification step of speculative decoding. ``known_argmax``: that of
         ``logits``, when a ready position found it in idle time."""
         s, em = t.session, t.emitter
         drafts, draft_logits = list(drafts), list(draft_logits)
         while True:
-            token = t.chooser.choose(logits, argmax=argmax)
-            argmax = None
+            token = t.chooser.choose(logits, argmax=known_argmax)
+            known_argmax = None
             is_draft = bool(drafts) and token == drafts[0]
             if em.emit(token, forced=is_draft):
                 break
