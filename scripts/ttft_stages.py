@@ -6,8 +6,8 @@ Runs the engine figures' setup (``bench/model_only.py``'s ``warmed_turns``: a ``
 hit and a streamed ``gate`` answer per round) with the stages of each request timed by
 wrapping the functions that mark them, and prints the median milliseconds of each stage per
 path: from ``Engine.submit``'s entry through rendering, tokenising, the rest of the door's
-checks, the hand-off to the model thread, its wake-up, the path's own work, to the first
-token. A measuring tool, not a test: its wrappers add a few microseconds per stage.
+checks, the queue, the step's start (run by the submitting thread itself when no step is
+under way), the path's own work, to the first token. A measuring tool, not a test: its wrappers add a few microseconds per stage.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ LABELS = {
     "rendered": "render (chat template)",
     "tokenised": "tokenise (or the render cache's look-up)",
     "handed": "the door's checks, the chooser, the queue",
-    "woken": "the model thread's wake-up and admission",
+    "woken": "the step's start: admission (by the door when no step is under way)",
     "matched": "the ready position found",
     "adopted": "its fork adopted",
     "first token": "the first token chosen",

@@ -75,8 +75,9 @@ def wait_until(condition: Callable[[], bool], timeout: float = 60) -> None:
 
 
 class Blocker:
-    """Holds the model thread in one foreground step until released, so tests can queue
-    work behind it deterministically."""
+    """Holds the step (no forward, no admission) until released, so tests can queue work
+    behind it deterministically. Submitted from a thread of its own: a submit that finds the
+    loop idle runs the step's first part on the submitting thread, which is what holds it."""
 
     def __init__(self, engine: Engine, timeout: float = 60) -> None:
         self.engine = engine
@@ -90,8 +91,8 @@ class Blocker:
         yield
 
     def __enter__(self) -> Blocker:
-        self.engine.scheduler.submit(Job(self._steps()))
-        assert self.inside.wait(30), "the model thread did not pick up the blocker"
+        threading.Thread(target=self.engine.scheduler.submit, args=(Job(self._steps()),), daemon=True).start()
+        assert self.inside.wait(30), "the step did not pick up the blocker"
         return self
 
     def __exit__(self, *exc: object) -> None:

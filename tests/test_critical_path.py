@@ -19,6 +19,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from headstart.decode.sampling import SamplingParams
 from headstart.decode.textstream import TextStream
+from headstart.engine import engine as engine_mod
 from headstart.engine import sessions as sessionapi
 from headstart.engine.engine import Engine, EngineConfig, Request
 from headstart.engine.output import Completion, Delta
@@ -30,7 +31,7 @@ from headstart.session.store import SessionStore
 from headstart.session.template import ChatTemplate, RenderCache, common_prefix
 from tests.apiutil import Blocker, serve, settle, wait_until
 from tests.conftest import require_qwen
-from tests.helpers import GREEDY, QUESTIONS
+from tests.helpers import GREEDY, QUESTIONS, cold, converse
 
 # -- tokenizers of both models (no weights needed) ---------------------------------------
 
@@ -314,6 +315,48 @@ def test_forwards_before_first_token_counts_only_this_request(
     assert done[2].path == "gate" and done[2].extra["forwards_before_first_token"] == 0
     assert done[3].path == "cold" and done[3].extra["forwards_before_first_token"] == 1
     assert engine.stats.forward_calls > 4  # the others' forwards ran in between, and were not counted
+
+
+def test_a_first_token_that_needs_no_forward_is_chosen_by_the_submitting_thread(
+    tiny: HFBackend, make_engine: Callable[..., Engine], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no step under way, the submitting thread runs the step's first part: a ready_exact
+    hit's first token is chosen there before ``submit`` returns, and the forwards of the rest
+    stay on the model thread. With the step held elsewhere, a request only queues."""
+    engine = make_engine(tiny, gate=False)
+    outs, prompts = converse(engine, "door", QUESTIONS[:1])
+    s = engine.get_session("door")
+    s.settings.hint = QUESTIONS[1]
+    engine.schedule_pre_position(s)
+    assert engine.wait_idle(120) and s.ready["next"].source == "hint"
+    messages = [*prompts[0], {"role": "assistant", "content": outs[0].text}, {"role": "user", "content": QUESTIONS[1]}]
+    chosen: list[threading.Thread] = []
+    forwards: list[threading.Thread] = []
+    first, run = engine_mod._Emitter._first, engine.book.run
+
+    def noted_first(self: Any) -> None:
+        chosen.append(threading.current_thread())
+        first(self)
+
+    def noted_run(pieces: Any) -> Any:
+        forwards.append(threading.current_thread())
+        return run(pieces)
+
+    monkeypatch.setattr(engine_mod._Emitter, "_first", noted_first)
+    monkeypatch.setattr(engine.book, "run", noted_run)
+    ask = Request(messages=messages, params=GREEDY, session_id="door", ephemeral=True)
+    handle = engine.submit(ask)
+    assert chosen == [threading.current_thread()]  # before submit returned, on this thread
+    c = handle.result()
+    assert c.path == "ready_exact" and c.completion_tokens > 1
+    assert forwards and set(forwards) == {engine.scheduler._thread}
+    assert engine.wait_idle(120)
+    with Blocker(engine):
+        held = engine.submit(ask)
+        time.sleep(0.1)
+        assert len(chosen) == 1  # queued behind the held step: nothing chosen yet
+    assert held.result().token_ids == c.token_ids == cold(engine, messages).token_ids
+    assert chosen[1] is engine.scheduler._thread
 
 
 def test_evicted_clears_once_the_kv_is_rebuilt(tiny: HFBackend, tmp_path: Path) -> None:

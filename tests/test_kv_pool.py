@@ -76,6 +76,48 @@ def test_adopt_moves_the_table() -> None:
     assert all(pool.refs[b] == 1 for b in session.blocks)
 
 
+def test_adopt_fork_counts_like_adopting_a_fork() -> None:
+    """``adopt_fork`` touches only the blocks past those the two share, and leaves every count,
+    the free list and the rows as ``adopt(other.fork())`` does."""
+    results = []
+    for fast in (False, True):
+        pool = _pool(blocks=12)
+        session = KVSeq(pool)
+        session.append(list(range(9)))  # blocks of 4: two full, one with 1 row
+        _write(pool, session, 0, 100.0)
+        position = session.fork()
+        position.append([20, 21, 22, 23, 24])  # copy on write of the third block, then a new one
+        _write(pool, position, 9, 200.0)
+        session.crop(6)  # a session cut inside the second block: a partial, shared tail
+        if fast:
+            session.adopt_fork(position)
+        else:
+            session.adopt(position.fork())
+        results.append((list(session.blocks), list(session.ids), list(pool.refs), sorted(pool._free), pool.used,
+                        _rows(pool, session).tolist()))
+        assert session.ids == position.ids and session.blocks == position.blocks
+        position.release()
+        session.release()
+        assert pool.used == 0 and pool.available() == 12
+    assert results[0] == results[1]
+
+
+def test_shares_rows_holds_until_a_write_before_the_length() -> None:
+    pool = _pool(blocks=12)
+    session = KVSeq(pool)
+    session.append(list(range(10)))
+    position = session.fork()
+    position.append([50, 51])
+    session.crop(6)
+    assert session.shares_rows(position, 6) and not session.shares_rows(position, 7)  # 7: past the session
+    session.append([6, 7])  # the same ids, written again into a copy of the shared block
+    assert not session.shares_rows(position, 6) and session.ids[:6] == position.ids[:6]
+    other = position.fork()
+    other.crop(4)
+    other.append([9])  # a whole shared block, then a row in a fresh one
+    assert other.shares_rows(position, 4) and not other.shares_rows(position, 5)
+
+
 def test_the_budget_is_the_free_block_count_with_reservations() -> None:
     pool = _pool(blocks=4)
     r = pool.reserve(3)

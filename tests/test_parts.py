@@ -119,7 +119,7 @@ def test_step_loop_fills_its_budget_decodes_then_prefills_then_background(tiny: 
     assert list(engine.stats.step_sequences) == [2, 1, 2, 1]
     assert steps["max_sequences"] == 2
     assert (len(decode.kv_ids), len(prefill.kv_ids), len(idle.kv_ids)) == (1, 20, 10)
-    assert idle.kv_background == [True] * 10 and prefill.kv_background == [False] * 20
+    assert idle.kv_background == b"\x01" * 10 and prefill.kv_background == bytes(20)
     assert len(got) == 3 and loop.idle()
     # the prefill in chunks of 7, 8 and 5 gives the greedy pick of one whole forward
     ref: list[torch.Tensor] = []
@@ -155,7 +155,7 @@ def test_cancelled_background_job_stops_after_its_step(tiny: HFBackend) -> None:
     loop._step()
     assert s.kv_ids == [1]  # it ran the step it was in, and no other
     assert steps.gi_frame is None  # and was closed, so it never runs again
-    assert engine.stats.background.computed == 1 and s.kv_background == [True]
+    assert engine.stats.background.computed == 1 and s.kv_background == b"\x01"
 
 
 def test_wait_idle_returns_only_after_every_jobs_last_step(tiny: HFBackend) -> None:

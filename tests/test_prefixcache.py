@@ -50,7 +50,7 @@ def test_eviction_is_lru_and_keeps_the_blocks_others_hang_from(tiny: HFBackend) 
     ids = list(range(100, 122))  # 5 full blocks and 2 tokens
     s = Session("a", pool)
     runner.forward([Feed(s.kv, ids)])
-    s.kv_background = [False] * len(ids)
+    s.kv_background = bytearray(len(ids))
     assert cache.store(s) == 5
     assert len(cache) == 3 and cache.evicted == 2
     fresh = Session("b", pool)

@@ -354,7 +354,7 @@ class Engine:
         self.started = time.time()
         self._reaper_stop = threading.Event()
         self._grammars: Grammars | None = None  # built on the first constrained request
-        # Called on the model thread with every finished request (metrics, benchmarks).
+        # Called by the step's holder with every finished request, one at a time (metrics, benchmarks).
         self.observers: list[Callable[[Completion], None]] = []
 
     # -- lifecycle -------------------------------------------------------------------

@@ -1,8 +1,9 @@
-"""The stream of one request's output, from the model thread to a door.
+"""The stream of one request's output, from the step loop to a door.
 
-The model thread puts text deltas and then a final completion (or an error); a door
-reads them with a plain iterator or, when it submitted from an event loop, with
-``async for``. Cancelling tells the model thread to stop at its next step.
+The thread holding the step (the model thread, or a door that started the request:
+loop.py) puts text deltas and then a final completion (or an error); a door reads them
+with a plain iterator or, when it submitted from an event loop, with ``async for``.
+Cancelling tells the loop to stop the request at its next step.
 """
 
 from __future__ import annotations
@@ -43,12 +44,12 @@ class Completion:
     ttft_ms: float
     decided_ms: float
     e2e_ms: float
-    foreground_wait_ms: float  # arrival to the request's first step on the model thread: door_ms + queue_ms
+    foreground_wait_ms: float  # arrival to the request's first step: door_ms + queue_ms
     # The time the request's computation waited in steps that carried idle-time work instead:
     # 0 by the step loop's order (background only takes budget no request wants), and measured.
     background_wait_ms: float = 0.0
     door_ms: float = 0.0  # arrival to queued: parsing, checks, rendering, tokenising, tool planning
-    queue_ms: float = 0.0  # queued to the first step on the model thread
+    queue_ms: float = 0.0  # queued to the request's first step
     logit_gap: float | None = None
     speculative: bool = False
     verified: bool | None = None
@@ -74,25 +75,29 @@ class Handle:
         self.completion: Completion | None = None
         self.choices: list[Handle] = [self]  # every choice's handle, when a request asks for n > 1
         self._loop = loop
+        # Only the queue its reader uses (one is made on every request's critical path; the
+        # C SimpleQueue costs a fraction of queue.Queue's three conditions).
         self._async: asyncio.Queue[Any] | None = asyncio.Queue() if loop is not None else None
-        self._sync: queue.Queue[Any] = queue.Queue()
+        self._sync: queue.SimpleQueue[Any] | None = queue.SimpleQueue() if loop is None else None
 
     def cancel(self) -> None:
         self.cancelled = True
 
     def put(self, item: Delta | Completion | BaseException) -> None:
-        """Called from the model thread."""
+        """Called by the thread that holds the step (the model thread, or a door: loop.py)."""
         if isinstance(item, Completion):
             self.completion = item
-        if self._loop is None or self._async is None:
+        if self._sync is not None:
             self._sync.put(item)
             return
+        assert self._loop is not None and self._async is not None
         try:
             self._loop.call_soon_threadsafe(self._async.put_nowait, item)
         except RuntimeError:  # the loop is gone: nobody is listening any more
             self.cancelled = True
 
     def __iter__(self) -> Iterator[Delta | Completion]:
+        assert self._sync is not None, "submit without a loop to read from a thread"
         while True:
             item = self._sync.get()
             if isinstance(item, BaseException):

@@ -81,6 +81,14 @@ class KVSeq:
         self.pool.incref(blocks)
         self.blocks, self.ids = list(blocks), list(ids)
 
+    def shares_rows(self, other: KVSeq, length: int) -> bool:
+        """Whether this sequence's first ``length`` rows are ``other``'s, in the same blocks (a
+        fork's, until one of the two writes before ``length``). A block two sequences hold is
+        never written (copy on write) nor handed out again, so both then hold the same tokens
+        there: a check over the block table, not over every id."""
+        n = self.pool.blocks_for(length)
+        return min(len(self.ids), len(other.ids)) >= length and self.blocks[:n] == other.blocks[:n]
+
     def fork(self) -> KVSeq:
         """A second sequence sharing every block of this one."""
         other = KVSeq(self.pool)
@@ -95,6 +103,20 @@ class KVSeq:
         self.release()
         self.blocks, other.blocks = other.blocks, []
         self.ids, other.ids = other.ids, []
+
+    def adopt_fork(self, other: KVSeq) -> None:
+        """Become a fork of ``other``: ``adopt(other.fork())``, less the reference counting of
+        the leading blocks the two already share (a ready position's fork and the session it
+        was parked from share all but the last few)."""
+        n = 0
+        for mine, theirs in zip(self.blocks, other.blocks, strict=False):
+            if mine != theirs:
+                break
+            n += 1
+        self.pool.incref(other.blocks[n:])  # first: a block both hold further on never reaches 0
+        self.pool.decref(self.blocks[n:])
+        self.blocks[n:] = other.blocks[n:]
+        self.ids = list(other.ids)
 
     def release(self) -> None:
         """Give every block back; the sequence is empty afterwards."""

@@ -205,7 +205,7 @@ class Metrics:
             buckets=LATENCY_BUCKETS, registry=r,
         )
         # The two parts of that wait: the door's work (parsing, rendering, tokenising, tool
-        # planning) and the queue for the model thread.
+        # planning) and the queue for the step loop.
         self.door = Histogram(
             "headstart_door_seconds", "time from arrival to queued: parsing, checks, rendering, tokenising",
             buckets=LATENCY_BUCKETS, registry=r,
@@ -226,7 +226,7 @@ class Metrics:
         engine.scheduler.wait_observers.append(self.background_wait.observe)
 
     def observe(self, c: Completion) -> None:
-        """Called on the model thread as each request finishes."""
+        """Called by the step loop as each request finishes."""
         self.ttft.labels(c.path).observe(c.ttft_ms / 1000)
         self.e2e.labels(c.path).observe(c.e2e_ms / 1000)
         self.tokens.labels("prompt").inc(c.prompt_tokens)

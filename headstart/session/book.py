@@ -104,7 +104,7 @@ class KVBook:
         out = self.runner.forward(feeds)
         background = 0
         for need, n in pieces:
-            need.session.kv_background.extend([need.background] * n)
+            need.session.kv_background.extend(b"\x01" * n if need.background else bytes(n))
             need.done += n
             background += n if need.background else 0
         with self.stats.lock:
@@ -156,7 +156,7 @@ class KVBook:
         if length >= len(s.kv_ids):
             return
         if wasted:
-            dropped = sum(s.kv_background[length:])
+            dropped = s.kv_background.count(1, length)
             with self.stats.lock:
                 self.stats.background.wasted += dropped
         s.kv.crop(length)
@@ -169,16 +169,16 @@ class KVBook:
         position go; its transcript stays."""
         self.drop_ready(s)
         with self.stats.lock:
-            self.stats.background.wasted += sum(s.kv_background)
+            self.stats.background.wasted += s.kv_background.count(1)
         s.kv.release()
         s.kv_background.clear()
         s.entry_len = None
 
     def take(self, s: Session, upto: int) -> int:
         """A request uses the first ``upto`` rows: background rows among them are reused."""
-        reused = sum(s.kv_background[:upto])
+        reused = s.kv_background.count(1, 0, upto)
         if reused:
-            s.kv_background[:upto] = [False] * upto
+            s.kv_background[:upto] = bytes(min(upto, len(s.kv_background)))
             with self.stats.lock:
                 self.stats.background.reused += reused
         return reused
@@ -212,7 +212,10 @@ class KVBook:
         return rp
 
     def valid(self, s: Session, rp: ReadyPosition) -> bool:
-        """Whether ``rp``'s base is still what the session's KV holds."""
+        """Whether ``rp``'s base is still what the session's KV holds: rows it still shares
+        with the position's fork, or else the same ids (rows computed again since)."""
+        if rp.seq is not None and s.kv.shares_rows(rp.seq, rp.base):
+            return True
         return len(s.kv_ids) >= rp.base and s.kv_ids[: rp.base] == rp.ids[: rp.base]
 
     def restore(self, s: Session, rp: ReadyPosition, *, keep: bool) -> None:
@@ -221,26 +224,24 @@ class KVBook:
         copied; its forced answer tokens count as reused only once a request emits them."""
         assert rp.seq is not None
         self.crop(s, rp.base)
-        self.take(s, rp.base)
-        background = s.kv_background[: rp.base] + rp.background
         if keep:
-            s.kv.adopt(rp.seq.fork())
+            s.kv.adopt_fork(rp.seq)
         else:
             s.kv.adopt(rp.seq)
             self.pool.uncharge(rp.charge)
             rp.charge = 0
-        s.kv_background[:] = background
+        s.kv_background.extend(rp.background)  # the session's first rp.base rows stay its own
         self.take(s, len(rp.ids))
 
     def discard(self, rp: ReadyPosition) -> None:
         """Forget a ready position: its blocks go back, the idle work in its rows was wasted."""
         with self.stats.lock:
-            self.stats.background.wasted += sum(rp.background)
+            self.stats.background.wasted += rp.background.count(1)
         if rp.seq is not None:
             rp.seq.release()
         self.pool.uncharge(rp.charge)
         rp.charge = 0
-        rp.background = []
+        rp.background = bytearray()
 
     def drop_ready(self, s: Session) -> None:
         """Discard every ready position of ``s``."""

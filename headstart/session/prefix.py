@@ -81,7 +81,7 @@ class PrefixCache:
             self.lookups += 1
             self.hit_tokens += len(found) * self.block
             s.kv.share([b.block for _, b in found], [t for _, b in found for t in b.tokens])
-        s.kv_background.extend([False] * len(s.kv_ids))
+        s.kv_background.extend(bytes(len(s.kv_ids)))
         return len(s.kv_ids)
 
     def store(self, s: Session) -> int:

@@ -334,7 +334,7 @@ class SessionRegistry:
     def admit(self, s: Session, reserve_tokens: int) -> bool:
         """Reserve room for a request on ``s`` before it starts; False: it must wait.
 
-        Called on the model thread by the scheduler. The reservation is the blocks the
+        Called within a step by the scheduler. The reservation is the blocks the
         request may grow to, less those the session holds already. Room comes from
         evicting sessions no request is computing; a queued request's session may lose
         its KV here (its request then recomputes, or reloads it from the spill folder).
@@ -398,6 +398,6 @@ class SessionRegistry:
             self.make_room(s, need, background=False)
         s.kv.append(ids, s.reserved)
         self.pool.write(s.kv.blocks, rows)
-        s.kv_background = [False] * len(ids)
+        s.kv_background = bytearray(len(ids))
         self.evictions.reloaded += 1
         return len(ids)

@@ -44,7 +44,7 @@ class ReadyPosition:
     forced: list[int]
     token: int  # the argmax of logits[0] (top_gap's, the greedy pick of it)
     gap: float
-    background: list[bool] = field(default_factory=list)  # which rows past base idle work computed
+    background: bytearray = field(default_factory=bytearray)  # which rows past base idle work computed
     seq: KVSeq | None = None  # set when parked
     charge: int = 0  # bytes of its logits, charged to the pool's budget
 
@@ -128,8 +128,9 @@ class Session:
         self.tools: list[dict[str, Any]] | None = None
         self.renders = RenderCache()  # what its next rendering reuses
         self.kv = KVSeq(pool)
-        # Which KV rows background work computed and no request has used yet.
-        self.kv_background: list[bool] = []
+        # 1 for each KV row background work computed and no request has used yet; bytes, so a
+        # request counts and clears them at C speed on its critical path.
+        self.kv_background = bytearray()
         self.entry_len: int | None = None
         self.ready: dict[str, ReadyPosition] = {}
         self.busy = False
