@@ -7,7 +7,8 @@ hit and a streamed ``gate`` answer per round) with the stages of each request ti
 wrapping the functions that mark them, and prints the median milliseconds of each stage per
 path: from ``Engine.submit``'s entry through rendering, tokenising, the rest of the door's
 checks, the queue, the step's start (run by the submitting thread itself when no step is
-under way), the path's own work, to the first token. A measuring tool, not a test: its wrappers add a few microseconds per stage.
+under way), the path's own work, to the first token. A measuring tool, not a test: its
+wrappers add a few microseconds per stage.
 """
 
 from __future__ import annotations

@@ -59,7 +59,7 @@ def run_model_only(
     from tqdm import tqdm
 
     ids = bench_ids(backend, contexts, reps)
-    budget = 2 * (max(contexts) + 64) * max(batches) * backend.info.kv_bytes_per_token
+    budget = 2 * (max(contexts) + 64) * sum(batches) * backend.info.kv_bytes_per_token  # every batch held at once
     runners: dict[str, Runner] = {  # the default first, then the other modes (runner.py)
         "runner": from_backend(backend, kv_budget=budget, block_size=block_size),
         "runner mkl": from_backend(backend, kv_budget=budget, block_size=block_size, linear="mkl"),
@@ -100,22 +100,26 @@ def run_model_only(
     prefill = _interleaved_ms({"transformers": lambda: backend.forward(backend.new_state(), prompt),
                                **{name: lambda r=runner: own_prefill(r) for name, runner in runners.items()}}, 2)
     bar.update()
-    batched: dict[str, dict[int, float]] = {}
+    # Every batch size of every contender takes its turn in each rep: a ratio to one sequence
+    # holds like a ratio between contenders, however the machine's speed drifts.
     ctx = min(contexts)
+    steps, held, of = {}, [], {}
     for b in batches:
-        steps, held = {}, []
         for name in batching:
             runner = runners[name]
             seqs = [KVSeq(runner.pool) for _ in range(b)]
             runner.forward([Feed(s, ids[i : i + ctx]) for i, s in enumerate(seqs)])
             held += seqs
-            steps[name] = lambda ss=seqs, r=runner: r.forward([Feed(s, [ids[ctx]]) for s in ss])
-        bar.set_description(f"batched decode x{b}")
-        for name, ms in _interleaved_ms(steps, reps).items():
-            batched.setdefault(name, {})[b] = b * 1000 / ms
-        for s in held:
-            s.release()
-        bar.update(len(batching))
+            steps[f"{name} x{b}"] = lambda ss=seqs, r=runner: r.forward([Feed(s, [ids[ctx]]) for s in ss])
+            of[f"{name} x{b}"] = name, b
+    bar.set_description("batched decode")
+    batched: dict[str, dict[int, float]] = {}
+    for key, ms in _interleaved_ms(steps, reps).items():
+        name, b = of[key]
+        batched.setdefault(name, {})[b] = b * 1000 / ms
+    for seq in held:
+        seq.release()
+    bar.update(len(batches) * len(batching))
     bar.close()
     return {
         "model": backend.info.name,
