@@ -320,9 +320,10 @@ def test_forwards_before_first_token_counts_only_this_request(
 def test_a_first_token_that_needs_no_forward_is_chosen_by_the_submitting_thread(
     tiny: HFBackend, make_engine: Callable[..., Engine], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With no step under way, the submitting thread runs the step's first part: a ready_exact
-    hit's first token is chosen there before ``submit`` returns, and the forwards of the rest
-    stay on the model thread. With the step held elsewhere, a request only queues."""
+    """With no step under way and no request in flight, the submitting thread runs the step's
+    first part: a ready_exact hit's first token is chosen there before ``submit`` returns,
+    and the forwards of the rest stay on the model thread. With the step held elsewhere, a
+    request only queues."""
     engine = make_engine(tiny, gate=False)
     outs, prompts = converse(engine, "door", QUESTIONS[:1])
     s = engine.get_session("door")

@@ -158,6 +158,28 @@ def test_cancelled_background_job_stops_after_its_step(tiny: HFBackend) -> None:
     assert engine.stats.background.computed == 1 and s.kv_background == b"\x01"
 
 
+def test_a_submit_starts_its_request_only_while_no_other_is_in_flight(tiny: HFBackend) -> None:
+    """``Scheduler.submit``: with nothing in flight, the submitting thread admits the request
+    and runs it to its first need; with a request in flight, it only queues it, and the
+    loop's next step starts it (so doors never keep the model thread from its forwards)."""
+    loop, engine = _loop_parts(tiny, step_tokens=8)
+    loop._on = True  # as if started, with no model thread: this test alone holds the step
+    started: list[str] = []
+    got: list[torch.Tensor] = []
+
+    def request(name: str, ids: list[int]):  # type: ignore[no-untyped-def]
+        started.append(name)
+        yield from _feeding(engine, Session(name, engine.pool), ids, False, got)
+
+    loop.submit(Job(request("a", [1, 2, 3])))
+    assert started == ["a"] and not loop._queued and loop._running[0].need is not None
+    loop.submit(Job(request("b", [4, 5])))
+    assert started == ["a"] and len(loop._queued) == 1  # a is in flight: b waits for the step
+    assert loop._step()
+    assert started == ["a", "b"] and len(got) == 2 and loop.idle()
+    assert list(engine.stats.step_sequences) == [2]  # both in the one forward
+
+
 def test_wait_idle_returns_only_after_every_jobs_last_step(tiny: HFBackend) -> None:
     """A gate answer's completion goes out before its verification forward, a step later:
     a wait_idle right after the answer must wait for the verification too."""

@@ -20,7 +20,8 @@ a session, token ids, how many rows of logits) and is sent those rows back; yiel
    forward that made its logits).
 
 One thread at a time holds the step: the model thread, or a door that submits a request
-while no step is under way and runs 1 and 2 for it (``Scheduler.submit``).
+while no step is under way and no other request is in flight, and runs 1 and 2 for it
+(``Scheduler.submit``).
 
 Idle-time work only ever takes budget no request wants, so a request never waits behind
 it: ``background_wait`` counts the steps in which a request's need was left waiting while
@@ -127,15 +128,17 @@ class Scheduler:
             self._thread.join(timeout=30)
 
     def submit(self, job: Job) -> None:
-        """Queue a request. When no step is under way the submitting thread runs the step's
-        first part itself (1 and 2 above: admission, and the new request up to its first
-        need), so an answer that needs no forward, a ``ready_exact`` first token or a gate
-        answer, goes out without waiting for the model thread to wake: a wake-up that takes
-        ~0.1 ms, and more after a quiet spell. Forwards stay on the model thread, which
-        waits while another thread holds the step."""
+        """Queue a request. When no step is under way and no other request is in flight,
+        the submitting thread runs the step's first part itself (1 and 2 above: admission,
+        and the new request up to its first need), so an answer that needs no forward, a
+        ``ready_exact`` first token or a gate answer, goes out without waiting for the model
+        thread to wake: a wake-up that takes ~0.1 ms, and more after a quiet spell. Forwards
+        stay on the model thread, which waits while another thread holds the step. With
+        requests in flight the model thread starts this one at its next step, as it would
+        anyway: doors arriving one after another never keep it from its forwards."""
         with self._cond:
             self._queued.append(job)
-            here = self._on and not self._busy
+            here = self._on and not self._busy and not self._running and len(self._queued) == 1
             if here:
                 self._busy = True
             else:
