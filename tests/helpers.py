@@ -5,6 +5,7 @@ from __future__ import annotations
 from headstart.decode.sampling import SamplingParams
 from headstart.engine.engine import Engine, Request
 from headstart.engine.output import Completion
+from headstart.session.session import Session
 
 GREEDY = SamplingParams(max_tokens=16)
 
@@ -39,17 +40,24 @@ def converse(
     return outs, prompts
 
 
+def hint_next(engine: Engine, session_id: str, hint: str) -> Session:
+    """The client names its next message (the session's hint), and pre-positioning parks a
+    ready position for it; returns the session."""
+    session = engine.get_session(session_id)
+    session.settings.hint = hint
+    engine.schedule_pre_position(session)
+    assert engine.wait_idle(300)
+    assert session.ready["next"].source == "hint"
+    return session
+
+
 def hinted_turn(
     engine: Engine, session_id: str, prompt: list[dict[str, str]], answer: str, question: str,
     params: SamplingParams = GREEDY,
 ) -> tuple[list[dict[str, str]], Completion]:
-    """The client names its next message (the session's hint): pre-positioning parks a ready
-    position for it; then the turn that sends it. Returns its messages and its completion."""
-    session = engine.get_session(session_id)
-    session.settings.hint = question
-    engine.schedule_pre_position(session)
-    assert engine.wait_idle(300)
-    assert session.ready["next"].source == "hint"
+    """The turn that sends the message the session was hinted (:func:`hint_next`). Returns its
+    messages and its completion."""
+    hint_next(engine, session_id, question)
     messages = [*prompt, {"role": "assistant", "content": answer}, {"role": "user", "content": question}]
     return messages, engine.generate(Request(messages=messages, params=params, session_id=session_id))
 

@@ -31,7 +31,7 @@ from headstart.session.store import SessionStore
 from headstart.session.template import ChatTemplate, RenderCache, common_prefix
 from tests.apiutil import Blocker, serve, settle, wait_until
 from tests.conftest import require_qwen
-from tests.helpers import GREEDY, QUESTIONS, cold, converse
+from tests.helpers import GREEDY, QUESTIONS, cold, converse, hint_next
 
 # -- tokenizers of both models (no weights needed) ---------------------------------------
 
@@ -326,10 +326,7 @@ def test_a_first_token_that_needs_no_forward_is_chosen_by_the_submitting_thread(
     request only queues."""
     engine = make_engine(tiny, gate=False)
     outs, prompts = converse(engine, "door", QUESTIONS[:1])
-    s = engine.get_session("door")
-    s.settings.hint = QUESTIONS[1]
-    engine.schedule_pre_position(s)
-    assert engine.wait_idle(120) and s.ready["next"].source == "hint"
+    hint_next(engine, "door", QUESTIONS[1])
     messages = [*prompts[0], {"role": "assistant", "content": outs[0].text}, {"role": "user", "content": QUESTIONS[1]}]
     chosen: list[threading.Thread] = []
     forwards: list[threading.Thread] = []

@@ -10,7 +10,7 @@ from headstart.engine.engine import Engine, Request
 from headstart.kv.pool import SCRATCH
 from headstart.model import HFBackend
 from headstart.session.evict import Eviction
-from tests.helpers import GREEDY, QUESTIONS, cold, converse
+from tests.helpers import GREEDY, QUESTIONS, cold, converse, hint_next
 
 
 def _references_add_up(engine: Engine) -> None:
@@ -26,11 +26,7 @@ def _references_add_up(engine: Engine) -> None:
 
 def _hinted(engine: Engine, sid: str, hint: str) -> tuple[list[dict[str, str]], object]:
     outs, prompts = converse(engine, sid, QUESTIONS[:1])
-    s = engine.get_session(sid)
-    s.settings.hint = hint
-    engine.schedule_pre_position(s)
-    assert engine.wait_idle(300)
-    assert s.ready["next"].source == "hint"
+    s = hint_next(engine, sid, hint)
     return [*prompts[0], {"role": "assistant", "content": outs[0].text}, {"role": "user", "content": QUESTIONS[1]}], s
 
 
